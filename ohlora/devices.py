@@ -1,0 +1,37 @@
+"""Device choice and reproducibility switches."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``None``/``'auto'``: cuda if available, else cpu. An unavailable cuda is an error, not a silent fallback."""
+    from ohlora.errors import PipelineError
+
+    if name in (None, '', 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise PipelineError(f'--device {name!r} is not a device torch knows ({exc})') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise PipelineError(f'--device {name} was asked for, but torch sees no CUDA device here; use --device cpu')
+    return device
+
+
+def disable_tf32() -> None:
+    """TF32 matmuls move GAN outputs by ~1e-3; the reference comparisons and seeded outputs want full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def item_generator(seed: int, index: int, stream: int = 0, device='cpu') -> torch.Generator:
+    """An RNG whose draws depend only on (seed, index, stream), never on batch size or run order (R1)."""
+    # SplitMix64-style mixing keeps nearby (seed, index) pairs far apart in torch's seed space.
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    gen = torch.Generator(device=device)
+    gen.manual_seed(x & (2**63 - 1))
+    return gen

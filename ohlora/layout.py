@@ -1,0 +1,164 @@
+"""The on-disk layout of every stage: the only module that spells folder and file names.
+
+Stage outputs live under a *root* (``--root``, default: the repository root, like the upstream
+``PROJECT_DIR_PATH``). Data that ships with the code (the hand labels, the test z vectors) resolves
+relative to the code, unless a file of the same name exists under the root, which then takes precedence.
+The upstream file names are kept so that upstream or published artefacts can be dropped in at any stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+PROPERTY_NAMES = ('eyes', 'hair_color', 'hair_length', 'mouth', 'pose', 'background_mean', 'background_std')
+SCORE_COLUMNS = tuple(f'{name}_score' for name in PROPERTY_NAMES)
+CNN_PROPERTIES = ('gender', 'quality')
+NUM_FOLDS = 5
+
+HAND_LABELS_CSV = 'cnn/synthesize_results_quality_and_gender.csv'
+TEST_Z_CSV = 'stylegan_modified/test_z_vector_0005.csv'
+
+
+def image_name(img_no: int) -> str:
+    return f'{img_no:06d}.jpg'
+
+
+def parse_img_no(name: str) -> int | None:
+    """``'000123.jpg'`` or ``'parsing_000123.png'`` -> 123; None for a name that is not one of ours."""
+    stem = Path(name).stem
+    digits = stem.rsplit('_', 1)[-1]
+    return int(digits) if len(digits) == 6 and digits.isdigit() else None
+
+
+class Layout:
+    """Every path of the pipeline, relative to ``root``."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else CODE_ROOT
+
+    def shipped(self, relative: str) -> Path:
+        """A data file shipped with the code; a file of the same name under the root takes precedence."""
+        under_root = self.root / relative
+        return under_root if under_root.exists() else CODE_ROOT / relative
+
+    def relative(self, path: Path) -> str:
+        """POSIX path relative to the root, as written into CSVs (never absolute, R4)."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return Path(path).name
+
+    # --- stage 1: sampling ---
+    @property
+    def original_generator_weights(self) -> Path:
+        return self.root / 'stylegan' / 'stylegan_model.pth'
+
+    @property
+    def synthesized_dir(self) -> Path:
+        return self.root / 'stylegan' / 'synthesize_results'
+
+    @property
+    def synthesized_z_csv(self) -> Path:
+        return self.root / 'stylegan' / 'synthesize_results_z.csv'
+
+    @property
+    def synthesized_meta(self) -> Path:
+        return self.root / 'stylegan' / 'synthesize_results_meta.json'
+
+    def synthesized_image(self, img_no: int) -> Path:
+        return self.synthesized_dir / image_name(img_no)
+
+    # --- stage 2: gender / quality CNNs and the filter ---
+    @property
+    def hand_labels_csv(self) -> Path:
+        return self.shipped(HAND_LABELS_CSV)
+
+    @property
+    def cnn_models_dir(self) -> Path:
+        return self.root / 'cnn' / 'models'
+
+    def cnn_model(self, prop: str, fold: int) -> Path:
+        return self.cnn_models_dir / f'{prop}_model_{fold}.pt'
+
+    @property
+    def cnn_log_dir(self) -> Path:
+        return self.root / 'cnn' / 'log'
+
+    def cnn_inference_csv(self, prop: str) -> Path:
+        return self.root / 'cnn' / 'inference_result' / f'{prop}.csv'
+
+    @property
+    def cnn_merged_csv(self) -> Path:
+        return self.root / 'cnn' / 'all_image_quality_and_gender.csv'
+
+    @property
+    def filtered_dir(self) -> Path:
+        return self.root / 'stylegan' / 'synthesize_results_filtered'
+
+    def filtered_image(self, img_no: int) -> Path:
+        return self.filtered_dir / image_name(img_no)
+
+    # --- stage 3: face detection and parsing ---
+    @property
+    def segmentation_models_dir(self) -> Path:
+        return self.root / 'segmentation' / 'models'
+
+    @property
+    def facexformer_weights(self) -> Path:
+        return self.segmentation_models_dir / 'segmentation_model.pt'
+
+    @property
+    def segmentation_dir(self) -> Path:
+        return self.root / 'segmentation' / 'segmentation_results'
+
+    def parsing_map(self, img_no: int) -> Path:
+        return self.segmentation_dir / f'parsing_{img_no:06d}.png'
+
+    def parsing_visualization(self, img_no: int) -> Path:
+        return self.segmentation_dir / f'parsing_visualization_{img_no:06d}.png'
+
+    def face_crop(self, img_no: int) -> Path:
+        return self.segmentation_dir / f'face_{img_no:06d}.png'
+
+    @property
+    def segmentation_skipped_csv(self) -> Path:
+        return self.segmentation_dir / 'skipped.csv'
+
+    # --- stage 4: property scores ---
+    @property
+    def property_scores_dir(self) -> Path:
+        return self.root / 'segmentation' / 'property_score_results'
+
+    def property_scores_csv(self, algorithm: int) -> Path:
+        return self.property_scores_dir / ('all_scores.csv' if algorithm == 1 else 'all_scores_v2.csv')
+
+    def property_scores_raw_csv(self, algorithm: int) -> Path:
+        return self.property_scores_dir / ('all_scores_raw.csv' if algorithm == 1 else 'all_scores_v2_raw.csv')
+
+    def property_scores_stats(self, algorithm: int) -> Path:
+        return self.property_scores_dir / ('all_scores_stats.json' if algorithm == 1 else 'all_scores_v2_stats.json')
+
+    @property
+    def property_cnn_scores_csv(self) -> Path:
+        return self.property_scores_dir / 'all_scores_v2_cnn.csv'
+
+    @property
+    def property_cnn_compare_csv(self) -> Path:
+        return self.property_scores_dir / 'compare' / 'all_scores_v2_vs_cnn.csv'
+
+    # --- stages 5 and 6: fine-tuned generators ---
+    @property
+    def fine_tuned_dir(self) -> Path:
+        return self.root / 'stylegan_modified'
+
+    def fine_tuned(self, file_name: str) -> Path:
+        """A checkpoint or log of stage 5 by its upstream file name, e.g. ``stylegan_gen_fine_tuned_v1.pth``."""
+        return self.fine_tuned_dir / file_name
+
+    @property
+    def test_z_csv(self) -> Path:
+        return self.shipped(TEST_Z_CSV)
+
+    def final_inference_dir(self, model: str) -> Path:
+        return self.fine_tuned_dir / f'final_inference_test_{model}'
