@@ -85,6 +85,20 @@ class Layout:
     def cnn_log_dir(self) -> Path:
         return self.root / 'cnn' / 'log'
 
+    def cnn_epoch_log(self, prop: str, fold: int) -> Path:
+        return self.cnn_log_dir / f'epoch_detail_{prop}_{fold}.csv'
+
+    def cnn_train_log(self, prop: str) -> Path:
+        return self.cnn_log_dir / f'train_log_{prop}.csv'
+
+    def cnn_staged_model(self, prop: str, fold: int) -> Path:
+        """A fold model of an unfinished --retrain; moved to cnn_model() once every fold has succeeded."""
+        return self.root / 'cnn' / 'models_in_training' / f'{prop}_model_{fold}.pt'
+
+    def cnn_record(self, name: str) -> Path:
+        """Settings of a retrain or scoring run, so that a rerun resumes or skips it (JSON)."""
+        return self.root / 'cnn' / 'records' / f'{name}.json'
+
     def cnn_inference_csv(self, prop: str) -> Path:
         return self.root / 'cnn' / 'inference_result' / f'{prop}.csv'
 
@@ -124,6 +138,10 @@ class Layout:
     @property
     def segmentation_skipped_csv(self) -> Path:
         return self.segmentation_dir / 'skipped.csv'
+
+    @property
+    def segmentation_meta(self) -> Path:
+        return self.segmentation_dir / 'segmentation_meta.json'
 
     # --- stage 4: property scores ---
     @property

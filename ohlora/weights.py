@@ -147,11 +147,11 @@ def fetch(key: str, layout: Layout, override: str | Path | None = None) -> Path:
     return dest
 
 
-def fetch_dataset_images(repo_id: str, dest_dir: Path, description: str) -> list[Path]:
+def fetch_dataset_images(repo_id: str, dest_dir: Path, description: str) -> Path:
     """Download the ``*.jpg`` files of a Hugging Face dataset into a staging folder beside ``dest_dir``.
 
-    Returns the downloaded files; the caller moves them into place. The hub skips files it already has in
-    the staging folder, so an interrupted import resumes.
+    Returns the staging folder; the caller moves the files into place and removes it. The hub skips files
+    it already has there, so an interrupted import resumes.
     """
     origin = f'https://huggingface.co/datasets/{repo_id}'
     if not downloads_allowed():
@@ -167,4 +167,4 @@ def fetch_dataset_images(repo_id: str, dest_dir: Path, description: str) -> list
         raise WeightsUnavailable(f'{description} could not be downloaded from {origin} '
                                  f'({type(exc).__name__}: {reason[:200]}); download the .jpg files by hand '
                                  f'into {dest_dir}') from None
-    return sorted(p for p in staging.rglob('*.jpg') if not p.name.startswith('.'))
+    return staging
