@@ -1,0 +1,97 @@
+"""GenForce StyleGAN discriminator against GenForce's own logits (shared/reference/genforce, README tolerances)."""
+import json
+
+import pytest
+import torch
+
+from stylegan.checkpoint import infer_discriminator_kwargs, load_discriminator, load_generator
+from stylegan.stylegan_discriminator import MiniBatchSTDLayer, StyleGANDiscriminator
+
+LOGIT_TOL = dict(rtol=1e-4, atol=1e-4)  # README §4: some logits are close to 0, so not purely relative
+
+
+@pytest.fixture(scope='module')
+def genforce(reference_dir):
+    folder = reference_dir / 'genforce'
+    config = json.loads((folder / 'tiny_config.json').read_text())
+    ref = torch.load(folder / 'tiny_ref.pt', map_location='cpu', weights_only=True)
+    return folder / 'tiny_ckpt.pth', config, ref
+
+
+@pytest.fixture(scope='module')
+def discriminator(genforce):
+    return load_discriminator(genforce[0])
+
+
+@pytest.fixture(scope='module')
+def uint8_input(genforce):
+    """README: uint8_a made contiguous NCHW, as float32, / 127.5 - 1."""
+    return genforce[2]['uint8_a'].permute(0, 3, 1, 2).contiguous().to(torch.float32) / 127.5 - 1.0
+
+
+def lod_tag(lod: float) -> str:
+    return f'{lod:g}'.replace('.', 'p')
+
+
+def test_kwargs_inferred_from_shapes_match_the_reference(genforce, discriminator):
+    path, config, _ = genforce
+    state = torch.load(path, map_location='cpu', weights_only=True)['discriminator']
+    expected = {**StyleGANDiscriminator(resolution=8).config, **config['discriminator_kwargs']}
+    assert {k: discriminator.config[k] for k in expected} == expected
+    assert StyleGANDiscriminator(**infer_discriminator_kwargs(state)).config == discriminator.config
+    assert list(discriminator.state_dict()) == list(state)
+    assert not discriminator.training
+
+
+def test_logits_on_generated_images(genforce, discriminator):
+    path, config, ref = genforce
+    generator = load_generator(path, key='generator_smooth')
+    with torch.no_grad():
+        images = generator(ref['z'], **config['call_a'])['image']
+        batch8 = discriminator(images)
+        batch4 = discriminator(ref['image_a'])
+    torch.testing.assert_close(batch8, ref['d_logits_a_b8'], **LOGIT_TOL)
+    torch.testing.assert_close(batch4, ref['d_logits_a_b4'], **LOGIT_TOL)
+    # the minibatch-std groups depend on the batch: the same four images score differently
+    assert (batch8[:4] - batch4).abs().max() > 1e-3
+
+
+def test_logits_on_uint8_images_and_lods(genforce, discriminator, uint8_input):
+    _, config, ref = genforce
+    with torch.no_grad():
+        torch.testing.assert_close(discriminator(uint8_input), ref['d_logits_u8a_b8'], **LOGIT_TOL)
+        for lod in config['d_lods']:
+            logits = discriminator(uint8_input, lod=lod)
+            torch.testing.assert_close(logits, ref[f'd_logits_u8a_b8_lod{lod_tag(lod)}'], **LOGIT_TOL, msg=str(lod))
+
+
+def test_minibatch_std_groups_are_strided():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 3, 3)
+    out = MiniBatchSTDLayer(group_size=4)(x)
+    assert out.shape == (8, 7, 3, 3)
+    for i in range(8):
+        members = x[[j for j in range(8) if j % 2 == i % 2]]  # with N=8, G=4: {0,2,4,6} and {1,3,5,7}
+        expected = torch.sqrt(members.var(dim=0, unbiased=False) + 1e-8).mean()
+        torch.testing.assert_close(out[i, 6], expected.expand(3, 3), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[:, :6], x, rtol=0, atol=0)
+
+
+def test_wrong_inputs_raise(discriminator):
+    with pytest.raises(ValueError, match='image must have shape'):
+        discriminator(torch.zeros(4, 3, 128, 128))
+    with pytest.raises(ValueError, match='multiple of the minibatch-std group size'):
+        discriminator(torch.zeros(6, 3, 256, 256))
+    with pytest.raises(ValueError, match='lod must be in'):
+        discriminator(torch.zeros(4, 3, 256, 256), lod=7)
+
+
+def test_other_widths_and_a_label():
+    torch.manual_seed(0)
+    model = StyleGANDiscriminator(resolution=32, label_size=3, fused_scale=False, minibatch_std_channels=2,
+                                  fmaps_base=128, fmaps_max=16).eval()
+    inferred = infer_discriminator_kwargs(model.state_dict())
+    assert inferred == {k: model.config[k] for k in inferred}
+    with torch.no_grad():
+        logits = model(torch.randn(4, 3, 32, 32), label=torch.eye(3)[[0, 1, 2, 0]])
+    assert logits.shape == (4, 1) and torch.isfinite(logits).all()
