@@ -1,0 +1,69 @@
+"""Loading the five fold models of a property and scoring image batches with all of them at once."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnn.models import MODEL_CLASSES
+from cnn.properties import FOLDS
+from ohlora.checkpoints import load_strict, read_checkpoint
+from ohlora.errors import PipelineError
+from ohlora.layout import Layout
+from ohlora.weights import fetch
+
+
+def model_description(prop: str, fold: int) -> str:
+    return f'{prop} CNN state_dict of fold {fold}'
+
+
+def load_model(prop: str, path: str | Path, device: torch.device | str = 'cpu',
+               factory: Callable[[], nn.Module] | None = None, fold: int = 0) -> nn.Module:
+    """A fold model loaded strictly from a plain state_dict (weights_only), on ``device``, in eval mode."""
+    what = model_description(prop, fold)
+    state_dict = read_checkpoint(path, what)
+    odd = [k for k, v in state_dict.items() if not torch.is_tensor(v) or v.dtype != torch.float32]
+    if odd:
+        raise PipelineError(f'{path} holds non-float32 entries ({", ".join(odd[:3])}); expected the {what}')
+    model = (factory or MODEL_CLASSES[prop])()
+    load_strict(model, state_dict, path, what)
+    return model.to(device).eval()
+
+
+def published_weights(prop: str, layout: Layout, weights_dir: str | Path | None = None) -> list[Path]:
+    """The five fold files: from ``weights_dir`` if given, else ``cnn/models/`` (downloaded when absent)."""
+    paths = []
+    for fold in range(FOLDS):
+        key = f'{prop}_model_{fold}'
+        override = None if weights_dir is None else Path(weights_dir) / f'{key}.pt'
+        paths.append(fetch(key, layout, override))
+    return paths
+
+
+def load_ensemble(prop: str, paths: list[Path], device: torch.device) -> list[nn.Module]:
+    return [load_model(prop, path, device, fold=fold) for fold, path in enumerate(paths)]
+
+
+def set_dropout(models: list[nn.Module], active: bool) -> None:
+    """Upstream scored loaded models without ``eval()``: dropout on (compat). The default is eval mode."""
+    for model in models:
+        model.train(active)
+
+
+@torch.inference_mode()
+def ensemble_outputs(models: list[nn.Module], images01: torch.Tensor) -> np.ndarray:
+    """Sigmoid outputs of every model for a batch: float32 array of shape (N, len(models))."""
+    outputs = [model(images01).reshape(-1) for model in models]
+    return torch.stack(outputs, dim=1).float().cpu().numpy()
+
+
+def round4(values: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(values, dtype=np.float64), 4)
+
+
+def final_scores(outputs: np.ndarray) -> np.ndarray:
+    """The ensemble score: mean of the unrounded model outputs, rounded to 4 decimals like upstream."""
+    return round4(np.asarray(outputs, dtype=np.float64).mean(axis=1))
