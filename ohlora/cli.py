@@ -14,16 +14,17 @@ def make_parser(description: str, examples: str) -> argparse.ArgumentParser:
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, batch_size: int | None = None, seed: bool = True,
-                       compat: bool = True) -> None:
+                       compat: bool = True, batch_size_help: str = 'images per forward pass') -> None:
     parser.add_argument('--root', default=None, metavar='DIR',
                         help='folder that holds the stage folders (default: the repository root)')
     parser.add_argument('--device', default=None,
                         help='torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)')
     if batch_size is not None:
         parser.add_argument('--batch-size', type=positive_int, default=batch_size,
-                            help=f'images per forward pass (default: {batch_size})')
+                            help=f'{batch_size_help} (default: {batch_size})')
     if seed:
         parser.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: 0)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     if compat:
         parser.add_argument('--compat', choices=['upstream'], default=None,
                             help="'upstream' switches on this stage's upstream behaviours (see README)")

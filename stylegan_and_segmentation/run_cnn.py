@@ -65,7 +65,6 @@ def build_parser():
     parser.add_argument('--workers', type=int, metavar='N', default=min(4, os.cpu_count() or 1),
                         help='processes decoding JPEGs in the background; 0 decodes in the main process '
                              '(default: min(4, CPUs))')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     add_common_options(parser, batch_size=32)
     return parser
 

@@ -36,7 +36,6 @@ def build_parser():
                         help='per-image style-mixing probability (default: 0; 0.9 with --compat upstream)')
     parser.add_argument('--published', action='store_true',
                         help='download the published 10,000 images instead of sampling')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     add_common_options(parser, batch_size=16)
     return parser
 

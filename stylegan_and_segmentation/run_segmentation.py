@@ -35,7 +35,6 @@ def build_parser():
                              'downloaded from kartiknarayan/facexformer if absent)')
     parser.add_argument('--images', default=None, metavar='DIR',
                         help='folder of NNNNNN.jpg images (default: stylegan/synthesize_results_filtered)')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     add_common_options(parser, batch_size=16)
     return parser
 
