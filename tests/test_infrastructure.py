@@ -130,9 +130,10 @@ def test_read_table_validates(tmp_path):
     assert values.dtype == np.float32 and values[0, 0] == 0.5
 
 
-@pytest.mark.parametrize('script', ['run_original_generator.py'])
+@pytest.mark.parametrize('script', sorted(p.name for p in (REPO / 'stylegan_and_segmentation').glob('*.py')))
 def test_scripts_have_help_with_examples(script):
     result = subprocess.run([sys.executable, str(REPO / 'stylegan_and_segmentation' / script), '--help'],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0
-    assert 'examples:' in result.stdout and '--root' in result.stdout and '--device' in result.stdout
+    for option in ('examples:', '--root', '--device', '--batch-size', '--seed', '--no-progress'):
+        assert option in result.stdout, option
