@@ -180,3 +180,35 @@ class Layout:
 
     def final_inference_dir(self, model: str) -> Path:
         return self.fine_tuned_dir / f'final_inference_test_{model}'
+
+    def generation_folder(self, model: str, outdir: str | Path | None = None,
+                          sweep: str | None = None) -> 'GenerationFolder':
+        """The files of a stage-6 run: in ``outdir`` (default final_inference_dir), a sweep in its own sub-folder."""
+        return GenerationFolder(Path(outdir) if outdir is not None else self.final_inference_dir(model), sweep)
+
+
+class GenerationFolder:
+    """Stage-6 output: ``NNNNNN.jpg`` images, or for a sweep of one attribute a sub-folder ``sweep_<attr>/`` with
+    ``NNNNNN_<attr>_<value>.jpg`` and the grid ``sweep_<attr>.png``; each folder records its settings and z."""
+
+    def __init__(self, outdir: Path, sweep: str | None = None):
+        self.sweep = sweep
+        self.folder = outdir / f'sweep_{sweep}' if sweep else outdir
+
+    @property
+    def settings_json(self) -> Path:
+        return self.folder / 'generation_settings.json'
+
+    @property
+    def z_csv(self) -> Path:
+        return self.folder / 'z_vectors.csv'
+
+    @property
+    def grid(self) -> Path:
+        return self.folder / f'sweep_{self.sweep}.png'
+
+    def image_name(self, img_no: int, value: float | None = None) -> str:
+        return image_name(img_no) if self.sweep is None else f'{img_no:06d}_{self.sweep}_{float(value)!r}.jpg'
+
+    def image(self, img_no: int, value: float | None = None) -> Path:
+        return self.folder / self.image_name(img_no, value)

@@ -133,6 +133,16 @@ class StyleGANDiscriminator(nn.Module):
 
     def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, lod: float | None = None,
                 **unused_kwargs) -> torch.Tensor:
+        if self.label_size and (label is None or tuple(label.shape) != (image.shape[0], self.label_size)):
+            got = None if label is None else list(label.shape)
+            raise ValueError(f'label must have shape [{image.shape[0]}, {self.label_size}], got {got}')
+        x = getattr(self, self.final_layer_name)(self.features(image, lod))
+        if self.label_size:
+            x = torch.sum(x * label, dim=1, keepdim=True)
+        return x
+
+    def features(self, image: torch.Tensor, lod: float | None = None) -> torch.Tensor:
+        """The input of the final dense layer [N, C]; conditional variants (Oh-LoRA) put their own head on it."""
         expected = (self.image_channels, self.resolution, self.resolution)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
             raise ValueError(f'image must have shape [N, {", ".join(map(str, expected))}], got {list(image.shape)}')
@@ -140,9 +150,6 @@ class StyleGANDiscriminator(nn.Module):
         max_lod = self.num_blocks - 1
         if not 0 <= lod <= max_lod:
             raise ValueError(f'lod must be in [0, {max_lod}], got {lod}')
-        if self.label_size and (label is None or tuple(label.shape) != (image.shape[0], self.label_size)):
-            got = None if label is None else list(label.shape)
-            raise ValueError(f'label must have shape [{image.shape[0]}, {self.label_size}], got {got}')
 
         x = None
         for block in range(self.num_blocks):
@@ -156,7 +163,4 @@ class StyleGANDiscriminator(nn.Module):
                 x = getattr(self, f'layer{2 * block + 1}')(x)
             if lod > block:
                 image = downsample_average(image)
-        x = getattr(self, self.final_layer_name)(x)
-        if self.label_size:
-            x = torch.sum(x * label, dim=1, keepdim=True)
         return x

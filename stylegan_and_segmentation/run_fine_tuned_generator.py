@@ -1,0 +1,141 @@
+"""Stage 6: generate Oh-LoRA images with chosen attribute values from the fine-tuned StyleGAN (v3 or v1).
+
+By default this reproduces upstream's final test: the v3 generator (stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth,
+downloaded from Hugging Face if absent), z from stylegan_modified/test_z_vector_0005.csv, label eyes 1.8, mouth 1.6,
+pose -1.2 (the other four 0), 20 images: 000000.jpg is the CSV z, 000001..000019 add 0.3 * N(0, I) drawn per image
+from --seed. Attribute values are z-scores of the property scores (stage 4). v3 learned only eyes, mouth and pose.
+--sweep renders each z for several values of one attribute and writes a labelled grid. A rerun skips finished
+images; a folder made with other settings is refused. Upstream's only differences here (unseeded noise, train
+mode) have no compat mode, so --compat upstream changes nothing.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.devices import disable_tf32, resolve_device
+from ohlora.errors import PipelineError
+from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.weights import SOURCES, fetch
+from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
+from stylegan_modified.generation import GenerationSettings, generate, read_z_csv, z_digest
+from stylegan_modified.labels import (UPSTREAM_LABEL, check_finite, label_warnings, option_name, score_ranges)
+
+EXAMPLES = '''
+  # upstream's final test: 20 images into stylegan_modified/final_inference_test_v3/
+  python stylegan_and_segmentation/run_fine_tuned_generator.py
+  # eyes wide open, mouth closed, head turned the other way; 8 images, another seed
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --eyes 2.5 --mouth -1.0 --pose 2.0 --num 8 --seed 3
+  # what does the mouth value do? 4 z's x 5 values, plus the grid sweep_mouth/sweep_mouth.png
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --sweep mouth --values=-1,0,1,2,3
+  # the v1 generator (all seven attributes were trained), a weights file you already have, own folder
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --model v1 --weights my/v1.pth --outdir out/v1
+  # another z: a one-row CSV with the header 0,1,...,511
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
+(negative --values need the '=' form: --values=-1.2,0,1.2)
+'''
+
+WEIGHT_SOURCES = {'v1': 'v1_generator', 'v3': 'v3_generator'}
+DEFAULT_NUM, DEFAULT_SWEEP_NUM = 20, 4
+DEFAULT_SWEEP_VALUES = '-2,-1,0,1,2'
+
+
+def attribute_name(text: str) -> str:
+    return text.replace('-', '_')  # --sweep hair-color or hair_color
+
+
+def build_parser():
+    parser = make_parser(__doc__, EXAMPLES)
+    parser.add_argument('--model', choices=sorted(WEIGHT_SOURCES), default='v3',
+                        help='fine-tuned generator (default: v3, the one upstream adopted)')
+    parser.add_argument('--weights', default=None, metavar='PATH',
+                        help='generator state_dict (default: stylegan_modified/<published file>, downloaded from '
+                             f'{SOURCES["v3_generator"].hf_repo} if absent)')
+    attributes = parser.add_argument_group('attribute values (z-scores; defaults: the upstream final test)')
+    for name in PROPERTY_NAMES:
+        note = '' if name in ('eyes', 'mouth', 'pose') else '; not learned by v3'
+        attributes.add_argument(option_name(name), dest=name, type=float, default=UPSTREAM_LABEL[name],
+                                metavar='Z', help=f'default: {UPSTREAM_LABEL[name]:g}{note}')
+    parser.add_argument('--num', type=positive_int, default=None,
+                        help=f'images (z vectors) 0..NUM-1 (default: {DEFAULT_NUM}; {DEFAULT_SWEEP_NUM} with --sweep)')
+    parser.add_argument('--variation', type=float, default=0.3,
+                        help='std of the noise added to the CSV z for images 1.. (default: 0.3, as upstream)')
+    parser.add_argument('--z-csv', default=None, metavar='CSV',
+                        help='one-row CSV with header 0..n-1 holding the base z (default: '
+                             'stylegan_modified/test_z_vector_0005.csv); n must be the generator\'s z width')
+    parser.add_argument('--outdir', default=None, metavar='DIR',
+                        help='output folder (default: <root>/stylegan_modified/final_inference_test_<model>/)')
+    parser.add_argument('--sweep', type=attribute_name, choices=PROPERTY_NAMES, default=None, metavar='ATTR',
+                        help=f'vary one attribute ({", ".join(PROPERTY_NAMES)}) over --values; writes '
+                             'sweep_ATTR/ with the images and the grid sweep_ATTR.png (rows = z, columns = values)')
+    parser.add_argument('--values', default=None, metavar='A,B,...',
+                        help=f'comma-separated values for --sweep (default: {DEFAULT_SWEEP_VALUES})')
+    add_common_options(parser, batch_size=4)
+    return parser
+
+
+def sweep_values(args) -> list[float] | None:
+    if args.sweep is None:
+        if args.values is not None:
+            raise PipelineError('--values needs --sweep ATTR')
+        return None
+    text = DEFAULT_SWEEP_VALUES if args.values is None else args.values
+    try:
+        values = [float(part) + 0.0 for part in text.split(',') if part.strip()]  # + 0.0: -0.0 becomes 0.0
+    except ValueError:
+        raise PipelineError(f'--values {text!r} is not a comma-separated list of numbers') from None
+    if not values:
+        raise PipelineError('--values lists no value')
+    for value in values:
+        if not math.isfinite(value):
+            raise PipelineError(f'--values: {value} is not a finite number')
+    if len(set(values)) != len(values):
+        raise PipelineError(f'--values {text!r} lists a value twice')
+    return values
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    values = {name: getattr(args, name) for name in PROPERTY_NAMES}
+    check_finite(values)  # all option checks come before any file is fetched, read or written
+    columns = sweep_values(args)
+    if not (math.isfinite(args.variation) and args.variation >= 0):
+        raise PipelineError(f'--variation must be a finite number >= 0, got {args.variation}')
+    num = args.num or (DEFAULT_SWEEP_NUM if args.sweep else DEFAULT_NUM)
+
+    layout = Layout(args.root)
+    device = resolve_device(args.device)
+    disable_tf32()
+    weights = fetch(WEIGHT_SOURCES[args.model], layout, args.weights)
+    try:
+        generator = load_conditional_generator(weights, args.model, device)
+    except WrongCheckpoint as exc:
+        loads_as = {'generator v1': 'v1', 'generator v3': 'v3'}.get(exc.found)
+        hint = f'; it loads with --model {loads_as}' if loads_as else ''
+        raise PipelineError(f'{exc}{hint}') from None
+    z_csv = args.z_csv if args.z_csv is not None else layout.test_z_csv
+    base_z = read_z_csv(z_csv, generator.z_space_dim)
+
+    ranges, source, notes = score_ranges(layout, args.model)
+    lines = notes + label_warnings({k: v for k, v in values.items() if k != args.sweep}, args.model, ranges, source)
+    for value in columns or ():
+        lines += label_warnings({args.sweep: value}, args.model, ranges, source, via='--values')
+    for line in lines:
+        print(f'warning: {line}', file=sys.stderr)
+
+    label = {k: (None if k == args.sweep else v) for k, v in values.items()}
+    settings = GenerationSettings(model=args.model, weights_file=weights.name, weights_bytes=weights.stat().st_size,
+                                  z_file=Path(z_csv).name,
+                                  z_sha256=z_digest(base_z), seed=args.seed, variation=args.variation, label=label,
+                                  sweep=args.sweep)
+    files = layout.generation_folder(args.model, args.outdir, args.sweep)
+    result = generate(generator, files, settings, base_z, values, num, args.batch_size, columns,
+                      progress=not args.no_progress)
+    print(f'wrote {result.written} images ({result.skipped} already there) into {result.folder}'
+          + (f'; grid: {result.grid}' if result.grid else ''))
+
+
+if __name__ == '__main__':
+    run(main)
