@@ -10,6 +10,7 @@ Set ``OHLORA_NO_DOWNLOAD=1`` to forbid downloads (the test suite does); missing 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -106,8 +107,10 @@ def _unavailable(source: WeightSource, dest: Path, reason: str) -> WeightsUnavai
 
 
 def _download(source: WeightSource, dest: Path) -> None:
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.tmp-download-', dir=dest.parent))
+    succeeded = False
     try:
         if source.hf_repo:
             from huggingface_hub import hf_hub_download
@@ -120,8 +123,13 @@ def _download(source: WeightSource, dest: Path) -> None:
             download_url_to_file(source.url, str(fetched), progress=True)
         _check_integrity(source, fetched)
         os.replace(fetched, dest)
+        succeeded = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not succeeded:  # a failed download leaves no empty folders behind
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def fetch(key: str, layout: Layout, override: str | Path | None = None) -> Path:

@@ -137,3 +137,17 @@ def test_scripts_have_help_with_examples(script):
     assert result.returncode == 0
     for option in ('examples:', '--root', '--device', '--batch-size', '--seed', '--no-progress'):
         assert option in result.stdout, option
+
+
+def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import ohlora.weights as weights
+
+    monkeypatch.setenv('OHLORA_NO_DOWNLOAD', '0')
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError('offline')
+
+    monkeypatch.setattr('huggingface_hub.hf_hub_download', refuse)
+    with pytest.raises(WeightsUnavailable, match='ConnectionError: offline'):
+        weights.fetch('v1_generator', Layout(tmp_path / 'root'))
+    assert not (tmp_path / 'root').exists()
