@@ -13,7 +13,7 @@ rounding); images/s and the ratio are printed.
 """
 from __future__ import annotations
 
-import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -22,19 +22,14 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from cnn.ensemble import ensemble_outputs, final_scores
+from cnn.ensemble import channels_last, ensemble_outputs, final_scores
 from cnn.images import decode_rgb
 from cnn.models import MODEL_CLASSES
 from cnn.scoring import score_images
 from ohlora import atomic
 from ohlora.cli import positive_int
-from ohlora.devices import disable_tf32, resolve_device
 from ohlora.layout import Layout
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+from bench_common import bench_parser, prepare_device, synchronize
 
 
 def draw_images(layout: Layout, count: int) -> None:
@@ -59,29 +54,25 @@ def per_image(layout: Layout, ensembles, count: int, device: torch.device) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    parser = bench_parser(__doc__)
     parser.add_argument('--images', type=positive_int, default=8, help='images scored per path (default: 8)')
     parser.add_argument('--models', type=positive_int, default=2, help='fold models per property (default: 2; runs use 5)')
     parser.add_argument('--batch-size', type=positive_int, default=8, help='batched path batch size (default: 8)')
     parser.add_argument('--workers', type=int, default=0, help='decoding processes of the batched path (default: 0)')
-    parser.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
-    disable_tf32()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args)
     torch.manual_seed(0)
     ensembles = {prop: [MODEL_CLASSES[prop]().to(device).eval() for _ in range(args.models)]
                  for prop in ('quality', 'gender')}
+    # the batched path runs the same weights as run_cnn.py holds them (load_ensemble: channels-last)
+    fast = {prop: channels_last(copy.deepcopy(models)) for prop, models in ensembles.items()}
     with tempfile.TemporaryDirectory() as folder:
         layout = Layout(Path(folder))
         draw_images(layout, args.images)
         with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
             probe = torch.rand(2, 3, 256, 256, device=device)
-            for models in ensembles.values():
+            for models in (*ensembles.values(), *fast.values()):
                 ensemble_outputs(models, probe)
 
         synchronize(device)
@@ -91,7 +82,7 @@ def main() -> None:
         baseline_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        result = score_images(layout, ensembles, list(range(args.images)), {'bench': True}, device=device,
+        result = score_images(layout, fast, list(range(args.images)), {'bench': True}, device=device,
                               batch_size=args.batch_size, workers=args.workers, progress=False)
         synchronize(device)
         batched_s = time.perf_counter() - start

@@ -16,7 +16,6 @@ the same time as the real ones; ``--weights`` loads a real v3 file instead.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -26,23 +25,19 @@ import numpy as np
 import torch
 
 from ohlora.cli import positive_int
-from ohlora.devices import disable_tf32, resolve_device
 from ohlora.layout import GenerationFolder
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
 from stylegan_modified.generation import GenerationSettings, generate, image_latent
 from stylegan_modified.labels import UPSTREAM_LABEL, label_vector
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
+from bench_common import bench_parser, prepare_device, synchronize
 
 CONFIGS = {
     'tiny': dict(resolution=256, z_space_dim=32, w_space_dim=32, mapping_fmaps=32, fmaps_base=1024, fmaps_max=16),
     'full': dict(resolution=256),
 }
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def per_image_loop(generator, folder: Path, base_z, num: int, seed: int, variation: float) -> None:
@@ -58,21 +53,15 @@ def per_image_loop(generator, folder: Path, base_z, num: int, seed: int, variati
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    parser = bench_parser(__doc__)
     parser.add_argument('--config', choices=sorted(CONFIGS), default='tiny', help='generator widths (default: tiny)')
     parser.add_argument('--weights', default=None, metavar='PTH', help='a v3 generator file to load instead')
     parser.add_argument('--images', type=positive_int, default=32, help='images per timed pass (default: 32)')
     parser.add_argument('--batch-sizes', type=positive_int, nargs='+', default=[4, 16], metavar='B')
     parser.add_argument('--repeat', type=positive_int, default=2, help='timed passes per path, best kept (default: 2)')
-    parser.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
-    disable_tf32()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args)
     if args.weights:
         generator = load_conditional_generator(args.weights, 'v3', device)
         config = 'weights'

@@ -15,25 +15,20 @@ weights are random, which costs the same time as the real ones.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from ohlora.cli import positive_int
-from ohlora.devices import disable_tf32, resolve_device
 from stylegan.checkpoint import load_generator
 from stylegan.stylegan_generator import StyleGANGenerator
+from bench_common import bench_parser, prepare_device, synchronize
 
 CONFIGS = {
     'tiny': dict(resolution=256, z_space_dim=64, w_space_dim=64, mapping_fmaps=64, fmaps_base=1024, fmaps_max=16),
     'full': dict(resolution=256),
 }
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def generate(generator, z: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -51,10 +46,7 @@ def timed(generator, z: torch.Tensor, batch_size: int) -> tuple[float, torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     epilog=__doc__.split('\n\n', 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    parser = bench_parser(__doc__)
     parser.add_argument('--config', choices=sorted(CONFIGS), default=None,
                         help='generator widths (default: tiny on cpu, full on cuda)')
     parser.add_argument('--weights', default=None, metavar='PTH', help='zoo checkpoint to load instead (its widths)')
@@ -62,13 +54,9 @@ def main() -> None:
     parser.add_argument('--images', type=positive_int, default=None,
                         help='images per timed pass (default: 64 for tiny, 32 on cpu / 256 on cuda for full)')
     parser.add_argument('--repeat', type=positive_int, default=3, help='timed passes per path, best kept (default: 3)')
-    parser.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
-    disable_tf32()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args)
     config = args.config or ('full' if device.type == 'cuda' else 'tiny')
     if args.weights:
         generator = load_generator(args.weights, device=device)

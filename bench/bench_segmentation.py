@@ -14,7 +14,6 @@ folder, 369 MB) unless --weights names the real file: the weights do not change 
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 from ohlora import atomic
 from ohlora.checkpoints import load_strict, read_checkpoint
 from ohlora.cli import positive_int
-from ohlora.devices import disable_tf32, resolve_device
 from ohlora.layout import Layout
 from segmentation.face_detection import FaceDetector
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
@@ -34,10 +32,8 @@ from segmentation.facexformer import WHAT, FaceXFormer, checkpoint_state_dict, l
 from segmentation.facexformer_synthetic import write_synthetic_checkpoint
 from segmentation.parsing import list_input_images, read_rgb, run_stage, write_outputs
 
+from bench_common import bench_parser, prepare_device, synchronize
 
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def draw_face(seed: int, size: int = 256) -> np.ndarray:
@@ -83,17 +79,12 @@ def per_image(layout: Layout, images, weights: Path, device: torch.device) -> No
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, device_default='cpu', threads_default=1)
     parser.add_argument('--images', type=positive_int, default=3, help='images to parse (default: 3)')
     parser.add_argument('--batch-size', type=positive_int, default=3, help='batch of the stage path (default: 3)')
-    parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
-    parser.add_argument('--threads', type=positive_int, default=1, help='CPU threads (default: 1)')
     parser.add_argument('--weights', default=None, help='FaceXFormer checkpoint (default: synthetic, temporary)')
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    disable_tf32()
+    device = prepare_device(args)
 
     with tempfile.TemporaryDirectory(prefix='bench-segmentation-') as tmp:
         tmp = Path(tmp)
