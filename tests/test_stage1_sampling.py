@@ -146,3 +146,40 @@ def test_offline_without_weights_says_where_to_get_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'GenForce' in err and '--weights' in err and 'genforce/genforce#44' in err
     assert not (tmp_path / 'stylegan' / 'synthesize_results').exists()
+
+
+def test_published_import_moves_the_images_and_marks_the_source(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    import json
+
+    import stylegan.sampling as sampling
+    import ohlora.weights as weights
+
+    def fake_download(repo_id, dest_dir, description):
+        assert repo_id == 'daebakgazua/250408_OhLoRA_all_generated_images'
+        staging = dest_dir.parent / '.tmp-download-fake'
+        (staging / 'images').mkdir(parents=True)
+        for n in (0, 1, 9999):
+            (staging / 'images' / f'{n:06d}.jpg').write_bytes(b'jpeg %d' % n)
+        (staging / 'README.jpg').write_bytes(b'not an image number')
+        return staging
+
+    monkeypatch.setattr(weights, 'fetch_dataset_images', fake_download)
+    root = tmp_path / 'published'
+    assert run_script(SCRIPT, '--published', '--root', root) == 0
+    layout = Layout(root)
+    assert sorted(p.name for p in layout.synthesized_dir.iterdir()) == ['000000.jpg', '000001.jpg', '009999.jpg']
+    assert layout.synthesized_image(9999).read_bytes() == b'jpeg 9999'
+    assert json.loads(layout.synthesized_meta.read_text())['source'] == 'published'
+    assert not (root / 'stylegan' / '.tmp-download-fake').exists()
+    # sampling into the imported folder is refused, and nothing changes
+    before = files_of(root)
+    capsys.readouterr()
+    assert run_script(SCRIPT, '--weights', tiny_ckpt, '--num', 1, '--root', root, '--no-progress') == 2
+    assert 'imported with --published' in capsys.readouterr().err
+    assert files_of(root) == before
+
+
+def test_published_import_offline_is_one_line(tmp_path, capsys):
+    assert run_script(SCRIPT, '--published', '--root', tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and 'daebakgazua/250408_OhLoRA_all_generated_images' in err
