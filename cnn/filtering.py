@@ -34,6 +34,7 @@ def merge_scores(layout: Layout, img_nos: list[int], labels: Labels | None,
     if labels is not None:
         labelled = {int(n): (float(g), float(q)) for n, g, q in
                     zip(labels.img_nos, labels.of('gender'), labels.of('quality'))}
+    image_dir = layout.relative(layout.synthesized_dir)
     rows = []
     for img_no in sorted(img_nos):
         if img_no in labelled:
@@ -42,7 +43,7 @@ def merge_scores(layout: Layout, img_nos: list[int], labels: Labels | None,
             gender, quality = scored['gender'][img_no], scored['quality'][img_no]
         else:
             continue
-        rows.append((img_no, layout.relative(layout.synthesized_image(img_no)), gender, quality))
+        rows.append((img_no, f'{image_dir}/{image_name(img_no)}', gender, quality))
     frame = pd.DataFrame(rows, columns=MERGED_COLUMNS)
     return frame.astype({'img_no': 'int64', 'gender_score': 'float64', 'quality_score': 'float64'})
 
@@ -96,6 +97,8 @@ def sync_filtered(layout: Layout, keep: list[int], progress: bool = True) -> Fil
     folder = layout.filtered_dir
     present = existing_images(folder)  # a folder with foreign files is an error, not something to clean
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(f'{atomic.TMP_PREFIX}*'):  # of a run that was killed mid-placement
+        leftover.unlink()
     counts = {'linked': 0, 'copied': 0, 'unchanged': 0}
     for img_no in tqdm(keep, desc='filtering', unit='img', disable=not progress):
         source = layout.synthesized_image(img_no)

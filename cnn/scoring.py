@@ -1,11 +1,16 @@
 """Ensemble scoring of the unlabelled images, resumable, into ``cnn/inference_result/{gender,quality}.csv``.
 
 One pass over the images feeds every batch to all models of both properties, so each JPEG is decoded once.
-Rows are saved every ``checkpoint_every`` images; a rerun with the same models, mode and stage-1 images
-scores only what is missing (and retries images that failed to read). Other settings start over.
+The final CSVs are written only when every image has been scored: until then rows are saved every
+``checkpoint_every`` images to ``cnn/records/scoring_{prop}.partial.csv``, so a crash never leaves half a table
+under a final name. ``cnn/records/scoring.json`` holds the settings the rows were made with and, once finished,
+the SHA-256 of each final CSV. A rerun with the same models, mode and stage-1 images reuses those rows and scores
+only what is missing (retrying images that failed to read); other settings start over, and the earlier final
+CSVs stay in place until the new ones replace them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,7 @@ from cnn.properties import FOLDS
 from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import Layout, image_name
 from ohlora.weights import sha256_of
 
 DROPOUT_STREAM = 20  # item_generator stream of the compat-mode dropout draws
@@ -52,49 +57,78 @@ class ScoringResult:
 def _read_record(layout: Layout) -> dict | None:
     path = layout.cnn_record('scoring')
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
+        record = json.loads(path.read_text()) if path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return record if isinstance(record, dict) else None
 
 
-def _previous_rows(layout: Layout, props: list[str]) -> dict[str, pd.DataFrame] | None:
-    frames = {}
-    for prop in props:
-        path = layout.cnn_inference_csv(prop)
-        try:
-            frame = pd.read_csv(path)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            return None
-        if list(frame.columns) != inference_columns(prop) or frame.isna().any().any():
-            return None
-        frames[prop] = frame
-    return frames
+def _read_rows(path: Path, prop: str) -> pd.DataFrame | None:
+    """The rows of a scores CSV of ours, or None when it is missing or not one."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
+    if list(frame.columns) != inference_columns(prop) or frame.isna().any().any():
+        return None
+    return frame.astype({'img_no': 'int64'})
 
 
 def _empty(prop: str) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype='int64' if c == 'img_no' else 'float64') for c in inference_columns(prop)})
 
 
-def _save(layout: Layout, frames: dict[str, pd.DataFrame]) -> None:
+def _csv_text(frame: pd.DataFrame) -> str:
+    return frame.sort_values('img_no', kind='stable').to_csv(index=False, lineterminator='\n')
+
+
+def _save_partial(layout: Layout, frames: dict[str, pd.DataFrame]) -> None:
     for prop, frame in frames.items():
-        atomic.write_csv(layout.cnn_inference_csv(prop), frame.sort_values('img_no', kind='stable'))
+        atomic.write_text(layout.cnn_partial_scores(prop), _csv_text(frame))
 
 
 def resume_rows(layout: Layout, props: list[str], settings: dict, todo: set[int]) -> dict[str, pd.DataFrame]:
-    """Rows of an earlier run with the same settings for images still to score; otherwise a clean start."""
+    """Rows made with ``settings`` (finished CSVs the record vouches for, plus partial progress) for images still
+    to score; otherwise a clean start."""
     record = _read_record(layout)
-    previous = _previous_rows(layout, props) if record is not None and record.get('settings') == settings else None
-    if previous is None:
-        stale = [layout.cnn_inference_csv(p) for p in props if layout.cnn_inference_csv(p).exists()]
-        if stale:
-            print(f'earlier scores in {stale[0].parent} were made with other models or settings; scoring again')
-        # Old CSVs go before the new record is written, so a crash can never pair old rows with new settings.
-        for path in stale:
-            path.unlink()
+    if record is None or record.get('settings') != settings:
+        finals = [layout.cnn_inference_csv(p) for p in props if layout.cnn_inference_csv(p).exists()]
+        if finals:
+            print(f'earlier scores in {finals[0].parent} were made with other models or settings; scoring again '
+                  '(they are replaced when the new scores are complete)')
+        # Partial rows go before the record names the new settings, so a crash never pairs old rows with them.
+        for prop in props:
+            layout.cnn_partial_scores(prop).unlink(missing_ok=True)
         atomic.write_json(layout.cnn_record('scoring'), {'settings': settings})
         return {prop: _empty(prop) for prop in props}
+    vouched = record.get('outputs') or {}
+    previous = {}
+    for prop in props:
+        final = layout.cnn_inference_csv(prop)
+        parts = []
+        if vouched.get(prop) and final.is_file() and sha256_of(final) == vouched[prop]:
+            parts.append(_read_rows(final, prop))
+        parts.append(_read_rows(layout.cnn_partial_scores(prop), prop))
+        parts = [part for part in parts if part is not None and not part.empty]
+        frame = pd.concat(parts, ignore_index=True).drop_duplicates('img_no', keep='last') if parts else _empty(prop)
+        previous[prop] = frame
     common = set.intersection(*(set(frame['img_no'].tolist()) for frame in previous.values())) & todo
     return {prop: frame[frame['img_no'].isin(common)].reset_index(drop=True) for prop, frame in previous.items()}
+
+
+def finish(layout: Layout, frames: dict[str, pd.DataFrame], settings: dict) -> None:
+    """Write the final CSVs (those whose content changed), vouch for them in the record, drop partial rows."""
+    digests = {}
+    for prop, frame in frames.items():
+        path, text = layout.cnn_inference_csv(prop), _csv_text(frame)
+        if not (path.is_file() and path.read_text() == text):
+            atomic.write_text(path, text)
+        digests[prop] = hashlib.sha256(text.encode('utf-8')).hexdigest()
+    record = {'settings': settings, 'outputs': digests}
+    if _read_record(layout) != record:
+        atomic.write_json(layout.cnn_record('scoring'), record)
+    for prop in frames:  # only after the record: until then they are the only trusted copy of new rows
+        layout.cnn_partial_scores(prop).unlink(missing_ok=True)
 
 
 def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos: list[int], settings: dict, *,
@@ -111,42 +145,48 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     for models in ensembles.values():
         set_dropout(models, dropout_seed is not None)
 
+    image_dir = layout.relative(layout.synthesized_dir)
     dataset = ImageFiles(remaining, [layout.synthesized_image(n) for n in remaining], size=IMAGE_SIZE)
     pending: dict[str, list[dict]] = {prop: [] for prop in props}
     skipped: list[tuple[int, str]] = []
     since_save = 0
     bar = tqdm(total=len(remaining), desc='scoring', unit='img', disable=not progress)
-    for batch in image_loader(dataset, batch_size, device, workers):
-        skipped.extend(batch.failed)
-        bar.update(len(batch.img_nos) + len(batch.failed))
-        if not batch.img_nos:
-            continue
-        images = to_unit_range(batch.images.to(device, non_blocking=True))
-        for prop, models in ensembles.items():
-            if dropout_seed is None:
-                outputs = ensemble_outputs(models, images)
-            else:
-                # Dropout draws depend on (seed, first image of the batch): reruns give the same scores.
-                with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-                    torch.manual_seed(item_generator(dropout_seed, batch.img_nos[0], DROPOUT_STREAM).initial_seed())
+    try:
+        for batch in image_loader(dataset, batch_size, device, workers):
+            skipped.extend(batch.failed)
+            bar.update(len(batch.img_nos) + len(batch.failed))
+            if not batch.img_nos:
+                continue
+            images = to_unit_range(batch.images.to(device, non_blocking=True))
+            for prop, models in ensembles.items():
+                if dropout_seed is None:
                     outputs = ensemble_outputs(models, images)
-            finals, rounded = final_scores(outputs), round4(outputs)
-            for row, img_no in enumerate(batch.img_nos):
-                record = {'img_no': img_no, 'img_path': layout.relative(layout.synthesized_image(img_no)),
-                          f'property_{prop}_final_score': finals[row]}
-                record.update({f'score_model_{k}': rounded[row, k] for k in range(outputs.shape[1])})
-                pending[prop].append(record)
-        since_save += len(batch.img_nos)
-        if since_save >= checkpoint_every:
-            frames = _merge(frames, pending)
-            _save(layout, frames)
-            since_save = 0
-    bar.close()
+                else:
+                    # Dropout draws depend on (seed, first image of the batch): reruns give the same scores.
+                    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                        torch.manual_seed(item_generator(dropout_seed, batch.img_nos[0], DROPOUT_STREAM).initial_seed())
+                        outputs = ensemble_outputs(models, images)
+                finals, rounded = final_scores(outputs), round4(outputs)
+                for row, img_no in enumerate(batch.img_nos):
+                    record = {'img_no': img_no, 'img_path': f'{image_dir}/{image_name(img_no)}',
+                              f'property_{prop}_final_score': finals[row]}
+                    record.update({f'score_model_{k}': rounded[row, k] for k in range(outputs.shape[1])})
+                    pending[prop].append(record)
+            since_save += len(batch.img_nos)
+            if since_save >= checkpoint_every:
+                frames = _merge(frames, pending)
+                _save_partial(layout, frames)
+                since_save = 0
+    except KeyboardInterrupt:  # keep what was scored; the rerun resumes from it
+        if any(pending.values()):
+            _save_partial(layout, _merge(frames, pending))
+        raise
+    finally:
+        bar.close()
     frames = _merge(frames, pending)
-    if remaining or not all(layout.cnn_inference_csv(p).is_file() for p in props):
-        _save(layout, frames)
     if props and frames[props[0]].empty and skipped:
         raise PipelineError(f'none of the {len(skipped)} images could be scored (first: {skipped[0][1]})')
+    finish(layout, frames, settings)
     return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped))
 
 

@@ -11,8 +11,9 @@ the cosine every 10 epochs instead (identical LRs in epochs 0-9, never 0); ``sch
 original curve.
 
 Fold checkpoints go to a staging folder as each fold succeeds, with a record of the settings; an interrupted run
-resumes at the next unfinished fold. Only when all folds have succeeded do the files replace
-``cnn/models/{property}_model_{fold}.pt``, so an unfinished run never leaves a mixed ensemble behind.
+resumes at the next unfinished fold. Only when all folds have succeeded (with :func:`train_all`: all folds of
+every property) do the files replace ``cnn/models/{property}_model_{fold}.pt``, so a failed or unfinished run never
+leaves a mixed ensemble behind.
 """
 from __future__ import annotations
 
@@ -244,8 +245,11 @@ def training_settings(spec: PropertySpec, samples: TrainingSamples, config: Trai
                       model_factory: Callable[[], nn.Module]) -> dict:
     """Everything a resumed run must share with the interrupted one (plain types, no paths)."""
     name = getattr(model_factory, '__qualname__', type(model_factory).__name__)
+    # The attempt cap changes no finished fold (attempt a of fold f always draws the same seeds), so raising
+    # --max-attempts after a failure resumes instead of starting over.
+    shared = {k: v for k, v in asdict(config).items() if k != 'max_attempts'}
     return {'property': spec.name, 'model': name, 'labels': samples.fingerprint(), 'images': len(samples.img_nos),
-            **asdict(config), 'success_bce': spec.success_bce if config.success_bce is None else config.success_bce}
+            **shared, 'success_bce': spec.success_bce if config.success_bce is None else config.success_bce}
 
 
 @dataclass
@@ -259,8 +263,9 @@ class TrainingOutcome:
 
 def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout, config: TrainingConfig,
                    model_factory: Callable[[], nn.Module], device: torch.device, workers: int = 0,
-                   progress: bool = True) -> TrainingOutcome:
-    """Train all folds of ``spec`` (resuming finished ones), then install them into ``cnn/models/``."""
+                   progress: bool = True, install_models: bool = True) -> TrainingOutcome:
+    """Train all folds of ``spec`` (resuming finished ones), then install them into ``cnn/models/`` (or leave them
+    staged for :func:`install_trained` when ``install_models`` is False)."""
     settings = training_settings(spec, samples, config, model_factory)
     record_path = _record_path(layout, spec.name)
     record = _read_record(record_path)
@@ -306,7 +311,8 @@ def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout,
                                 f'validation BCE stayed above {trainer.success_bce} (see '
                                 f'{layout.relative(layout.cnn_train_log(spec.name))}); check the labels or '
                                 'raise --max-attempts / --max-epochs')
-    install(layout, spec.name, config.folds, record, record_path)
+    if install_models:
+        install(layout, spec.name, config.folds, record, record_path)
     return TrainingOutcome(trained, resumed, record['attempts'], dict(trainer.unreadable))
 
 
@@ -327,3 +333,27 @@ def install(layout: Layout, prop: str, folds: int, record: dict, record_path: Pa
             os.replace(staged, layout.cnn_model(prop, fold))
     record['installed'] = [record['finished'][str(fold)] for fold in range(folds)]
     atomic.write_json(record_path, record)
+
+
+def install_trained(layout: Layout, prop: str, folds: int) -> None:
+    """Install the staged folds of a finished :func:`train_property` run (nothing if already installed)."""
+    record_path = _record_path(layout, prop)
+    record = _read_record(record_path)
+    if record is None or record.get('installed'):
+        return
+    if set(record.get('finished', {})) != {str(fold) for fold in range(folds)}:
+        raise PipelineError(f'the {prop} --retrain has not finished every fold; rerun it to resume')
+    install(layout, prop, folds, record, record_path)
+
+
+def train_all(jobs: list[tuple[PropertySpec, TrainingSamples, Callable[[], nn.Module]]], layout: Layout,
+              config: TrainingConfig, device: torch.device, workers: int = 0,
+              progress: bool = True) -> dict[str, TrainingOutcome]:
+    """Train every property's folds, then install them: ``cnn/models/`` changes only when every fold of every
+    property has succeeded, so a failed or interrupted --retrain leaves the installed ensembles as they were."""
+    outcomes = {spec.name: train_property(spec, samples, layout, config, factory, device, workers, progress,
+                                          install_models=False)
+                for spec, samples, factory in jobs}
+    for spec, _, _ in jobs:
+        install_trained(layout, spec.name, config.folds)
+    return outcomes

@@ -102,6 +102,10 @@ class Layout:
     def cnn_inference_csv(self, prop: str) -> Path:
         return self.root / 'cnn' / 'inference_result' / f'{prop}.csv'
 
+    def cnn_partial_scores(self, prop: str) -> Path:
+        """Rows of an unfinished scoring run; cnn_inference_csv() is written only once every image is scored."""
+        return self.cnn_record(f'scoring_{prop}').with_suffix('.partial.csv')
+
     @property
     def cnn_merged_csv(self) -> Path:
         return self.root / 'cnn' / 'all_image_quality_and_gender.csv'

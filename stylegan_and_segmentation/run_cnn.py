@@ -17,7 +17,7 @@ from cnn.labels import applicable_labels
 from cnn.models import MODEL_CLASSES
 from cnn.properties import FOLDS, GENDER, PROPERTIES, QUALITY
 from cnn.scoring import score_images, scoring_settings
-from cnn.training import TrainingConfig, TrainingSamples, train_property
+from cnn.training import TrainingConfig, TrainingSamples, train_all
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
@@ -86,11 +86,11 @@ def retrain(args, layout: Layout, labels, device, compat: bool) -> None:
     config = TrainingConfig(max_epochs=args.max_epochs, patience=args.patience, max_attempts=args.max_attempts,
                             train_batch_size=args.train_batch_size, eval_batch_size=args.batch_size,
                             schedule='upstream' if compat else 'restarts', seed=args.seed, folds=FOLDS)
-    for prop, spec in PROPERTIES.items():
-        samples = TrainingSamples(labels.img_nos, [layout.synthesized_image(int(n)) for n in labels.img_nos],
-                                  labels.of(prop), IMAGE_SIZE)
-        outcome = train_property(spec, samples, layout, config, MODEL_CLASSES[prop], device, args.workers,
-                                 progress=not args.no_progress)
+    jobs = [(spec, TrainingSamples(labels.img_nos, [layout.synthesized_image(int(n)) for n in labels.img_nos],
+                                   labels.of(prop), IMAGE_SIZE), MODEL_CLASSES[prop])
+            for prop, spec in PROPERTIES.items()]
+    outcomes = train_all(jobs, layout, config, device, args.workers, progress=not args.no_progress)
+    for prop, outcome in outcomes.items():
         if outcome.up_to_date:
             print(f'{prop}: cnn/models already holds the models of this --retrain (same labels and settings)')
         else:
@@ -108,6 +108,7 @@ def main(argv=None):
     available = existing_images(layout.synthesized_dir)
     if not available:
         raise PipelineError(f'{layout.synthesized_dir} holds no images; run run_original_generator.py first')
+    existing_images(layout.filtered_dir)  # a filtered folder with foreign files fails now, not after scoring
     labels = applicable_labels(layout, args.labels, available)
     device = resolve_device(args.device)
     disable_tf32()

@@ -88,6 +88,11 @@ def test_wrong_or_corrupt_checkpoints_give_one_line(tmp_path):
     atomic.torch_save(half, {k: v.half() for k, v in MODEL_CLASSES['quality']().state_dict().items()})
     with pytest.raises(PipelineError, match='non-float32'):
         load_model('quality', half)
+    broken = MODEL_CLASSES['quality']().state_dict()
+    broken['conv3.0.bias'][5] = float('nan')
+    atomic.torch_save(half, broken)
+    with pytest.raises(PipelineError, match=r'NaN or infinite values \(conv3\.0\.bias\)'):
+        load_model('quality', half)
 
 
 def test_weights_folder_override_names_the_missing_file(tmp_path):

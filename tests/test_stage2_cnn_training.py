@@ -13,7 +13,7 @@ from cnn.images import ImageFiles, image_loader, to_unit_range
 from cnn.models import GenderCNN
 from cnn.properties import GENDER, QUALITY
 from cnn.training import (EPOCH_LOG_COLUMNS, TRAIN_LOG_COLUMNS, TrainingConfig, TrainingSamples, fold_splits,
-                          learning_rate, train_property)
+                          learning_rate, train_all, train_property)
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
@@ -159,6 +159,40 @@ def test_interrupted_training_resumes_at_the_next_unfinished_fold(tmp_path):
         a = torch.load(layout.cnn_model('quality', fold), weights_only=True)
         b = torch.load(straight.cnn_model('quality', fold), weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), fold
+
+
+class BlindCNN(nn.Module):
+    """Cannot see the image: its validation BCE stays near ln 2 on balanced labels, above the gender bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_final = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.fc_final(x.new_zeros(len(x), 1))
+
+
+def test_retrain_replaces_installed_models_only_when_every_property_succeeds(tmp_path):
+    layout, samples = draw_samples(tmp_path, count=30)
+    config, cpu = tiny_config(max_epochs=6, max_attempts=1), torch.device('cpu')
+    installed = [layout.cnn_model(prop, fold) for prop in ('quality', 'gender') for fold in range(5)]
+    for path in installed:  # the ensembles in use before the retrain
+        atomic.torch_save(path, TinyCNN().state_dict())
+    before = [path.read_bytes() for path in installed]
+    with pytest.raises(PipelineError, match='gender fold 0 failed all 1 attempts'):
+        train_all([(QUALITY, samples, TinyCNN), (GENDER, samples, BlindCNN)], layout, config, cpu, progress=False)
+    assert [path.read_bytes() for path in installed] == before  # quality succeeded, but is only staged
+    assert all(layout.cnn_staged_model('quality', fold).is_file() for fold in range(5))
+
+    config = tiny_config(max_epochs=6, max_attempts=3)  # a higher cap keeps the finished quality folds
+    outcomes = train_all([(QUALITY, samples, TinyCNN), (GENDER, samples, TinyCNN)], layout, config, cpu,
+                         progress=False)
+    assert outcomes['quality'].resumed == [0, 1, 2, 3, 4] and outcomes['quality'].trained == []
+    assert outcomes['gender'].trained == [0, 1, 2, 3, 4]
+    assert all(a != b for a, b in zip((path.read_bytes() for path in installed), before))
+    assert not any(layout.cnn_staged_model(prop, fold).exists() for prop in ('quality', 'gender') for fold in range(5))
+    again = train_all([(QUALITY, samples, TinyCNN), (GENDER, samples, TinyCNN)], layout, config, cpu, progress=False)
+    assert again['quality'].up_to_date and again['gender'].up_to_date
 
 
 def test_impossible_bound_retries_then_stops_at_the_attempt_cap(tmp_path):
