@@ -1,4 +1,5 @@
 """Test-wide settings: never download, deterministic single-threaded CPU maths, paths to shared/reference."""
+import json
 import os
 from pathlib import Path
 
@@ -19,3 +20,12 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f'reference data not found at {REFERENCE}; put shared/ beside the checkout or set OHLORA_SHARED')
     return REFERENCE
+
+
+@pytest.fixture(scope='session')
+def genforce(reference_dir):
+    """The tiny GenForce zoo checkpoint, its tiny_config.json and GenForce's outputs on it (tiny_ref.pt)."""
+    folder = reference_dir / 'genforce'
+    config = json.loads((folder / 'tiny_config.json').read_text())
+    ref = torch.load(folder / 'tiny_ref.pt', map_location='cpu', weights_only=True)
+    return folder / 'tiny_ckpt.pth', config, ref

@@ -11,14 +11,6 @@ LOGIT_TOL = dict(rtol=1e-4, atol=1e-4)  # README §4: some logits are close to 0
 
 
 @pytest.fixture(scope='module')
-def genforce(reference_dir):
-    folder = reference_dir / 'genforce'
-    config = json.loads((folder / 'tiny_config.json').read_text())
-    ref = torch.load(folder / 'tiny_ref.pt', map_location='cpu', weights_only=True)
-    return folder / 'tiny_ckpt.pth', config, ref
-
-
-@pytest.fixture(scope='module')
 def discriminator(genforce):
     return load_discriminator(genforce[0])
 

@@ -20,14 +20,6 @@ UINT8_MAX_OFF_FRACTION = 0.0005         # uint8: never more than ±1, at most 0.
 
 
 @pytest.fixture(scope='module')
-def genforce(reference_dir):
-    folder = reference_dir / 'genforce'
-    config = json.loads((folder / 'tiny_config.json').read_text())
-    ref = torch.load(folder / 'tiny_ref.pt', map_location='cpu', weights_only=True)
-    return folder / 'tiny_ckpt.pth', config, ref
-
-
-@pytest.fixture(scope='module')
 def smooth(genforce):
     path, _, _ = genforce
     return load_generator(path, key='generator_smooth')
