@@ -156,14 +156,27 @@ def _check_after_loading(model, state_dict: dict, path: Path, lod_owner) -> None
     other = sorted({str(v.dtype).removeprefix('torch.') for v in state_dict.values() if v.dtype != torch.float32})
     if other:
         warnings.warn(f'{path}: tensors of dtype {", ".join(other)} (the published files are float32); '
-                      'they were converted', stacklevel=3)
+                      'they were converted', stacklevel=4)
     if lod_owner.lod.item() != 0:
         warnings.warn(f'{path}: lod is {lod_owner.lod.item():g}, not 0, so the images come from a lower-resolution '
-                      'stage; the published files have 0', stacklevel=3)
+                      'stage; the published files have 0', stacklevel=4)
     for name, buffer in model.named_buffers():
         if name.endswith('blur.kernel') and not torch.equal(buffer.cpu(), blur_kernel(buffer.shape[0])):
-            warnings.warn(f'{path}: {name} is not the [1,2,1]x[1,2,1]/16 blur kernel of StyleGAN', stacklevel=3)
+            warnings.warn(f'{path}: {name} is not the [1,2,1]x[1,2,1]/16 blur kernel of StyleGAN', stacklevel=4)
             break
+
+
+def _build(cls, infer_kwargs, state_dict: dict, path: Path, expected: str, device):
+    """``cls`` with the widths of ``state_dict``, loaded strictly, checked, on ``device``, in eval mode."""
+    try:
+        kwargs = infer_kwargs(state_dict)
+    except ValueError as exc:
+        raise PipelineError(f'{path}: not a {cls.__name__} state_dict: {exc}') from None
+    model = cls(**kwargs)
+    load_strict(model, state_dict, path, f'{cls.__name__} ({expected})')
+    # generators keep lod in their synthesis module, discriminators on themselves
+    _check_after_loading(model, state_dict, path, getattr(model, 'synthesis', model))
+    return model.to(device).eval()
 
 
 def load_conditional_generator(path: str | Path, variant: str = 'v3', device='cpu'):
@@ -178,14 +191,7 @@ def load_conditional_generator(path: str | Path, variant: str = 'v3', device='cp
     wanted = 'generator v1' if variant == 'v2' else f'generator {variant}'
     if state_dict is None or found != wanted:
         raise _wrong_file(path, description, found, expected)
-    try:
-        kwargs = infer_conditional_generator_kwargs(state_dict)
-    except ValueError as exc:
-        raise PipelineError(f'{path}: not a {cls.__name__} state_dict: {exc}') from None
-    model = cls(**kwargs)
-    load_strict(model, state_dict, path, f'{cls.__name__} ({expected})')
-    _check_after_loading(model, state_dict, path, model.synthesis)
-    return model.to(device).eval()
+    return _build(cls, infer_conditional_generator_kwargs, state_dict, path, expected, device)
 
 
 def load_conditional_discriminator(path: str | Path, variant: str = 'v1', device='cpu'):
@@ -200,11 +206,4 @@ def load_conditional_discriminator(path: str | Path, variant: str = 'v1', device
     state_dict = _tensor_dict(obj) if isinstance(obj, dict) else None
     if state_dict is None or found != f'discriminator {variant}':
         raise _wrong_file(path, description, found, expected)
-    try:
-        kwargs = infer_conditional_discriminator_kwargs(state_dict)
-    except ValueError as exc:
-        raise PipelineError(f'{path}: not a {cls.__name__} state_dict: {exc}') from None
-    model = cls(**kwargs)
-    load_strict(model, state_dict, path, f'{cls.__name__} ({expected})')
-    _check_after_loading(model, state_dict, path, model)
-    return model.to(device).eval()
+    return _build(cls, infer_conditional_discriminator_kwargs, state_dict, path, expected, device)
