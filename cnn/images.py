@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from ohlora.errors import first_line
+
 IMAGE_SIZE = (256, 256)  # what both published CNNs were trained on
 DECODER_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision'
 
@@ -71,7 +73,7 @@ class ImageFiles(Dataset):
         try:
             image = decode_rgb(path)
         except (RuntimeError, OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc, 120)
             return self.img_nos[index], None, label, f'unreadable image {path.name}: {reason}'
         if self.size is not None and tuple(image.shape[-2:]) != tuple(self.size):
             height, width = image.shape[-2:]

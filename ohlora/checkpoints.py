@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ohlora.errors import PipelineError
+from ohlora.errors import PipelineError, first_line
 
 
 def read_checkpoint(path: str | Path, what: str, map_location='cpu') -> dict:
@@ -18,11 +18,11 @@ def read_checkpoint(path: str | Path, what: str, map_location='cpu') -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'unsupported objects'
+        first = first_line(exc, 160)
         raise PipelineError(f'{path} holds objects other than tensors and cannot be loaded safely '
                             f'(expected the {what}): {first}') from None
     except Exception as exc:  # truncated/corrupt files fail deep inside torch with many exception types
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 160)
         raise PipelineError(f'{path} is not a readable PyTorch checkpoint, truncated or corrupt? '
                             f'(expected the {what}): {first}') from None
     if not isinstance(obj, dict):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ohlora.errors import PipelineError, WeightsUnavailable
+from ohlora.errors import PipelineError, WeightsUnavailable, first_line
 from ohlora.layout import Layout
 
 OHLORA_CNN_REPO = 'daebakgazua/250408_OhLoRA_CNNs'
@@ -150,8 +150,8 @@ def fetch(key: str, layout: Layout, override: str | Path | None = None) -> Path:
     except PipelineError:
         raise
     except Exception as exc:  # network, HTTP, hub errors: all mean "not available", said in one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _unavailable(source, dest, f'{type(exc).__name__}: {reason[:200]}') from None
+        reason = first_line(exc)
+        raise _unavailable(source, dest, f'{type(exc).__name__}: {reason}') from None
     return dest
 
 
@@ -171,8 +171,8 @@ def fetch_dataset_images(repo_id: str, dest_dir: Path, description: str) -> Path
 
         snapshot_download(repo_id, repo_type='dataset', local_dir=staging, allow_patterns=['*.jpg'])
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise WeightsUnavailable(f'{description} could not be downloaded from {origin} '
-                                 f'({type(exc).__name__}: {reason[:200]}); download the .jpg files by hand '
+                                 f'({type(exc).__name__}: {reason}); download the .jpg files by hand '
                                  f'into {dest_dir}') from None
     return staging
