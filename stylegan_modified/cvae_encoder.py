@@ -40,6 +40,11 @@ class CVAEEncoder(nn.Module):
         self.fc2_mu = nn.Linear(hidden_dim + label_size, latent_dim)
         self.fc2_var = nn.Linear(hidden_dim + label_size, latent_dim)
 
+    @classmethod
+    def for_generator(cls, generator: nn.Module) -> CVAEEncoder:
+        """An encoder whose z and label widths are those of a conditional ``generator`` (e.g. a tiny test one)."""
+        return cls(latent_dim=generator.z_space_dim, label_size=generator.label_size)
+
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 256, 256) images in [-1, 1] and (N, label_size) labels -> (mu, logvar), each (N, latent_dim)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):

@@ -10,8 +10,8 @@ import torch
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout
-from stylegan_modified.checkpoint import (WrongCheckpoint, infer_cvae_encoder_kwargs, load_cvae_encoder,
-                                          load_property_cnn, published_property_cnn)
+from stylegan_modified.checkpoint import (WrongCheckpoint, infer_cvae_encoder_kwargs, load_conditional_generator,
+                                          load_cvae_encoder, load_property_cnn, published_property_cnn)
 from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize
 from stylegan_modified.property_score_cnn import SUB_NETS, PropertyScoreCNN
 
@@ -172,6 +172,18 @@ def test_encoder_follows_the_generator_width_and_reads_the_label_twice(tmp_path)
     loaded = load_cvae_encoder(path)
     with torch.no_grad():
         assert torch.equal(loaded(images, label)[0], mu_a)
+
+
+def test_encoder_for_a_tiny_generator(reference_dir, tmp_path):
+    tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
+    torch.save(tiny['state_dicts']['v3_generator'], tmp_path / 'v3.pth')
+    generator = load_conditional_generator(tmp_path / 'v3.pth', 'v3')
+    encoder = CVAEEncoder.for_generator(generator).eval()
+    assert (encoder.latent_dim, encoder.label_size) == (32, 7) and encoder.fc2_var.out_features == 32
+    with torch.no_grad():
+        mu, logvar = encoder(torch.zeros(1, 3, 256, 256), tiny['inputs']['label_v3'][:1])
+        z = reparameterize(mu, logvar, torch.zeros_like(mu))
+        assert generator(z, tiny['inputs']['label_v3'][:1])['image'].shape == (1, 3, 256, 256)
 
 
 def test_reparameterize():
