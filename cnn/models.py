@@ -6,7 +6,8 @@ return a sigmoid probability of shape (N, 1): 1 = woman for :class:`GenderCNN`, 
 where the generator's blur defects appear; it crops inside ``forward`` so both nets take the same input.
 
 Every conv is 3x3 without padding, followed by LeakyReLU (PyTorch's default slope 0.01) and Dropout2d(0.05).
-Dropout makes scores random unless the model is in ``eval()`` mode.
+Dropout makes scores random unless the model is in ``eval()`` mode. The v2 property-score CNN
+(:mod:`stylegan_modified.property_score_cnn`) is built from the same blocks, with a 256-wide ``fc1``.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.Dropout2d(CONV_DROPOUT))
 
 
-def hidden_block(in_features: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, HIDDEN), nn.Tanh(), nn.Dropout(FC_DROPOUT))
+def hidden_block(in_features: int, out_features: int = HIDDEN) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, out_features), nn.Tanh(), nn.Dropout(FC_DROPOUT))
 
 
 def output_block() -> nn.Sequential:

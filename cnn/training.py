@@ -41,9 +41,9 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.schedules import check_schedule, cosine_lr
 from ohlora.weights import sha256_of
 
-SCHEDULES = ('restarts', 'upstream')
 EPOCH_LOG_COLUMNS = ['epoch', 'val_loss', 'val_accuracy', 'tp', 'tn', 'fp', 'fn', 'val_recall', 'val_precision',
                      'val_f1_score', 'val_auroc']
 TRAIN_LOG_COLUMNS = ['fold_no', 'success', 'min_val_loss', 'total_epochs', 'best_epoch', 'elapsed_time (s)',
@@ -68,16 +68,14 @@ class TrainingConfig:
     success_bce: float | None = None  # None: the property's bound (gender 0.35, quality 0.13)
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f'schedule must be one of {SCHEDULES}, not {self.schedule!r}')
+        check_schedule(self.schedule)
         if min(self.folds - 1, self.max_epochs, self.patience, self.max_attempts) < 1:
             raise PipelineError('folds must be at least 2, and the epoch cap, patience and attempts at least 1')
 
 
 def learning_rate(config: TrainingConfig, epoch: int) -> float:
     """LR of 0-based ``epoch``: the cosine of period ``cosine_period``, restarted or (upstream) mirrored through 0."""
-    phase = epoch if config.schedule == 'upstream' else epoch % config.cosine_period
-    return config.lr * (1.0 + math.cos(math.pi * phase / config.cosine_period)) / 2.0
+    return cosine_lr(config.lr, epoch, config.cosine_period, config.schedule)
 
 
 @dataclass(frozen=True)

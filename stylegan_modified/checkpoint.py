@@ -7,7 +7,8 @@ from ``mapping.label_weight``: v1/v2 (7, 16), v3 (7, 24), v4 (3, 16); the discri
 ``layer14``'s fan-in minus ``layer13``'s width: v1 7, v4 3.
 
 A file that is not the one asked for (a v1 generator given for v3, a GenForce zoo file, a CNN, …) is named
-in one line by :func:`describe_checkpoint`.
+in one line by :func:`describe_checkpoint`. The v2 property-score CNN and the v3 CVAE encoder load through
+:func:`load_property_cnn` and :func:`load_cvae_encoder` with the same messages.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ import torch
 
 from ohlora.checkpoints import load_strict, read_checkpoint
 from ohlora.errors import PipelineError
+from ohlora.layout import Layout
+from ohlora.weights import SOURCES, fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs
 from stylegan.genforce_layers import blur_kernel
+from stylegan_modified.cvae_encoder import CVAEEncoder, flat_features
+from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_discriminator import DISCRIMINATOR_CLASSES
 from stylegan_modified.stylegan_generator import GENERATOR_CLASSES
 
@@ -207,3 +212,62 @@ def load_conditional_discriminator(path: str | Path, variant: str = 'v1', device
     if state_dict is None or found != f'discriminator {variant}':
         raise _wrong_file(path, description, found, expected)
     return _build(cls, infer_conditional_discriminator_kwargs, state_dict, path, expected, device)
+
+
+PROPERTY_CNN_SOURCE = 'v2_property_cnn'  # ohlora.weights.SOURCES key of the published file
+PROPERTY_CNN_EXPECTED = (f'{SOURCES[PROPERTY_CNN_SOURCE].description} '
+                         f'({SOURCES[PROPERTY_CNN_SOURCE].hf_file})')
+CVAE_ENCODER_EXPECTED = 'Oh-LoRA v3 CVAE encoder'
+
+
+def _state_dict_of_kind(path: str | Path, expected: str, wanted: str) -> tuple[Path, dict]:
+    """The state_dict of ``path`` if :func:`describe_checkpoint` calls it ``wanted`` and every value is finite."""
+    path, obj = _read(path, expected)
+    description, found = describe_checkpoint(obj)
+    state_dict = _tensor_dict(obj)
+    if state_dict is None or found != wanted:
+        raise _wrong_file(path, description, found, expected)
+    broken = [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        shown = ', '.join(broken[:3]) + (f', … ({len(broken)} in all)' if len(broken) > 3 else '')
+        raise PipelineError(f'{path} holds NaN or infinite values ({shown}); expected the {expected}')
+    other = sorted({str(v.dtype).removeprefix('torch.') for v in state_dict.values() if v.dtype != torch.float32})
+    if other:
+        warnings.warn(f'{path}: tensors of dtype {", ".join(other)} (the {expected} is float32); they were converted',
+                      stacklevel=3)
+    return path, state_dict
+
+
+def load_property_cnn(path: str | Path, device='cpu') -> PropertyScoreCNN:
+    """The v2 property-score CNN of a state_dict file (strict, weights_only), on ``device``, in eval mode."""
+    path, state_dict = _state_dict_of_kind(path, PROPERTY_CNN_EXPECTED, 'property cnn')
+    model = load_strict(PropertyScoreCNN(), state_dict, path, f'PropertyScoreCNN ({PROPERTY_CNN_EXPECTED})')
+    return model.to(device).eval()
+
+
+def published_property_cnn(layout: Layout, device='cpu', override: str | Path | None = None) -> PropertyScoreCNN:
+    """The property CNN from ``override``, else the root's copy of the published file (downloaded if missing)."""
+    return load_property_cnn(fetch(PROPERTY_CNN_SOURCE, layout, override), device)
+
+
+def infer_cvae_encoder_kwargs(state_dict: dict) -> dict:
+    """``latent_dim``, ``label_size`` and ``hidden_dim`` reproducing an encoder state_dict's shapes."""
+    fc1, mu = _shape(state_dict, 'fc1.0.weight'), _shape(state_dict, 'fc2_mu.weight')
+    if fc1 is None or mu is None or len(fc1) != 2 or len(mu) != 2:
+        raise ValueError('it has no fc1.0.weight and fc2_mu.weight matrices')
+    hidden_dim, label_size = fc1[0], fc1[1] - flat_features()
+    if label_size < 1 or mu[1] != hidden_dim + label_size:
+        raise ValueError(f'fc1.0.weight {list(fc1)} and fc2_mu.weight {list(mu)} do not fit a '
+                         f'{flat_features()}-value feature map plus one label read twice')
+    return {'latent_dim': mu[0], 'label_size': label_size, 'hidden_dim': hidden_dim}
+
+
+def load_cvae_encoder(path: str | Path, device='cpu') -> CVAEEncoder:
+    """The v3 CVAE encoder of a state_dict file (widths read from its shapes), on ``device``, in eval mode."""
+    path, state_dict = _state_dict_of_kind(path, CVAE_ENCODER_EXPECTED, 'cvae encoder')
+    try:
+        kwargs = infer_cvae_encoder_kwargs(state_dict)
+    except ValueError as exc:
+        raise PipelineError(f'{path}: not a CVAEEncoder state_dict: {exc}') from None
+    model = load_strict(CVAEEncoder(**kwargs), state_dict, path, f'CVAEEncoder ({CVAE_ENCODER_EXPECTED})')
+    return model.to(device).eval()
