@@ -10,7 +10,7 @@ sizes. The decoded images of both paths are compared (equal up to float rounding
     python bench/bench_fine_tuned_generator.py --config full --images 16     # the published v3 widths (random weights)
     python bench/bench_fine_tuned_generator.py --device cuda --config full --images 256 --batch-sizes 8 32
 
-``--config tiny`` is the topology of shared/reference/ohlora/cond_stylegan_tiny.pt (256x256 output, channels
+``--config tiny`` is the topology of tests/data/ohlora/cond_stylegan_tiny.pt (256x256 output, channels
 16..4); ``--config full`` is ``StyleGANGeneratorForV3(resolution=256)`` (26 M parameters). Random weights cost
 the same time as the real ones; ``--weights`` loads a real v3 file instead.
 """

@@ -9,7 +9,7 @@ per-image ones (equal up to float rounding), and images/s and the ratio to the b
     python bench/bench_generator.py --device cuda --config full   # the zoo model's widths (random weights)
     python bench/bench_generator.py --config full --weights stylegan/stylegan_model.pth --images 64
 
-``--config tiny`` is the topology of shared/reference/genforce (256x256 output, channels 16..4);
+``--config tiny`` is the topology of tests/data/genforce (256x256 output, channels 16..4);
 ``--config full`` is GenForce's resolution-256 zoo configuration (26 M parameters). Without --weights the
 weights are random, which costs the same time as the real ones.
 """
@@ -72,7 +72,7 @@ def main() -> None:
     print(f'generator: {config} ({sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M parameters, '
           f'{generator.resolution}x{generator.resolution}), device {device}{threads}, {num_images} images per pass')
     # Batch 1 is the baseline: the same module called once per image. The batch sizes are timed in turns,
-    # best of --repeat each, so a load change on a shared machine hits them alike.
+    # best of --repeat each, so a load change from other work on the machine hits them alike.
     batch_sizes = sorted({1, *args.batch_sizes})
     best = dict.fromkeys(batch_sizes, float('inf'))
     relative = 0.0

@@ -2,7 +2,7 @@
 
 The loop implementation below exists only here, as the baseline: Python double loops over the 224x224 map,
 as upstream scores images, and the O(n^2) farthest-pair search for the algorithm-2 eyes. Both run in this
-process on the same decoded arrays (the stage-4 fixtures of shared/reference), the results are checked
+process on the same decoded arrays (the stage-4 fixtures in tests/data), the results are checked
 equal, and the per-image times and their ratio are printed. File decoding is timed separately.
 
     python bench/bench_property_scores.py                       # 8 loop images per algorithm, < 1 min
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from segmentation import property_scores_alg2 as alg2
 from segmentation.property_scores_common import read_bgr, read_parsing_map
 
 N = 224
-FIXTURES = Path(os.environ.get('OHLORA_SHARED', Path(__file__).resolve().parents[2] / 'shared')) / \
-    'reference' / 'ohlora' / 'property_scores' / 'fixtures'
+FIXTURES = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'ohlora' / 'property_scores' / 'fixtures'
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ def main():
     parser.add_argument('--repeat', type=int, default=5, help='repeats of the vectorised timing (best kept)')
     args = parser.parse_args()
     if not FIXTURES.is_dir():
-        raise SystemExit(f'fixtures not found at {FIXTURES}; set OHLORA_SHARED')
+        raise SystemExit(f'fixtures not found at {FIXTURES}; they are part of the repository')
     cases = load_cases()
     # Every 4th case first: a spread of ordinary faces and edge cases for the loop subset.
     subset = (cases[::4] + [c for i, c in enumerate(cases) if i % 4])[:args.loop_images]
@@ -179,7 +177,7 @@ def main():
         3: lambda n: (read_parsing_map(FIXTURES / f'parsing_{n:06d}.png'),
                       read_bgr(FIXTURES / f'face_{n:06d}.png', 'face crop')),
     }
-    print(f'{len(cases)} fixture images (shared/reference/ohlora/property_scores)')
+    print(f'{len(cases)} fixture images (tests/data/ohlora/property_scores)')
     for name, fast, slow, colour_index in (('algorithm 1', alg1.compute_scores, loop_alg1, 2),
                                            ('algorithm 2', alg2.compute_scores, loop_alg2, 3)):
         decode = per_image_seconds(decoders[colour_index], [(n,) for n in numbers], 2)

@@ -29,15 +29,10 @@ PUBLISHED = {
 
 
 @pytest.fixture(scope='module')
-def tiny(reference_dir):
-    return torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def tiny_files(tiny, tmp_path_factory):
+def tiny_files(cond_stylegan_tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp('cond_tiny')
     paths = {}
-    for name, state_dict in tiny['state_dicts'].items():
+    for name, state_dict in cond_stylegan_tiny['state_dicts'].items():
         paths[name] = folder / f'{name}.pth'
         torch.save(state_dict, paths[name])
     return paths
@@ -104,14 +99,14 @@ def test_every_key_table_is_named_correctly(reference_dir):
 
 @pytest.mark.parametrize('name,cls,label_key', [('v1_generator', StyleGANGenerator, 'label_v1'),
                                                 ('v3_generator', StyleGANGeneratorForV3, 'label_v3')])
-def test_tiny_generators_match_the_upstream_outputs(tiny, tiny_files, name, cls, label_key):
+def test_tiny_generators_match_the_upstream_outputs(cond_stylegan_tiny, tiny_files, name, cls, label_key):
     generator = load_conditional_generator(tiny_files[name], 'v1' if cls is StyleGANGenerator else 'v3')
     assert type(generator) is cls and not generator.training
-    assert generator.config == {**generator.config, **{k: tiny['config'][name][k] for k in TINY}}
-    reference = tiny['outputs'][name]
-    z, label = tiny['inputs']['z'], tiny['inputs'][label_key]
+    assert generator.config == {**generator.config, **{k: cond_stylegan_tiny['config'][name][k] for k in TINY}}
+    reference = cond_stylegan_tiny['outputs'][name]
+    z, label = cond_stylegan_tiny['inputs']['z'], cond_stylegan_tiny['inputs'][label_key]
     with torch.no_grad():
-        out = generator(z, label, **tiny['g_kwargs'])
+        out = generator(z, label, **cond_stylegan_tiny['g_kwargs'])
         assert list(out)[:5] == ['z', 'label', 'w', 'embedding', 'wp'] and list(out)[-1] == 'image'
         for ours, theirs in (('z', 'z_normalized'), ('embedding', 'embedding'), ('w', 'w'), ('wp', 'wp'),
                              ('style00', 'style00'), ('style13', 'style13')):
@@ -120,7 +115,7 @@ def test_tiny_generators_match_the_upstream_outputs(tiny, tiny_files, name, cls,
         torch.testing.assert_close(F.avg_pool2d(out['image'], 8), reference['image_avgpool8'], atol=1e-4, rtol=1e-4)
         stats = torch.stack([out['image'].mean(dim=[1, 2, 3]), out['image'].std(dim=[1, 2, 3])], dim=1)
         torch.testing.assert_close(stats, reference['image_mean_std'], atol=1e-4, rtol=1e-4)
-        truncated = generator(z, label, **tiny['g_kwargs_trunc'])
+        truncated = generator(z, label, **cond_stylegan_tiny['g_kwargs_trunc'])
         torch.testing.assert_close(truncated['wp'], reference['wp_trunc'], atol=1e-5, rtol=0)
         torch.testing.assert_close(F.avg_pool2d(truncated['image'], 8), reference['image_trunc_avgpool8'],
                                    atol=1e-4, rtol=1e-4)
@@ -129,9 +124,9 @@ def test_tiny_generators_match_the_upstream_outputs(tiny, tiny_files, name, cls,
         assert difference.max() <= 1 and np.mean(difference != 0) < 1e-3
 
 
-def test_label_goes_through_the_pixel_norm_with_z(tiny, tiny_files):
+def test_label_goes_through_the_pixel_norm_with_z(cond_stylegan_tiny, tiny_files):
     generator = load_conditional_generator(tiny_files['v3_generator'], 'v3')
-    z, label = tiny['inputs']['z'], tiny['inputs']['label_v3']
+    z, label = cond_stylegan_tiny['inputs']['z'], cond_stylegan_tiny['inputs']['label_v3']
     with torch.no_grad():
         out = generator.mapping(z, label)
         embedding = label @ generator.mapping.label_weight
@@ -142,9 +137,9 @@ def test_label_goes_through_the_pixel_norm_with_z(tiny, tiny_files):
         assert (other - out['w']).abs().max() > 1e-3
 
 
-def test_float64_labels_and_z_are_cast(tiny, tiny_files):
+def test_float64_labels_and_z_are_cast(cond_stylegan_tiny, tiny_files):
     generator = load_conditional_generator(tiny_files['v3_generator'], 'v3')
-    z, label = tiny['inputs']['z'], tiny['inputs']['label_v3']
+    z, label = cond_stylegan_tiny['inputs']['z'], cond_stylegan_tiny['inputs']['label_v3']
     with torch.no_grad():
         single = generator(z, label)
         double = generator(z.double(), label.double())  # as read from a CSV (R12)
@@ -156,15 +151,15 @@ def test_float64_labels_and_z_are_cast(tiny, tiny_files):
         generator(z, None)
 
 
-def test_tiny_discriminator_matches_the_upstream_logits(tiny, tiny_files):
+def test_tiny_discriminator_matches_the_upstream_logits(cond_stylegan_tiny, tiny_files):
     discriminator = load_conditional_discriminator(tiny_files['v1_discriminator'], 'v1')
     assert not discriminator.training and discriminator.layer12.mbstd.group_size == 16
-    real = tiny['inputs']['real_uint8'].float() / 127.5 - 1.0
+    real = cond_stylegan_tiny['inputs']['real_uint8'].float() / 127.5 - 1.0
     generator = load_conditional_generator(tiny_files['v1_generator'], 'v1')
-    reference = tiny['outputs']['v1_discriminator']
-    label = tiny['inputs']['label_v1']
+    reference = cond_stylegan_tiny['outputs']['v1_discriminator']
+    label = cond_stylegan_tiny['inputs']['label_v1']
     with torch.no_grad():
-        fake = generator(tiny['inputs']['z'], label)['image']
+        fake = generator(cond_stylegan_tiny['inputs']['z'], label)['image']
         torch.testing.assert_close(discriminator(real, label), reference['logits_real'], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(discriminator(real, label.double()), reference['logits_real'], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(discriminator(real, torch.zeros(4, 7)), reference['logits_real_zero_label'],
@@ -174,15 +169,15 @@ def test_tiny_discriminator_matches_the_upstream_logits(tiny, tiny_files):
         discriminator(real, label[:, :3])
 
 
-def test_v1_mixes_styles_in_train_mode_only(tiny):
+def test_v1_mixes_styles_in_train_mode_only(cond_stylegan_tiny):
     torch.manual_seed(0)
     v1 = StyleGANGenerator(**TINY)
-    v1.load_state_dict(tiny['state_dicts']['v1_generator'])
+    v1.load_state_dict(cond_stylegan_tiny['state_dicts']['v1_generator'])
     v3 = StyleGANGeneratorForV3(**TINY)
-    v3.load_state_dict(tiny['state_dicts']['v3_generator'])
+    v3.load_state_dict(cond_stylegan_tiny['state_dicts']['v3_generator'])
     v2 = StyleGANGeneratorForV2(**TINY)
     assert v2.mapping.label_weight.shape == (7, 16)
-    z, label = tiny['inputs']['z'], tiny['inputs']['label_v1']
+    z, label = cond_stylegan_tiny['inputs']['z'], cond_stylegan_tiny['inputs']['label_v1']
     np.random.seed(0)
     with torch.no_grad():
         v1.train()
@@ -228,15 +223,15 @@ def test_wrong_files_are_named(tmp_path, tiny_files, reference_dir):
     fails(tmp_path / 'truncated.pth', 'v3', 'truncated or corrupt')
 
 
-def test_wrapped_and_prefixed_state_dicts_load(tmp_path, tiny):
-    state_dict = tiny['state_dicts']['v3_generator']
+def test_wrapped_and_prefixed_state_dicts_load(tmp_path, cond_stylegan_tiny):
+    state_dict = cond_stylegan_tiny['state_dicts']['v3_generator']
     torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}}, tmp_path / 'wrapped.pth')
     generator = load_conditional_generator(tmp_path / 'wrapped.pth', 'v3')
     assert torch.equal(generator.mapping.label_weight, state_dict['mapping.label_weight'])
 
 
-def test_checks_after_loading_warn(tmp_path, tiny):
-    state_dict = dict(tiny['state_dicts']['v3_generator'])
+def test_checks_after_loading_warn(tmp_path, cond_stylegan_tiny):
+    state_dict = dict(cond_stylegan_tiny['state_dicts']['v3_generator'])
     state_dict['synthesis.lod'] = torch.tensor(1.0)
     state_dict['synthesis.layer2.blur.kernel'] = state_dict['synthesis.layer2.blur.kernel'] * 2
     state_dict['mapping.dense3.bias'] = state_dict['mapping.dense3.bias'].double()
@@ -249,5 +244,5 @@ def test_checks_after_loading_warn(tmp_path, tiny):
     assert generator.mapping.dense3.bias.dtype == torch.float32
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # the reference files pass every check silently
-        torch.save(tiny['state_dicts']['v3_generator'], tmp_path / 'clean.pth')
+        torch.save(cond_stylegan_tiny['state_dicts']['v3_generator'], tmp_path / 'clean.pth')
         load_conditional_generator(tmp_path / 'clean.pth', 'v3')

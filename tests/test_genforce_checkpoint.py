@@ -13,13 +13,8 @@ from stylegan.stylegan_generator import StyleGANGenerator
 
 
 @pytest.fixture(scope='module')
-def tiny(reference_dir):
-    return reference_dir / 'genforce' / 'tiny_ckpt.pth'
-
-
-@pytest.fixture(scope='module')
-def tiny_checkpoint(tiny):
-    return torch.load(tiny, map_location='cpu', weights_only=True)
+def tiny_checkpoint(tiny_ckpt):
+    return torch.load(tiny_ckpt, map_location='cpu', weights_only=True)
 
 
 def key_table(module) -> list[dict]:
@@ -48,14 +43,14 @@ def write(path, obj):
     return path
 
 
-def test_loads_the_tiny_zoo_file(tiny, tiny_checkpoint):
-    generator = load_generator(tiny)
+def test_loads_the_tiny_zoo_file(tiny_ckpt, tiny_checkpoint):
+    generator = load_generator(tiny_ckpt)
     assert not generator.training
     for key, value in tiny_checkpoint['generator'].items():
         assert torch.equal(generator.state_dict()[key], value), key
-    smooth = load_generator(tiny, key='generator_smooth')
+    smooth = load_generator(tiny_ckpt, key='generator_smooth')
     assert torch.equal(smooth.truncation.w_avg, tiny_checkpoint['generator_smooth']['truncation.w_avg'])
-    discriminator = load_discriminator(tiny)
+    discriminator = load_discriminator(tiny_ckpt)
     assert not discriminator.training
     assert all(torch.equal(discriminator.state_dict()[k], v) for k, v in tiny_checkpoint['discriminator'].items())
 
@@ -100,11 +95,11 @@ def assert_one_line_error(call, match):
     assert '\n' not in str(info.value)
 
 
-def test_bad_files_give_one_line_errors(tmp_path, tiny, tiny_checkpoint):
+def test_bad_files_give_one_line_errors(tmp_path, tiny_ckpt, tiny_checkpoint):
     assert_one_line_error(lambda: load_generator(tmp_path / 'absent.pth'), 'no such file')
 
     truncated = tmp_path / 'truncated.pth'
-    truncated.write_bytes(tiny.read_bytes()[:100_000])
+    truncated.write_bytes(tiny_ckpt.read_bytes()[:100_000])
     assert_one_line_error(lambda: load_generator(truncated), 'truncated or corrupt')
 
     other_model = write(tmp_path / 'cnn.pth', {'conv1.0.weight': torch.zeros(32, 3, 3, 3)})
@@ -113,7 +108,7 @@ def test_bad_files_give_one_line_errors(tmp_path, tiny, tiny_checkpoint):
 
     no_smooth = write(tmp_path / 'no_smooth.pth', {'generator': tiny_checkpoint['generator']})
     assert_one_line_error(lambda: load_generator(no_smooth, key='generator_smooth'), "no 'generator_smooth' entry")
-    assert_one_line_error(lambda: load_generator(tiny, key='discriminator'), 'unknown generator entry')
+    assert_one_line_error(lambda: load_generator(tiny_ckpt, key='discriminator'), 'unknown generator entry')
 
     swapped = write(tmp_path / 'swapped.pth', {'generator': tiny_checkpoint['discriminator']})
     assert_one_line_error(lambda: load_generator(swapped), 'not a GenForce StyleGANGenerator')

@@ -21,14 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def scores_dir(reference_dir) -> Path:
-    return reference_dir / 'ohlora' / 'property_scores'
-
-
-@pytest.fixture(scope='module')
-def computed(scores_dir):
+def computed(property_scores_dir):
     """Our raw scores of all 37 fixtures for both algorithms: {alg: {img_no: ImageScores}}."""
-    fixtures = scores_dir / 'fixtures'
+    fixtures = property_scores_dir / 'fixtures'
     result = {1: {}, 2: {}}
     for map_path in sorted(fixtures.glob('parsing_*.png')):
         n = int(map_path.stem.split('_')[1])
@@ -38,8 +33,8 @@ def computed(scores_dir):
     return result
 
 
-def reference_raw(scores_dir, algorithm) -> pd.DataFrame:
-    return pd.read_csv(scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str)
+def reference_raw(property_scores_dir, algorithm) -> pd.DataFrame:
+    return pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str)
 
 
 def upstream_value(token: str):
@@ -52,8 +47,8 @@ def upstream_value(token: str):
 
 
 @pytest.mark.parametrize('algorithm', [1, 2])
-def test_raw_scores_equal_upstream_on_every_completed_score(computed, scores_dir, algorithm):
-    reference = reference_raw(scores_dir, algorithm)
+def test_raw_scores_equal_upstream_on_every_completed_score(computed, property_scores_dir, algorithm):
+    reference = reference_raw(property_scores_dir, algorithm)
     assert len(reference) == len(computed[algorithm]) == 37
     compared = 0
     for _, row in reference.iterrows():
@@ -71,13 +66,13 @@ def test_raw_scores_equal_upstream_on_every_completed_score(computed, scores_dir
 
 
 @pytest.mark.parametrize('algorithm', [1, 2])
-def test_guard_values_replace_every_upstream_failure_and_are_named(computed, scores_dir, algorithm):
+def test_guard_values_replace_every_upstream_failure_and_are_named(computed, property_scores_dir, algorithm):
     guard_value = {1: {'hair_color_score': (127.5, alg1.GUARD_HAIR_COLOR),
                        'hair_length_score': (0.0, alg1.GUARD_HAIR_LENGTH),
                        'pose_score': (0.0, alg1.GUARD_POSE)},
                    2: {'pose_score': (0.0, alg2.GUARD_POSE)}}[algorithm]
     expected_guards = {}
-    for _, row in reference_raw(scores_dir, algorithm).iterrows():
+    for _, row in reference_raw(property_scores_dir, algorithm).iterrows():
         n = int(row.img_no)
         ours = computed[algorithm][n]
         failing = [c for c in SCORE_COLUMNS if upstream_value(row[c]) is None]
@@ -113,17 +108,17 @@ def test_documented_edge_cases(computed):
 
 
 @pytest.mark.parametrize('algorithm', [1, 2])
-def test_normalisation_matches_upstream_on_the_completed_rows(computed, scores_dir, algorithm):
-    reference = reference_raw(scores_dir, algorithm)
+def test_normalisation_matches_upstream_on_the_completed_rows(computed, property_scores_dir, algorithm):
+    reference = reference_raw(property_scores_dir, algorithm)
     ok = [int(n) for n in reference.loc[reference.status == 'ok', 'img_no']]
     raw = pd.DataFrame([computed[algorithm][n].values for n in ok], columns=list(SCORE_COLUMNS))
     raw.insert(0, 'img_no', ok)
     normalised, stats = normalise(raw)
-    expected = pd.read_csv(scores_dir / f'scores_alg{algorithm}_norm.csv')
+    expected = pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_norm.csv')
     assert expected['img_no'].tolist() == ok
     difference = np.abs(normalised[list(SCORE_COLUMNS)].to_numpy() - expected[list(SCORE_COLUMNS)].to_numpy())
     assert difference.max() <= 1e-4 + 1e-12
-    detail = pd.read_json(scores_dir / 'scores_detail.json', typ='series')['normalisation'][f'alg{algorithm}']
+    detail = pd.read_json(property_scores_dir / 'scores_detail.json', typ='series')['normalisation'][f'alg{algorithm}']
     for column in SCORE_COLUMNS:
         assert stats[column].n == len(ok)
         assert stats[column].mean == pytest.approx(detail['column_stats_before'][column]['mean'], rel=1e-12)

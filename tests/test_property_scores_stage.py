@@ -1,5 +1,4 @@
 """Stage 4 as a whole: the script's files, resuming, --stats, parallel scoring and bad input."""
-import importlib.util
 import json
 import os
 import shutil
@@ -14,22 +13,11 @@ from ohlora.cli import run as run_cli
 from ohlora.errors import PipelineError
 from ohlora.layout import SCORE_COLUMNS, Layout
 from segmentation import property_scores
+from script_runner import script_main
 from segmentation.score_normalization import read_raw_scores
 
 ALL_CASES = list(range(37))
-SCRIPT = Path(__file__).resolve().parents[1] / 'stylegan_and_segmentation' / 'compute_property_scores.py'
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location('compute_property_scores', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope='module')
-def scores_dir(reference_dir) -> Path:
-    return reference_dir / 'ohlora' / 'property_scores'
+SCRIPT = 'compute_property_scores.py'
 
 
 def make_root(root: Path, fixtures: Path, cases) -> Layout:
@@ -44,14 +32,14 @@ def make_root(root: Path, fixtures: Path, cases) -> Layout:
     return layout
 
 
-def ok_cases(scores_dir, algorithm):
-    raw = pd.read_csv(scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str)
+def ok_cases(property_scores_dir, algorithm):
+    raw = pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str)
     return [int(n) for n in raw.loc[raw.status == 'ok', 'img_no']]
 
 
 @pytest.mark.parametrize('algorithm', [1, 2])
-def test_stage_writes_raw_normalised_and_stats(tmp_path, scores_dir, algorithm):
-    layout = make_root(tmp_path, scores_dir / 'fixtures', ALL_CASES)
+def test_stage_writes_raw_normalised_and_stats(tmp_path, property_scores_dir, algorithm):
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', ALL_CASES)
     summary = property_scores.run(layout, algorithm, progress=False)
     assert (summary.images, summary.scored, summary.reused) == (37, 37, 0)
     expected_guards = ({'hair_color_no_hair': [20, 25], 'hair_length_no_hair': [20, 25],
@@ -60,8 +48,8 @@ def test_stage_writes_raw_normalised_and_stats(tmp_path, scores_dir, algorithm):
 
     raw = read_raw_scores(layout.property_scores_raw_csv(algorithm))
     assert list(raw.columns) == ['img_no', *SCORE_COLUMNS] and raw['img_no'].tolist() == ALL_CASES
-    reference = pd.read_csv(scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str).set_index('img_no')
-    for n in ok_cases(scores_dir, algorithm):
+    reference = pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_raw.csv', dtype=str).set_index('img_no')
+    for n in ok_cases(property_scores_dir, algorithm):
         ours = raw.loc[raw.img_no == n, list(SCORE_COLUMNS)].to_numpy()[0]
         upstream = reference.loc[str(n), list(SCORE_COLUMNS)].astype(float).to_numpy()
         assert np.abs(ours - upstream).max() <= 1e-9
@@ -87,18 +75,18 @@ def test_stage_writes_raw_normalised_and_stats(tmp_path, scores_dir, algorithm):
 
 
 @pytest.mark.parametrize('algorithm', [1, 2])
-def test_stage_normalisation_matches_upstream_on_completed_rows(tmp_path, scores_dir, algorithm):
-    cases = ok_cases(scores_dir, algorithm)
-    layout = make_root(tmp_path, scores_dir / 'fixtures', cases)
+def test_stage_normalisation_matches_upstream_on_completed_rows(tmp_path, property_scores_dir, algorithm):
+    cases = ok_cases(property_scores_dir, algorithm)
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', cases)
     property_scores.run(layout, algorithm, progress=False)
     ours = pd.read_csv(layout.property_scores_csv(algorithm))
-    upstream = pd.read_csv(scores_dir / f'scores_alg{algorithm}_norm.csv')
+    upstream = pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_norm.csv')
     assert ours['img_no'].tolist() == upstream['img_no'].tolist()
     assert np.abs(ours[list(SCORE_COLUMNS)].to_numpy() - upstream[list(SCORE_COLUMNS)].to_numpy()).max() <= 1e-4
 
 
-def test_rerun_skips_then_rescores_only_changed_images(tmp_path, scores_dir):
-    layout = make_root(tmp_path, scores_dir / 'fixtures', range(12))
+def test_rerun_skips_then_rescores_only_changed_images(tmp_path, property_scores_dir):
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', range(12))
     property_scores.run(layout, 2, progress=False)
     outputs = [layout.property_scores_raw_csv(2), layout.property_scores_csv(2), layout.property_scores_stats(2)]
     before = [p.read_bytes() for p in outputs]
@@ -110,11 +98,11 @@ def test_rerun_skips_then_rescores_only_changed_images(tmp_path, scores_dir):
 
     later = outputs[0].stat().st_mtime + 10
     os.utime(layout.parsing_map(3), (later, later))      # stage 3 rewrote image 3
-    shutil.copy(scores_dir / 'fixtures' / 'parsing_000030.png', layout.parsing_map(30))
-    shutil.copy(scores_dir / 'fixtures' / 'face_000030.png', layout.face_crop(30))
+    shutil.copy(property_scores_dir / 'fixtures' / 'parsing_000030.png', layout.parsing_map(30))
+    shutil.copy(property_scores_dir / 'fixtures' / 'face_000030.png', layout.face_crop(30))
     resumed = property_scores.run(layout, 2, progress=False)
     assert (resumed.images, resumed.scored, resumed.reused) == (13, 2, 11)
-    fresh = property_scores.run(make_root(tmp_path / 'fresh', scores_dir / 'fixtures', [*range(12), 30]), 2,
+    fresh = property_scores.run(make_root(tmp_path / 'fresh', property_scores_dir / 'fixtures', [*range(12), 30]), 2,
                                 force=True, progress=False)
     assert fresh.scored == 13
     assert layout.property_scores_csv(2).read_bytes() == \
@@ -122,10 +110,10 @@ def test_rerun_skips_then_rescores_only_changed_images(tmp_path, scores_dir):
     assert before[0] != outputs[0].read_bytes()
 
 
-def test_stats_from_another_run_normalise_a_single_image(tmp_path, scores_dir):
-    first = make_root(tmp_path / 'first', scores_dir / 'fixtures', range(20))
+def test_stats_from_another_run_normalise_a_single_image(tmp_path, property_scores_dir):
+    first = make_root(tmp_path / 'first', property_scores_dir / 'fixtures', range(20))
     property_scores.run(first, 2, progress=False)
-    single = make_root(tmp_path / 'single', scores_dir / 'fixtures', [7])
+    single = make_root(tmp_path / 'single', property_scores_dir / 'fixtures', [7])
     with pytest.raises(PipelineError, match='at least 2'):
         property_scores.run(single, 2, progress=False)
     assert not single.property_scores_dir.exists()  # nothing written on error
@@ -140,26 +128,25 @@ def test_stats_from_another_run_normalise_a_single_image(tmp_path, scores_dir):
     assert stats['columns']['eyes_score']['n'] == 20 and stats['statistics_from'] == 'file all_scores_v2_stats.json'
 
 
-def test_process_pool_gives_the_same_scores(tmp_path, scores_dir, monkeypatch):
-    layout = make_root(tmp_path, scores_dir / 'fixtures', ALL_CASES)
+def test_process_pool_gives_the_same_scores(tmp_path, property_scores_dir, monkeypatch):
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', ALL_CASES)
     serial = property_scores.score_images(layout, 2, ALL_CASES, progress=False)
     monkeypatch.setattr(property_scores, 'MIN_IMAGES_PER_WORKER', 1)
     pooled = property_scores.score_images(layout, 2, ALL_CASES, workers=2, chunk_size=10, progress=False)
     assert pooled == serial
 
 
-def test_script_runs_and_reports_bad_input_in_one_line(tmp_path, scores_dir, capsys):
-    layout = make_root(tmp_path, scores_dir / 'fixtures', [0, 1, 2, 3])
-    script_main = load_script().main
-    assert 'examples:' in load_script().build_parser().format_help()
-    script_main(['--root', str(tmp_path), '--algorithm', '1', '--no-progress', '--workers', '1'])
+def test_script_runs_and_reports_bad_input_in_one_line(tmp_path, property_scores_dir, capsys):
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', [0, 1, 2, 3])
+    main = script_main(SCRIPT)  # its --help is checked with every script's in test_infrastructure.py
+    main(['--root', str(tmp_path), '--algorithm', '1', '--no-progress', '--workers', '1'])
     out = capsys.readouterr().out
     assert 'algorithm 1: 4 images (4 scored, 0 reused)' in out
     assert layout.property_scores_csv(1).is_file() and not layout.property_scores_csv(2).exists()
 
     def error_of(argv) -> str:
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(script_main, argv)
+            run_cli(main, argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith('error: ') and '\n' not in err
@@ -178,8 +165,8 @@ def test_script_runs_and_reports_bad_input_in_one_line(tmp_path, scores_dir, cap
     assert 'no such folder' in error_of(['--root', str(tmp_path / 'nowhere'), '--no-progress'])
 
 
-def test_missing_original_for_algorithm_1(tmp_path, scores_dir):
-    layout = make_root(tmp_path, scores_dir / 'fixtures', [0, 1, 2])
+def test_missing_original_for_algorithm_1(tmp_path, property_scores_dir):
+    layout = make_root(tmp_path, property_scores_dir / 'fixtures', [0, 1, 2])
     layout.filtered_image(1).unlink()
     with pytest.raises(PipelineError, match=r'000001.jpg: no such file \(the filtered original image'):
         property_scores.run(layout, 1, progress=False)

@@ -19,11 +19,6 @@ SCRIPT = 'run_original_generator.py'
 
 
 @pytest.fixture(scope='module')
-def tiny_ckpt(reference_dir):
-    return reference_dir / 'genforce' / 'tiny_ckpt.pth'
-
-
-@pytest.fixture(scope='module')
 def tiny_generator(tiny_ckpt):
     return load_generator(tiny_ckpt)
 

@@ -12,13 +12,17 @@ from cnn.ensemble import load_model
 from cnn.images import ImageFiles, image_loader, to_unit_range
 from cnn.models import GenderCNN
 from cnn.properties import GENDER, QUALITY
-from cnn.training import (EPOCH_LOG_COLUMNS, TRAIN_LOG_COLUMNS, TrainingConfig, TrainingSamples, fold_splits,
-                          learning_rate, train_all, train_property)
+from cnn.training import TrainingConfig, TrainingSamples, fold_splits, learning_rate, train_all, train_property
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 
 SIZE = 32
+# The upstream log headers (spec, stage 2), without upstream's unnamed index column.
+EPOCH_LOG_HEADER = ['epoch', 'val_loss', 'val_accuracy', 'tp', 'tn', 'fp', 'fn', 'val_recall', 'val_precision',
+                    'val_f1_score', 'val_auroc']
+TRAIN_LOG_HEADER = ['fold_no', 'success', 'min_val_loss', 'total_epochs', 'best_epoch', 'elapsed_time (s)',
+                    'val_loss_list']
 
 
 class TinyCNN(nn.Module):
@@ -110,13 +114,13 @@ def test_tiny_cnn_learns_every_fold_and_keeps_the_best_epoch(tmp_path):
     assert outcome.trained == [0, 1, 2, 3, 4] and outcome.resumed == [] and not outcome.unreadable
 
     log = pd.read_csv(layout.cnn_train_log('gender'))
-    assert list(log.columns) == TRAIN_LOG_COLUMNS and log['fold_no'].tolist() == [0, 1, 2, 3, 4]
+    assert list(log.columns) == TRAIN_LOG_HEADER and log['fold_no'].tolist() == [0, 1, 2, 3, 4]
     assert log['success'].all() and (log['min_val_loss'] < 0.2).all()  # the stated bound for this data
     assert (log['total_epochs'] <= config.max_epochs).all()
     splits = fold_splits(samples.labels, 5, GENDER.stratified, config.seed)
     for fold, (_, val_idx) in enumerate(splits):
         epochs = pd.read_csv(layout.cnn_epoch_log('gender', fold))
-        assert list(epochs.columns) == EPOCH_LOG_COLUMNS
+        assert list(epochs.columns) == EPOCH_LOG_HEADER
         assert epochs['val_loss'].iloc[0] > epochs['val_loss'].min()  # it learned during the fold
         assert epochs['val_loss'].min() == pytest.approx(log['min_val_loss'][fold], abs=1e-4)
         assert epochs['tp'].iloc[-1] + epochs['tn'].iloc[-1] + epochs['fp'].iloc[-1] + epochs['fn'].iloc[-1] == 8
@@ -216,10 +220,20 @@ def test_unreadable_training_image_is_left_out_and_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_size_gender_cnn_trains_on_drawn_images(tmp_path):
-    layout, samples = draw_samples(tmp_path, count=10, size=256)
-    config = TrainingConfig(max_epochs=2, patience=2, max_attempts=1, success_bce=10.0, seed=1)
+def test_full_size_gender_cnn_learns_on_drawn_images(tmp_path):
+    """The real 256x256 net through the real loop (two folds to keep it to a few minutes on 2 cores).
+
+    Chance on these balanced labels is a BCE of ln 2 = 0.693; measured here: 0.689 after the first epoch,
+    0.585 after the fourth, in both folds. The bound of 0.65 therefore needs real learning to pass."""
+    layout, samples = draw_samples(tmp_path, count=16, size=256)
+    config = TrainingConfig(folds=2, max_epochs=4, patience=4, max_attempts=1, lr=2e-4, train_batch_size=4,
+                            success_bce=0.65, seed=1)
     outcome = train_property(GENDER, samples, layout, config, GenderCNN, torch.device('cpu'), progress=False)
-    assert outcome.trained == [0, 1, 2, 3, 4]
-    for fold in range(5):
-        assert not load_model('gender', layout.cnn_model('gender', fold), fold=fold).training
+    assert outcome.trained == [0, 1]
+    log = pd.read_csv(layout.cnn_train_log('gender'))
+    assert log['success'].all() and (log['min_val_loss'] < 0.65).all() and (log['best_epoch'] > 0).all()
+    for fold, (_, val_idx) in enumerate(fold_splits(samples.labels, 2, GENDER.stratified, config.seed)):
+        model = load_model('gender', layout.cnn_model('gender', fold), fold=fold)
+        assert not model.training
+        # the installed file holds the best epoch's weights
+        assert val_bce(model, samples, val_idx) == pytest.approx(log['min_val_loss'][fold], abs=1e-4)

@@ -4,6 +4,7 @@ The full end-to-end test runs run_segmentation.py with a checkpoint laid out lik
 ``ckpts/model.pt`` and filled by the synthetic-weights rule, written to a temporary folder (369 MB, removed
 afterwards, never committed). The other stage tests inject a cheap stand-in model at the library level.
 """
+import hashlib
 import os
 import shutil
 
@@ -26,25 +27,8 @@ SCRIPT = 'run_segmentation.py'
 
 
 @pytest.fixture(scope='module')
-def ref_dir(reference_dir):
-    return reference_dir / 'facexformer'
-
-
-@pytest.fixture(scope='module')
-def ref(ref_dir):
-    return torch.load(ref_dir / 'ref_outputs.pt', weights_only=True)
-
-
-@pytest.fixture(scope='module')
 def detector():
     return FaceDetector()
-
-
-@pytest.fixture(scope='module')
-def clear_pixels(ref):
-    """Pixels whose reference top-1/top-2 logit gap exceeds 1e-4: there the argmax must agree (README)."""
-    top2 = ref['seg_logits'].topk(2, dim=1).values
-    return ((top2[:, 0] - top2[:, 1]) > 1e-4).numpy()
 
 
 class StandInParser:
@@ -64,10 +48,10 @@ def stand_in_map(face_rgb_uint8_crop):
     return StandInParser().segment(x).argmax(1)[0].numpy().astype(np.uint8)
 
 
-def drawn_on_canvas(ref_dir) -> Image.Image:
+def drawn_on_canvas(facexformer_dir) -> Image.Image:
     """A 256x256 image like the stage-1 output: the drawn cartoon face pasted on a plain background."""
     canvas = Image.new('RGB', (256, 256), (40, 90, 160))
-    canvas.paste(Image.open(ref_dir / 'drawn_face_A.png').convert('RGB'), (16, 20))
+    canvas.paste(Image.open(facexformer_dir / 'drawn_face_A.png').convert('RGB'), (16, 20))
     return canvas
 
 
@@ -87,28 +71,31 @@ def read_rgb_png(path):
 
 # --- detection and crop ---------------------------------------------------------------------------------
 
-def test_mtcnn_crop_of_the_astronaut_matches_the_reference(detector, ref, ref_dir):
-    photo = Image.open(ref_dir / 'astronaut.png').convert('RGB')
+def test_mtcnn_crop_of_the_astronaut_matches_the_reference(detector, facexformer_ref, facexformer_dir):
+    photo = Image.open(facexformer_dir / 'astronaut.png').convert('RGB')
     face = detector.detect(photo)
-    np.testing.assert_allclose(face.box, ref['mtcnn_boxes'][0].numpy(), atol=1e-3)
-    assert face.prob == pytest.approx(ref['mtcnn_probs'][0].item(), abs=1e-5)
-    np.testing.assert_allclose(face.grown, ref['adjusted_box'].numpy(), atol=1e-3)
-    assert face.crop_box == tuple(ref['crop_box'].tolist()) == (159, 34, 289, 199)
+    np.testing.assert_allclose(face.box, facexformer_ref['mtcnn_boxes'][0].numpy(), atol=1e-3)
+    assert face.prob == pytest.approx(facexformer_ref['mtcnn_probs'][0].item(), abs=1e-5)
+    np.testing.assert_allclose(face.grown, facexformer_ref['adjusted_box'].numpy(), atol=1e-3)
+    assert face.crop_box == tuple(facexformer_ref['crop_box'].tolist()) == (159, 34, 289, 199)
 
     crop = resized_crop(photo, face.crop_box)
-    assert np.array_equal(crop, ref['crop_resized_uint8'].numpy())
-    inputs = normalize(np.stack([ref['drawn_face_uint8'].numpy(), crop]))
-    assert torch.equal(inputs, ref['input'])
+    assert np.array_equal(crop, facexformer_ref['crop_resized_uint8'].numpy())
+    inputs = normalize(np.stack([facexformer_ref['drawn_face_uint8'].numpy(), crop]))
+    assert list(inputs.shape) == facexformer_ref['input_shape'] and inputs.dtype == torch.float32
+    # bit-identical to the reference input (tests/data keeps its SHA-256, not the 1.2 MB tensor)
+    assert hashlib.sha256(inputs.numpy().tobytes()).hexdigest() == facexformer_ref['input_sha256']
     face_png = face_png_pixels(inputs)
-    assert np.array_equal(face_png, ref['face_png_rgb'].numpy())
-    assert np.array_equal(face_png[1], read_rgb_png(ref_dir / 'face_astronaut.png'))
+    assert np.array_equal(face_png[0], facexformer_ref['face_png_rgb'][0].numpy())
+    assert np.array_equal(face_png[1], read_rgb_png(facexformer_dir / 'face_astronaut.png'))
     assert (face_png[1].astype(int) - crop).min() == -1  # upstream's truncation, kept on purpose
 
 
-def test_mtcnn_takes_the_largest_face_of_the_drawing(detector, ref):
-    face = detector.detect(Image.fromarray(ref['drawn_face_uint8'].numpy()))
-    np.testing.assert_allclose(face.box, ref['drawn_mtcnn_boxes'][0].numpy(), atol=1e-3)
-    assert face.crop_box == tuple(ref['drawn_crop_box'].tolist()) == (24, 6, 206, 224)  # clamped at the bottom
+def test_mtcnn_takes_the_largest_face_of_the_drawing(detector, facexformer_ref):
+    face = detector.detect(Image.fromarray(facexformer_ref['drawn_face_uint8'].numpy()))
+    np.testing.assert_allclose(face.box, facexformer_ref['drawn_mtcnn_boxes'][0].numpy(), atol=1e-3)
+    # clamped at the bottom
+    assert face.crop_box == tuple(facexformer_ref['drawn_crop_box'].tolist()) == (24, 6, 206, 224)
     assert detector.detect(noise_image()) is None
 
 
@@ -123,14 +110,14 @@ def test_box_growth_is_a_quarter_per_side_clamped_and_truncated():
 # --- the stage with a stand-in model (cheap) ------------------------------------------------------------
 
 @pytest.fixture()
-def mixed_folder(tmp_path, ref_dir):
+def mixed_folder(tmp_path, facexformer_dir):
     """Filtered-images folder with faces, a faceless image, a corrupt file, odd modes and a stray file."""
     layout = Layout(tmp_path / 'root')
     folder = layout.filtered_dir
     folder.mkdir(parents=True)
-    drawn_on_canvas(ref_dir).save(folder / '000003.jpg', quality=95)
-    shutil.copy(ref_dir / 'drawn_face_A.png', folder / '000007.png')
-    Image.open(ref_dir / 'drawn_face_A.png').convert('RGBA').save(folder / '000008.png')
+    drawn_on_canvas(facexformer_dir).save(folder / '000003.jpg', quality=95)
+    shutil.copy(facexformer_dir / 'drawn_face_A.png', folder / '000007.png')
+    Image.open(facexformer_dir / 'drawn_face_A.png').convert('RGBA').save(folder / '000008.png')
     noise_image().save(folder / '000010.jpg')
     (folder / '000011.jpg').write_bytes(b'\xff\xd8 this is not a jpeg')
     (folder / 'readme.txt').write_text('not an image')
@@ -147,7 +134,7 @@ def run_with_stand_in(layout, detector, batch_size=2):
     return inputs, work, model, summary
 
 
-def test_stage_files_skips_and_resume(mixed_folder, detector, ref):
+def test_stage_files_skips_and_resume(mixed_folder, detector, facexformer_ref):
     layout = mixed_folder
     inputs, work, model, summary = run_with_stand_in(layout, detector)
     assert [n for n, _ in inputs.images] == [3, 7, 8, 10, 11] and inputs.ignored == ['readme.txt']
@@ -158,7 +145,7 @@ def test_stage_files_skips_and_resume(mixed_folder, detector, ref):
     assert '/' not in skipped['reason'][1]  # no paths in written files
 
     # 000007 is the drawn face: MTCNN crop (24, 6, 206, 224), Pillow bicubic, then the truncated face.png.
-    drawn = Image.fromarray(ref['drawn_face_uint8'].numpy())
+    drawn = Image.fromarray(facexformer_ref['drawn_face_uint8'].numpy())
     crop = resized_crop(drawn, (24, 6, 206, 224))
     face = read_rgb_png(layout.face_crop(7))
     assert np.array_equal(face, face_png_pixels(normalize(crop))[0])
@@ -174,7 +161,7 @@ def test_stage_files_skips_and_resume(mixed_folder, detector, ref):
     assert again.pending == [] and again.finished == 3 and sorted(again.settled_skips) == [10, 11]
     # A lost output is redone, a replaced skipped image is retried, and the other results stay.
     layout.parsing_map(3).unlink()
-    Image.fromarray(ref['drawn_face_uint8'].numpy()).save(layout.filtered_image(10))
+    Image.fromarray(facexformer_ref['drawn_face_uint8'].numpy()).save(layout.filtered_image(10))
     later = max(before.values()) + 10**9
     os.utime(layout.filtered_image(10), ns=(later, later))
     _, work, model, summary = run_with_stand_in(layout, detector)
@@ -228,25 +215,26 @@ def synthetic_checkpoint(tmp_path_factory):
     path.unlink()
 
 
-def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthetic_checkpoint, ref, ref_dir,
-                                                               clear_pixels, capsys):
+def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthetic_checkpoint, facexformer_ref,
+                                                               facexformer_dir, capsys):
+    clear = facexformer_ref['parsing_clear'][1].numpy()  # away from near-ties the argmax must agree (README)
     layout = Layout(tmp_path / 'root')
     folder = layout.filtered_dir
     folder.mkdir(parents=True)
-    shutil.copy(ref_dir / 'astronaut.png', folder / '000001.png')
-    Image.open(ref_dir / 'astronaut.png').convert('RGBA').save(folder / '000002.png')
-    Image.open(ref_dir / 'astronaut.png').convert('L').save(folder / '000004.jpg')
-    drawn_on_canvas(ref_dir).save(folder / '000005.jpg', quality=95)
+    shutil.copy(facexformer_dir / 'astronaut.png', folder / '000001.png')
+    Image.open(facexformer_dir / 'astronaut.png').convert('RGBA').save(folder / '000002.png')
+    Image.open(facexformer_dir / 'astronaut.png').convert('L').save(folder / '000004.jpg')
+    drawn_on_canvas(facexformer_dir).save(folder / '000005.jpg', quality=95)
     noise_image().save(folder / '000009.jpg')
     args = ['--weights', synthetic_checkpoint, '--device', 'cpu', '--no-progress', '--batch-size', 2]
     assert run_script(SCRIPT, *args, '--root', layout.root) == 0
     assert 'parsed 4 images' in capsys.readouterr().out
 
     # The photo: upstream's face.png byte-for-byte in pixels, the reference parsing away from near-ties.
-    assert np.array_equal(read_rgb_png(layout.face_crop(1)), read_rgb_png(ref_dir / 'face_astronaut.png'))
+    assert np.array_equal(read_rgb_png(layout.face_crop(1)), read_rgb_png(facexformer_dir / 'face_astronaut.png'))
     photo_map = read_map(layout.parsing_map(1))
     assert photo_map.max() == 10
-    assert np.array_equal(photo_map[clear_pixels[1]], ref['parsing'][1].numpy()[clear_pixels[1]])
+    assert np.array_equal(photo_map[clear], facexformer_ref['parsing'][1].numpy()[clear])
     assert np.array_equal(read_rgb_png(layout.face_crop(2)), read_rgb_png(layout.face_crop(1)))  # RGBA
     grey = read_rgb_png(layout.face_crop(4)).astype(int)
     assert np.abs(grey - grey[:, :, :1]).max() <= 1  # grey in, grey out (up to the truncation)
@@ -266,7 +254,7 @@ def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthet
         assert other.face_crop(n).read_bytes() == layout.face_crop(n).read_bytes()
         differs = read_map(other.parsing_map(n)) != read_map(layout.parsing_map(n))
         assert differs.sum() <= 3
-    assert not (read_map(other.parsing_map(1)) != photo_map)[clear_pixels[1]].any()
+    assert not (read_map(other.parsing_map(1)) != photo_map)[clear].any()
 
 
 def test_script_bad_input_fails_in_one_line_and_destroys_nothing(tmp_path, reference_dir, capsys):

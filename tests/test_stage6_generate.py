@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ohlora.layout import Layout
+from ohlora.layout import PROPERTY_NAMES, Layout
 from script_runner import files_of, run_script
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
@@ -19,11 +19,10 @@ Z_DIM = 32  # the tiny checkpoints' z width
 
 
 @pytest.fixture(scope='module')
-def tiny_inputs(reference_dir, tmp_path_factory):
+def tiny_inputs(cond_stylegan_tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp('stage6_inputs')
-    tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
     for name in ('v1_generator', 'v3_generator'):
-        torch.save(tiny['state_dicts'][name], folder / f'{name}.pth')
+        torch.save(cond_stylegan_tiny['state_dicts'][name], folder / f'{name}.pth')
     z = np.random.default_rng(5).standard_normal(Z_DIM)  # float64, as a CSV holds it
     pd.DataFrame([z], columns=[str(k) for k in range(Z_DIM)]).to_csv(folder / 'z.csv', index=False)
     return {'v3': folder / 'v3_generator.pth', 'v1': folder / 'v1_generator.pth', 'z_csv': folder / 'z.csv',
@@ -147,7 +146,6 @@ def test_warnings_for_unlearned_attributes_and_out_of_range_values(tmp_path, tin
     err = capsys.readouterr().err
     assert 'warning: --hair-color 0.5: v3 was never trained on hair_color' in err
     assert 'warning: --eyes 9 is outside -5.071 to 2.8509' in err and 'published algorithm-2' in err
-    assert PUBLISHED_SCORE_RANGES[2]['eyes'] == (-5.071, 2.8509)
 
     # With the stage-4 statistics of this root, their range is the one to respect.
     stats = Layout(root).property_scores_stats(2)
@@ -230,6 +228,16 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path, tiny_inputs, capsy
     fails('--root', root, '--no-progress', base=False, match='daebakgazua/250408_OhLoRA_StyleGAN_FineTuned')
     fails('--root', root, '--no-progress', base=False, match='stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth')
     fails('--root', root, '--no-progress', '--model', 'v1', base=False, match='--weights PATH')
+
+
+@pytest.mark.parametrize('algorithm', [1, 2])
+def test_published_score_ranges_are_those_of_the_published_scores(reference_dir, algorithm):
+    """The fallback ranges are min / max of the upstream's published normalised scores (tests/data copies)."""
+    published = Layout(reference_dir / 'ohlora' / 'data').property_scores_csv(algorithm)
+    scores = pd.read_csv(published)
+    assert len(scores) == 4703
+    derived = {name: (scores[f'{name}_score'].min(), scores[f'{name}_score'].max()) for name in PROPERTY_NAMES}
+    assert PUBLISHED_SCORE_RANGES[algorithm] == derived
 
 
 def test_shipped_test_z_is_the_upstream_file(reference_dir):
