@@ -78,9 +78,7 @@ def main(argv=None):
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
         init=args.init, style_mixing_prob=args.style_mixing_prob, snapshot_every=args.snapshot_every,
         snapshot_z=args.snapshot_z, snapshot_size=args.snapshot_size, checkpoint_every=args.checkpoint_every,
-        amp=args.amp, weights=None if args.weights is None else layout.relative(args.weights),
-        scores=None if args.scores is None else layout.relative(args.scores), compat=args.compat,
-        no_progress=args.no_progress)
+        amp=args.amp, compat=args.compat, no_progress=args.no_progress)
     result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
                        resume=args.resume, overwrite=args.overwrite)
     names = ', '.join(str(p) for p in result.outputs)

@@ -38,7 +38,7 @@ ties 1/2; empty when undefined), images_per_s (real images of the step / its wal
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -91,8 +91,9 @@ class Hyperparameters:
 
 @dataclass(frozen=True)
 class FineTuningSettings:
-    """The options of a v1 run. ``weights``/``scores`` are as recorded (relative to the root, or a file name;
-    None: the layout's zoo file / ``all_scores.csv``); ``device`` is the resolved device."""
+    """The options of a v1 run; ``device`` is the resolved device. ``weights``/``scores`` are filled in by
+    :func:`fine_tune` from its paths (relative to the root, or a file name; None: the layout's zoo file /
+    ``all_scores.csv``)."""
     epochs: int
     batch_size: int = 16
     workers: int = 2
@@ -382,6 +383,9 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
     Everything a user can get wrong is checked before anything is written: the options, the run folder's
     state, the published files, the scores CSV, every image, the zoo file.
     """
+    # The input files are recorded as given (relative to the root, or their name alone: R4), None for the defaults.
+    settings = replace(settings, weights=None if weights_path is None else layout.relative(Path(weights_path)),
+                       scores=None if scores_path is None else layout.relative(Path(scores_path)))
     settings.check()
     device = torch.device(settings.device)
     scores_csv = Path(scores_path) if scores_path is not None else layout.property_scores_csv(1)
