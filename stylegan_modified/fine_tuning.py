@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -433,7 +432,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
     grid = MonitoringGrid(trainer.generator.z_space_dim, settings.seed, settings.snapshot_z,
                           cell_size=settings.snapshot_size) if settings.snapshot_every else None
     per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, group))
-    bar = tqdm(total=(settings.epochs - epoch) * per_epoch - batch, desc=f'v1 fine-tuning',
+    bar = tqdm(total=(settings.epochs - epoch) * per_epoch - batch, desc='v1 fine-tuning',
                unit='step', disable=settings.no_progress)
     meter = Throughput(trainer.device)
     outputs = tuple(run.outputs)
@@ -487,6 +486,13 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                 epoch, batch, order = epoch + 1, 0, None
     except NonFiniteLoss:
         run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
+        raise
+    except PipelineError as exc:
+        # An image that vanished or broke after the check, raised in a DataLoader worker, arrives wrapped in
+        # several lines ("Caught PipelineError in DataLoader worker ... Traceback ..."): keep the message.
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1:
+            raise PipelineError(lines[-1].split('PipelineError: ', 1)[-1]) from None
         raise
     finally:
         bar.close()
