@@ -55,11 +55,20 @@ class OwnedFiles:
 
     def owns(self, path: str | Path) -> bool:
         """True if ``path`` is absent or holds bytes this run wrote."""
-        path = Path(path)
+        return self._owned_hash(Path(path))[0]
+
+    def _owned_hash(self, path: Path) -> tuple[bool, str | None]:
+        """(owned, SHA-256 of the present file or None); each file is hashed once per call."""
         if not path.exists():
-            return True
-        hashes = self._read().get(self._key(path), [])
-        return bool(hashes) and path.is_file() and sha256_of(path) in hashes
+            return True, None
+        if not path.is_file():
+            return False, None
+        digest = sha256_of(path)
+        return digest in self._read().get(self._key(path), []), digest
+
+    def _refusal(self, path: Path) -> PipelineError:
+        return PipelineError(f'{path} exists and was not written by this run (a downloaded or another run\'s '
+                             f'file?); it is never overwritten: {self.way_out}')
 
     def check(self, paths: Iterable[str | Path], overwrite: bool = False) -> None:
         """Refuse (one line) if any of ``paths`` exists and was not written by this run, unless ``overwrite``."""
@@ -68,8 +77,7 @@ class OwnedFiles:
             return
         for path in paths:
             if not self.owns(path):
-                raise PipelineError(f'{path} exists and was not written by this run (a downloaded or '
-                                    f'another run\'s file?); it is never overwritten: {self.way_out}')
+                raise self._refusal(Path(path))
 
     def _set(self, key: str, hashes: list[str]) -> None:
         data = self._read()
@@ -79,10 +87,12 @@ class OwnedFiles:
     def write_bytes(self, path: str | Path, data: bytes) -> bool:
         """Write ``data`` to ``path`` atomically under the rule; False (nothing written) if it already holds it."""
         path = Path(path)
-        self.check([path])
+        owned, present = self._owned_hash(path)
+        if not owned and not self.overwrite:
+            raise self._refusal(path)
         digest = hashlib.sha256(data).hexdigest()
         key = self._key(path)
-        if path.is_file() and sha256_of(path) == digest:
+        if present == digest:
             if self._read().get(key) != [digest]:
                 self._set(key, [digest])
             return False

@@ -58,8 +58,9 @@ def build_parser():
     parser.add_argument('--snapshot-z', type=positive_int, default=10, help='rows (seeded z) of the grid (default: 10)')
     parser.add_argument('--snapshot-size', type=positive_int, default=128,
                         help='pixel size of a grid cell (default: 128; the images are 256)')
-    parser.add_argument('--checkpoint-every', type=non_negative_int, default=100,
-                        help='checkpoint also every N steps, 0: only at the end of each epoch (default: 100)')
+    parser.add_argument('--checkpoint-every', type=non_negative_int, default=0,
+                        help='checkpoint also every N steps (default: 0, at the end of each epoch only; a checkpoint '
+                             'writes about 0.5 GB at full size, and Ctrl-C/SIGTERM always write one)')
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision (autocast + GradScaler; R1 stays float32); exact resume only without it')
     parser.add_argument('--resume', action='store_true', help='continue (or extend) the run in the run folder')

@@ -103,7 +103,7 @@ class FineTuningSettings:
     snapshot_every: int = 10
     snapshot_z: int = 10
     snapshot_size: int = 128
-    checkpoint_every: int = 100
+    checkpoint_every: int = 0
     amp: bool = False
     weights: str | None = None
     scores: str | None = None
