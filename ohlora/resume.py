@@ -53,7 +53,8 @@ def capture_rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     state = {
         'torch_cpu': torch.get_rng_state(),
-        'torch_cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only a run that used CUDA has CUDA streams to keep (and asking would create a CUDA context).
+        'torch_cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
                   'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
         'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next},
