@@ -269,6 +269,20 @@ def test_a_plain_rerun_of_a_finished_run_writes_nothing(fresh, zoo, capsys):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in fresh.rglob('*') if p.is_file()} == before
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--epochs', 2, '--seed', 1], r'holds another run \(seed: 0 -> 1\); rerun with its options'),
+    (['--epochs', 2, '--init', 'warm', '--resume'], r"was started with other options \(init: 'upstream' -> 'warm'\)"),
+    (['--epochs', 3], r'holds a finished run of 2 epochs; pass --resume --epochs 3 to extend it'),
+    (['--epochs', 1, '--resume'], r'already done 2 epochs; --epochs is the total and cannot be below that'),
+])
+def test_a_run_over_another_run_is_refused(fresh, zoo, capsys, extra, message):
+    before = files_of(fresh)
+    assert run_script(SCRIPT, *args(fresh, zoo, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and re.search(message, err), err
+    assert files_of(fresh) == before
+
+
 def test_the_saved_generator_loads_in_stage_6(fresh, tmp_path):
     z = np.random.default_rng(1).standard_normal(64)
     pd.DataFrame([z], columns=[str(k) for k in range(64)]).to_csv(tmp_path / 'z.csv', index=False)
