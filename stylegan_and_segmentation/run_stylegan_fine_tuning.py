@@ -80,8 +80,12 @@ def main(argv=None):
         init=args.init, style_mixing_prob=args.style_mixing_prob, snapshot_every=args.snapshot_every,
         snapshot_z=args.snapshot_z, snapshot_size=args.snapshot_size, checkpoint_every=args.checkpoint_every,
         amp=args.amp, compat=args.compat, no_progress=args.no_progress)
-    result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
-                       resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
+                           resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
+        print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
+        sys.exit(130)
     names = ', '.join(str(p) for p in result.outputs)
     if result.status == 'already finished':
         restored = f'; restored the missing {", ".join(p.name for p in result.restored)}' if result.restored else ''

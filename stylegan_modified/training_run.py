@@ -9,7 +9,7 @@ Lifecycle of a trainer::
 
     run = TrainingRun(layout.training_run('v1', outdir), options,
                       outputs={g_path: 'generator', d_path: 'discriminator'}, log_columns=COLUMNS)
-    plan = run.plan(resume=args.resume, overwrite=args.overwrite)   # every check; writes nothing
+    plan = run.plan(resume=args.resume, overwrite=args.overwrite)   # every check; writes nothing (*)
     if plan.finished:                                                 # a plain rerun of a finished run
         return
     ... load models, check the data (still nothing written) ...
@@ -19,6 +19,8 @@ Lifecycle of a trainer::
         run.log.append({...})
         if checkpoint due:
             run.checkpoint(ResumeRecord(...))  # published files -> log -> resume record (the commit point)
+
+(*) except, for a finished run, a published file the user deleted, which is written again from the record.
 
 The rules :meth:`TrainingRun.plan` applies (one ``PipelineError`` line each, before anything is written):
 
