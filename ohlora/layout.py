@@ -174,6 +174,12 @@ class Layout:
     def fine_tuned_dir(self) -> Path:
         return self.root / 'stylegan_modified'
 
+    # --- stage 5: training runs (v1 here; v2, v3 add their log names to TRAIN_LOG_NAMES) ---
+    def training_run(self, version: str, outdir: str | Path | None = None) -> 'TrainingRunFolder':
+        """The files of a stage-5 training run: checkpoints under their published names in ``outdir`` (default
+        fine_tuned_dir, where v2, v3 and stage 6 look for them), the run's own files in a sub-folder."""
+        return TrainingRunFolder(Path(outdir) if outdir is not None else self.fine_tuned_dir, version)
+
     def fine_tuned(self, file_name: str) -> Path:
         """A checkpoint or log of stage 5 by its upstream file name, e.g. ``stylegan_gen_fine_tuned_v1.pth``."""
         return self.fine_tuned_dir / file_name
@@ -189,6 +195,49 @@ class Layout:
                           sweep: str | None = None) -> 'GenerationFolder':
         """The files of a stage-6 run: in ``outdir`` (default final_inference_dir), a sweep in its own sub-folder."""
         return GenerationFolder(Path(outdir) if outdir is not None else self.final_inference_dir(model), sweep)
+
+
+# The upstream log name of each trainer (PIPELINE.md §1); the project keeps it inside the run folder.
+TRAIN_LOG_NAMES = {'v1': 'train_log.csv'}
+
+
+class TrainingRunFolder:
+    """Stage-5 run files. Checkpoints (published names) in ``outdir``; in ``outdir/fine_tuning_<version>/``:
+    ``training_options.json`` (the resolved options), the train log, ``resume_record.pt`` (what ``--resume``
+    continues from), ``written_files.json`` (what this run wrote where, for the no-overwrite rule) and the
+    monitoring snapshots ``snapshots/epoch_EEEE_idx_IIII.png``."""
+
+    def __init__(self, outdir: Path, version: str):
+        self.outdir = outdir
+        self.version = version
+        self.folder = outdir / f'fine_tuning_{version}'
+
+    def checkpoint(self, file_name: str) -> Path:
+        """A published-name checkpoint of this run, e.g. ``stylegan_gen_fine_tuned_v1.pth``."""
+        return self.outdir / file_name
+
+    @property
+    def options_json(self) -> Path:
+        return self.folder / 'training_options.json'
+
+    @property
+    def train_log(self) -> Path:
+        return self.folder / TRAIN_LOG_NAMES.get(self.version, f'train_log_{self.version}.csv')
+
+    @property
+    def resume_record(self) -> Path:
+        return self.folder / 'resume_record.pt'
+
+    @property
+    def written_files(self) -> Path:
+        return self.folder / 'written_files.json'
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.folder / 'snapshots'
+
+    def snapshot(self, epoch: int, idx: int) -> Path:
+        return self.snapshots_dir / f'epoch_{epoch:04d}_idx_{idx:04d}.png'
 
 
 class GenerationFolder:

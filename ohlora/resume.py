@@ -1,0 +1,173 @@
+"""The one resume record of every trainer (stage 5 v1, v2, v3, ...): everything an interrupted run needs to
+continue exactly where it stopped (R14).
+
+A record is written atomically as one file (the commit point of a checkpoint) and holds only tensors and
+plain Python values, so it loads with ``torch.load(weights_only=True)`` (R11):
+
+* ``options``: the resolved options of the run (plain JSON types), compared on ``--resume``;
+* ``epoch``, ``batch``, ``step``: the 0-based epoch in progress, the batches of it already done, and the
+  optimiser steps (batches) done in all. ``batch == 0`` means the epoch has not started, so
+  ``epoch`` is then the number of finished epochs;
+* ``data_order``: the permutation of the dataset for the epoch in progress (int64 tensor), None between epochs;
+* ``rng``: every global random stream training draws from (:func:`capture_rng_state`): torch's CPU generator,
+  every CUDA generator, NumPy's global RNG (GenForce's style mixing draws its decision and cutoff from it) and
+  Python's ``random``;
+* ``models``, ``optimizers``, ``scalers``: ``{name: state_dict()}`` of the networks, their optimisers and
+  their AMP GradScalers;
+* ``extra``: trainer-specific plain values (counters, best scores, ...).
+
+Typical use in a trainer::
+
+    record = load_resume_record(path)                        # or None for a fresh run
+    check_resume_options(record.options, options, path)      # one line naming what changed
+    model.load_state_dict(record.models['G']); optimizer.load_state_dict(record.optimizers['G'])
+    restore_rng_state(record.rng)
+    ...
+    save_resume_record(path, ResumeRecord(options, epoch, batch, step, order, capture_rng_state(), ...))
+
+Only the options in :data:`RESUMABLE_OPTIONS` may change on resume (e.g. ``--epochs``, the total, to extend a
+finished run); every other difference is refused, because the continued run would no longer be the run it
+claims to continue.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ohlora import atomic
+from ohlora.checkpoints import read_checkpoint
+from ohlora.errors import PipelineError
+
+FORMAT = 'ohlora-resume-record'
+VERSION = 1
+RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress')
+
+
+def capture_rng_state() -> dict:
+    """Every global RNG stream as tensors and lists (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {
+        'torch_cpu': torch.get_rng_state(),
+        # Only a run that used CUDA has CUDA streams to keep (and asking would create a CUDA context).
+        'torch_cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
+        'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next},
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Set every global RNG stream back to ``state`` (from :func:`capture_rng_state`).
+
+    CUDA streams are restored for the devices present now; a run resumed on another device continues with
+    correctly restored CPU, NumPy and Python streams (exact resume is promised on the same device only).
+    """
+    torch.set_rng_state(state['torch_cpu'])
+    cuda = state.get('torch_cuda') or []
+    if cuda and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+    numpy = state['numpy']
+    np.random.set_state((numpy['kind'], numpy['keys'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
+                         numpy['cached_gaussian']))
+    python = state['python']
+    random.setstate((python['version'], tuple(python['internal']), python['gauss_next']))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global stream of :func:`capture_rng_state` from one number (the start of a fresh run)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@dataclass
+class ResumeRecord:
+    """The state of a run after ``step`` optimiser steps; see the module docstring for the fields."""
+    options: dict
+    epoch: int
+    batch: int
+    step: int
+    data_order: torch.Tensor | None
+    rng: dict
+    models: dict = field(default_factory=dict)
+    optimizers: dict = field(default_factory=dict)
+    scalers: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def completes(self, epochs: int) -> bool:
+        """Whether a run of ``epochs`` epochs in all has nothing left to do after this record."""
+        return self.batch == 0 and self.epoch >= epochs
+
+    def as_dict(self) -> dict:
+        return {'format': FORMAT, 'version': VERSION, 'options': self.options, 'epoch': self.epoch,
+                'batch': self.batch, 'step': self.step, 'data_order': self.data_order, 'rng': self.rng,
+                'models': self.models, 'optimizers': self.optimizers, 'scalers': self.scalers, 'extra': self.extra}
+
+
+def save_resume_record(path: str | Path, record: ResumeRecord) -> None:
+    """Atomic: a crash leaves the previous record or this one, never a mixture."""
+    atomic.torch_save(path, record.as_dict())
+
+
+def load_resume_record(path: str | Path) -> ResumeRecord:
+    """The record at ``path`` (``weights_only=True``); a file that is no record of this format is one line."""
+    path = Path(path)
+    obj = read_checkpoint(path, 'resume record of a training run')
+    if obj.get('format') != FORMAT:
+        raise PipelineError(f'{path} is not a resume record of this project (no format marker {FORMAT!r})')
+    if obj.get('version') != VERSION:
+        raise PipelineError(f'{path} is a resume record of version {obj.get("version")!r}; this code reads '
+                            f'version {VERSION}')
+    try:
+        record = ResumeRecord(options=dict(obj['options']), epoch=int(obj['epoch']), batch=int(obj['batch']),
+                              step=int(obj['step']), data_order=obj['data_order'], rng=dict(obj['rng']),
+                              models=dict(obj['models']), optimizers=dict(obj['optimizers']),
+                              scalers=dict(obj['scalers']), extra=dict(obj['extra']))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f'{path} is an incomplete resume record ({type(exc).__name__}: {exc})') from None
+    if record.batch and not isinstance(record.data_order, torch.Tensor):
+        raise PipelineError(f'{path} is a resume record inside an epoch without its data order')
+    return record
+
+
+def _flatten(options: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def option_differences(recorded: dict, current: dict, changeable=RESUMABLE_OPTIONS) -> list[str]:
+    """``'name: recorded -> current'`` for every option other than ``changeable`` that differs (nested dicts
+    are compared key by key, so the line names the innermost key)."""
+    before, after = _flatten(recorded), _flatten(current)
+    missing = object()
+    lines = []
+    for key in list(before) + [k for k in after if k not in before]:
+        if key.split('.')[0] in changeable:
+            continue
+        old, new = before.get(key, missing), after.get(key, missing)
+        if old != new:
+            shown_old = 'unset' if old is missing else repr(old)
+            shown_new = 'unset' if new is missing else repr(new)
+            lines.append(f'{key}: {shown_old} -> {shown_new}')
+    return lines
+
+
+def check_resume_options(recorded: dict, current: dict, where: str | Path, changeable=RESUMABLE_OPTIONS) -> None:
+    """One-line refusal naming the first differences between a run's recorded options and this call's."""
+    differences = option_differences(recorded, current, changeable)
+    if differences:
+        shown = '; '.join(differences[:3]) + (f'; ... ({len(differences)} in all)' if len(differences) > 3 else '')
+        raise PipelineError(f'{where} was started with other options ({shown}); only '
+                            f'{", ".join("--" + o.replace("_", "-") for o in changeable)} may change on resume')

@@ -1,0 +1,104 @@
+"""Stage 5 v1: fine-tune GenForce's StyleGAN (celeba_partial-256x256) into the conditional v1 G and D, with the seven
+property scores (stage 4, algorithm 1: all_scores.csv) as labels and the stage-2 filtered images as data.
+
+Writes stylegan_modified/stylegan_gen_fine_tuned_v1.pth and stylegan_dis_fine_tuned_v1.pth (plain state_dicts under
+the published names that v2, v3 and stage 6 --model v1 read) every epoch and every --checkpoint-every steps, and the
+run folder stylegan_modified/fine_tuning_v1/ (training_options.json, train_log.csv, resume_record.pt,
+written_files.json, snapshots/). --epochs is the total: --resume continues an interrupted run, or extends a finished
+one, exactly. A file of a published name that this run did not write (e.g. a downloaded v1) is never overwritten
+unless --overwrite is given. Ctrl-C or SIGTERM stops after the current step with a complete checkpoint. Upstream's
+v1 has no behaviour to reproduce beyond the defaults (PIPELINE.md §13), so --compat upstream changes nothing.
+"""
+from __future__ import annotations
+
+import sys
+
+from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.devices import disable_tf32, resolve_device
+from ohlora.layout import Layout
+from stylegan_modified.fine_tuning import INITS, FineTuningSettings, fine_tune
+
+EXAMPLES = '''
+  # 39 epochs as upstream's published v1 (the GenForce zoo file is downloaded to stylegan/ if absent)
+  python stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 39
+  # continue after Ctrl-C, or extend the finished run to 50 epochs in all
+  python stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 50 --resume
+  # a second run beside a downloaded published v1: its own folder (the published files are never overwritten)
+  python stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 5 --outdir runs/v1_warm --init warm
+  # your own zoo file and scores, mixed precision, fewer snapshots
+  python stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 5 --weights stylegan_celeba_partial256.pth \\
+      --scores my_scores.csv --amp --snapshot-every 100
+'''
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == '0' else positive_int(text)
+
+
+def build_parser():
+    parser = make_parser(__doc__, EXAMPLES)
+    parser.add_argument('--epochs', type=positive_int, required=True,
+                        help='epochs in all (the total, also with --resume; upstream\'s published v1: about 39)')
+    parser.add_argument('--weights', default=None, metavar='PATH',
+                        help='GenForce zoo checkpoint to start from (default: stylegan/stylegan_model.pth, '
+                             'downloaded if absent)')
+    parser.add_argument('--scores', default=None, metavar='CSV',
+                        help='property scores (default: segmentation/property_score_results/all_scores.csv, '
+                             'algorithm 1); images are taken from stylegan/synthesize_results_filtered/ by img_no')
+    parser.add_argument('--outdir', default=None, metavar='DIR',
+                        help='where the checkpoints and the run folder go (default: <root>/stylegan_modified)')
+    parser.add_argument('--init', choices=INITS, default='upstream',
+                        help="'upstream': dense0.weight, label_weight and layer14 random (seeded); 'warm': the "
+                             'pretrained dense0 weight in the z columns, zeros for the label (default: upstream)')
+    parser.add_argument('--style-mixing-prob', type=float, default=0.9,
+                        help='style-mixing probability of the training G calls (default: 0.9, as upstream)')
+    parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
+    parser.add_argument('--snapshot-every', type=non_negative_int, default=10,
+                        help='monitoring grid after every N-th batch of an epoch, 0: none (default: 10, as upstream)')
+    parser.add_argument('--snapshot-z', type=positive_int, default=10, help='rows (seeded z) of the grid (default: 10)')
+    parser.add_argument('--snapshot-size', type=positive_int, default=128,
+                        help='pixel size of a grid cell (default: 128; the images are 256)')
+    parser.add_argument('--checkpoint-every', type=non_negative_int, default=0,
+                        help='checkpoint also every N steps (default: 0, at the end of each epoch only; a checkpoint '
+                             'writes about 0.5 GB at full size, and Ctrl-C/SIGTERM always write one)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision (autocast + GradScaler; R1 stays float32); exact resume only without it')
+    parser.add_argument('--resume', action='store_true', help='continue (or extend) the run in the run folder')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace published-name files that this run did not write (e.g. a downloaded v1)')
+    add_common_options(parser, batch_size=16, batch_size_help='images per step (a multiple of 16 above 16)')
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    layout = Layout(args.root)
+    device = resolve_device(args.device)
+    disable_tf32()
+    settings = FineTuningSettings(
+        epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
+        init=args.init, style_mixing_prob=args.style_mixing_prob, snapshot_every=args.snapshot_every,
+        snapshot_z=args.snapshot_z, snapshot_size=args.snapshot_size, checkpoint_every=args.checkpoint_every,
+        amp=args.amp, compat=args.compat, no_progress=args.no_progress)
+    try:
+        result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
+                           resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
+        print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
+        sys.exit(130)
+    names = ', '.join(str(p) for p in result.outputs)
+    if result.status == 'already finished':
+        restored = f'; restored the missing {", ".join(p.name for p in result.restored)}' if result.restored else ''
+        print(f'{result.run_folder} already holds a finished run of {result.epoch} epochs; nothing to do{restored} '
+              f'(--resume --epochs N to extend it)')
+    elif result.status == 'interrupted':
+        print(f'stopped by {result.signal} at epoch {result.epoch}, batch {result.batch} (step {result.step}); the '
+              f'checkpoint is complete ({names}); continue with --resume', file=sys.stderr)
+        sys.exit(130)
+    else:
+        print(f'fine-tuned v1 for {result.epoch} epochs ({result.step} steps): {names}; log and snapshots in '
+              f'{result.run_folder}')
+
+
+if __name__ == '__main__':
+    run(main)

@@ -1,0 +1,135 @@
+"""What every training loop needs around its steps: stopping cleanly on Ctrl-C/SIGTERM, refusing non-finite
+losses, opt-in mixed precision, and the speed/memory figures of the log. Shared by the stage-5 trainers.
+
+* :class:`GracefulStop`: the first SIGINT/SIGTERM only sets a flag; the loop finishes its step, writes a
+  complete checkpoint and returns. A second signal interrupts at once (KeyboardInterrupt); the last
+  checkpoint on disk is complete either way, because every file is written atomically.
+* :func:`check_finite`: a NaN/inf loss stops the run with one line (:class:`NonFiniteLoss`) *before* the
+  optimiser step, so the last checkpoint written is the last good state.
+* :class:`MixedPrecision`: ``--amp`` = autocast (float16 on CUDA, bfloat16 on CPU) and one GradScaler per
+  optimiser; without it every call is a pass-through, so the fp32 path is unchanged. Exact resume is
+  promised only without it.
+* :class:`Throughput`: images/s of each step and the peak GPU memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from typing import Sequence
+
+import torch
+
+from ohlora.errors import PipelineError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """Context manager: turns the first SIGINT/SIGTERM into ``requested`` (the signal's name)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt  # a second signal: stop now, the last checkpoint is complete
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> 'GracefulStop':
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def ignore_sigint_in_worker(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; only the main process handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class NonFiniteLoss(PipelineError):
+    """A loss became NaN or infinite; the run stopped before the optimiser step."""
+
+
+def check_finite(where: str, last_checkpoint: str, **losses: torch.Tensor | float) -> None:
+    """One-line stop if any loss is NaN/inf; ``where`` and ``last_checkpoint`` say what is kept."""
+    for name, value in losses.items():
+        number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(number):
+            raise NonFiniteLoss(f'{name} became {number} at {where}; stopped before the optimiser step, '
+                                f'{last_checkpoint}')
+
+
+class MixedPrecision:
+    """``autocast()`` and ``step(name, loss, optimizer)``; one GradScaler per optimiser name."""
+
+    def __init__(self, enabled: bool, device: torch.device, names: Sequence[str]):
+        self.enabled = bool(enabled)
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        # bfloat16 has float32's range, so only float16 needs loss scaling.
+        scale = self.enabled and self.dtype == torch.float16
+        self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=scale) for name in names}
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(self, name: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """zero_grad, backward (scaled), step (skipped by the scaler on inf gradients), update."""
+        scaler = self.scalers[name]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def state_dict(self) -> dict:
+        return {name: scaler.state_dict() for name, scaler in self.scalers.items()}
+
+    def load_state_dict(self, states: dict) -> None:
+        for name, state in states.items():
+            if name in self.scalers and state:
+                self.scalers[name].load_state_dict(state)
+
+
+class Throughput:
+    """Images per second of each step (wall time between calls of :meth:`tick`) and peak GPU memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.last = time.perf_counter()
+        self.smoothed: float | None = None
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def restart(self) -> None:
+        """Start timing afresh (after a pause such as a checkpoint or a snapshot)."""
+        self._sync()
+        self.last = time.perf_counter()
+
+    def tick(self, images: int) -> float:
+        self._sync()
+        now = time.perf_counter()
+        rate = images / max(now - self.last, 1e-9)
+        self.last = now
+        self.smoothed = rate if self.smoothed is None else 0.9 * self.smoothed + 0.1 * rate
+        return rate
+
+    def peak_memory_mb(self) -> float | None:
+        if self.device.type != 'cuda':
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)

@@ -1,0 +1,248 @@
+"""A stage-5 training run on disk and its rules; shared by the v1, v2 and v3 trainers.
+
+A run lives in ``Layout.training_run(version, outdir)`` (:class:`ohlora.layout.TrainingRunFolder`): its
+checkpoints under their published names in ``outdir``, and its own files in the run folder (the resolved
+options ``training_options.json`` as NVlabs' training_options.json, the train log, the resume record, the
+record of written files, the monitoring snapshots).
+
+Lifecycle of a trainer::
+
+    run = TrainingRun(layout.training_run('v1', outdir), options,
+                      outputs={g_path: 'generator', d_path: 'discriminator'}, log_columns=COLUMNS)
+    plan = run.plan(resume=args.resume, overwrite=args.overwrite)   # every check; writes nothing (*)
+    if plan.finished:                                                 # a plain rerun of a finished run
+        return
+    ... load models, check the data (still nothing written) ...
+    run.start(plan, provenance={...})      # creates the folder, writes the options, loads the log on resume
+    for each step:
+        ... train ...
+        run.log.append({...})
+        if checkpoint due:
+            run.checkpoint(ResumeRecord(...))  # published files -> log -> resume record (the commit point)
+
+(*) except, for a finished run, a published file the user deleted, which is written again from the record.
+
+The rules :meth:`TrainingRun.plan` applies (one ``PipelineError`` line each, before anything is written):
+
+* no record: a fresh run; ``--resume`` is refused (nothing to resume). A run folder holding the start of a run
+  with other options (it stopped before its first checkpoint) is refused too.
+* a record, and the options differ beyond :data:`ohlora.resume.RESUMABLE_OPTIONS`: refused, naming the
+  difference, with or without ``--resume`` (a fresh run over another run is never started).
+* a record, same options, no ``--resume``: if the run is finished with the same ``--epochs``, nothing is done
+  and nothing written; otherwise refused, pointing at ``--resume``.
+* a record, ``--resume``: continues; ``--epochs`` is the total, so a larger value extends a finished run and a
+  value below the epochs already done is refused.
+* every published-name output must be absent or written by this run (:class:`ohlora.owned_files.OwnedFiles`),
+  unless ``--overwrite``.
+
+Order of a checkpoint: the published files, then the log, then the resume record. The record is the commit
+point: after a crash, the run resumes from the last complete record and replays the few steps after it
+(deterministically), rewriting the published files it owns.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ohlora import atomic
+from ohlora.errors import PipelineError
+from ohlora.layout import TrainingRunFolder
+from ohlora.owned_files import OwnedFiles
+from ohlora.resume import (RESUMABLE_OPTIONS, ResumeRecord, check_resume_options, load_resume_record,
+                           option_differences, save_resume_record)
+
+WAY_OUT = 'choose another --root or --outdir'
+
+
+def check_writable(folder: Path) -> None:
+    """One line if ``folder`` cannot be created or written (checked on its nearest existing ancestor)."""
+    probe = Path(folder).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PipelineError(f'cannot write into {folder}: {probe} is a file, not a folder')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PipelineError(f'cannot write into {folder}: {probe} is not writable; {WAY_OUT}')
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict:
+    """A plain ``{name: tensor}`` copy on the CPU (the published files are CPU state_dicts, MODELS.md §6.1)."""
+    return {name: tensor.detach().to('cpu', copy=True) for name, tensor in module.state_dict().items()}
+
+
+class TrainLog:
+    """A training log CSV with fixed ``columns`` and no index column, rewritten atomically on :meth:`flush`.
+
+    Rows are kept as formatted text (floats in Python's shortest round-trip form, ``None``/NaN as an empty
+    cell), so a resumed run rewrites the rows of its first part byte for byte.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], flush_every: int = 10):
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.flush_every = flush_every
+        self.rows: list[str] = []
+        self._unflushed = 0
+
+    @staticmethod
+    def _cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ''
+        if isinstance(value, bool):
+            return str(int(value))
+        if isinstance(value, float):
+            return repr(value)
+        return str(value)
+
+    def _line(self, cells: Sequence[str]) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator='\n').writerow(cells)
+        return buffer.getvalue()
+
+    def load(self, keep: int) -> None:
+        """Continue the log on disk: its first ``keep`` rows (those of the resume record) are kept."""
+        if not self.path.is_file():
+            raise PipelineError(f'{self.path} is missing, but the run\'s resume record needs its first {keep} rows; '
+                                f'delete the run folder {self.path.parent} to start over, or {WAY_OUT}')
+        lines = self.path.read_text(encoding='utf-8').splitlines(keepends=True)
+        if not lines or lines[0] != self._line(self.columns):
+            raise PipelineError(f'{self.path} does not have the columns {",".join(self.columns)}')
+        if len(lines) - 1 < keep:
+            raise PipelineError(f'{self.path} has {len(lines) - 1} rows, but the run\'s resume record needs {keep}')
+        self.rows = lines[1:1 + keep]
+
+    def append(self, values: dict) -> None:
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise ValueError(f'not columns of {self.path.name}: {", ".join(sorted(unknown))}')
+        self.rows.append(self._line([self._cell(values.get(c)) for c in self.columns]))
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        atomic.write_text(self.path, self._line(self.columns) + ''.join(self.rows))
+        self._unflushed = 0
+
+
+@dataclass
+class RunPlan:
+    """What :meth:`TrainingRun.plan` decided: continue from ``record`` (None: fresh), or nothing to do."""
+    record: ResumeRecord | None
+    finished: bool = False
+    restored: tuple[Path, ...] = ()   # outputs of a finished run that were missing and were written again
+
+
+class TrainingRun:
+    """One run: ``files`` (its folder), its resolved ``options`` (plain JSON types; ``options['epochs']`` is the
+    total), its published outputs (path -> name of the model in the resume record) and its log columns."""
+
+    def __init__(self, files: TrainingRunFolder, options: dict, outputs: dict[Path, str], log_columns: Sequence[str],
+                 changeable: Sequence[str] = RESUMABLE_OPTIONS):
+        self.files = files
+        self.options = options
+        self.outputs = {Path(p): name for p, name in outputs.items()}
+        self.changeable = tuple(changeable)
+        self.owned = OwnedFiles(files.written_files, base=files.outdir)
+        self.log = TrainLog(files.train_log, log_columns)
+        self.provenance: dict = {}
+
+    # --- before anything is written ---
+    def plan(self, resume: bool, overwrite: bool = False) -> RunPlan:
+        check_writable(self.files.outdir)
+        folder, epochs = self.files.folder, self.options['epochs']
+        record_path = self.files.resume_record
+        if not record_path.is_file():
+            if resume:
+                raise PipelineError(f'there is no run to resume in {folder} (no {record_path.name}); '
+                                    'start it without --resume')
+            self._check_unfinished_start()
+            self.owned.check(self.outputs, overwrite)
+            return RunPlan(record=None)
+
+        record = load_resume_record(record_path)
+        if resume:
+            check_resume_options(record.options, self.options, folder, self.changeable)
+        else:
+            differences = option_differences(record.options, self.options, self.changeable)
+            if differences:
+                raise PipelineError(f'{folder} holds another run ({"; ".join(differences[:3])}); rerun with its '
+                                    f'options (and --resume to continue it), or {WAY_OUT}')
+        done = f'{record.epoch} epochs' + (f' and {record.batch} batches' if record.batch else '')
+        if record.epoch > epochs or (record.epoch == epochs and record.batch):
+            raise PipelineError(f'{folder} holds a run that has already done {done}; --epochs is the total and '
+                                f'cannot be below that (got {epochs})')
+        if not resume:
+            if record.completes(epochs) and record.options.get('epochs') == epochs:
+                return RunPlan(record=record, finished=True, restored=self._restore_missing(record))
+            if record.completes(record.options.get('epochs', epochs)):
+                raise PipelineError(f'{folder} holds a finished run of {record.options.get("epochs")} epochs; pass '
+                                    f'--resume --epochs {epochs} to extend it, or {WAY_OUT}')
+            raise PipelineError(f'{folder} holds an unfinished run ({done} of {record.options.get("epochs")}); '
+                                f'pass --resume to continue it, or {WAY_OUT}')
+        if record.completes(epochs):
+            return RunPlan(record=record, finished=True, restored=self._restore_missing(record))
+        self.owned.check(self.outputs, overwrite)
+        return RunPlan(record=record)
+
+    def _check_unfinished_start(self) -> None:
+        """A folder without a record: a run that stopped before its first checkpoint, or foreign files."""
+        folder = self.files.folder
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return
+        recorded = None
+        if self.files.options_json.is_file():
+            try:
+                recorded = json.loads(self.files.options_json.read_text(encoding='utf-8')).get('options')
+            except (ValueError, AttributeError):
+                recorded = None
+        if not isinstance(recorded, dict):
+            raise PipelineError(f'{folder} holds files but no run record ({self.files.options_json.name}); '
+                                f'move them away or {WAY_OUT}')
+        differences = option_differences(recorded, self.options, self.changeable)
+        if differences:
+            raise PipelineError(f'{folder} holds the start of another run that wrote no checkpoint yet '
+                                f'({"; ".join(differences[:3])}); delete it or {WAY_OUT}')
+
+    def _restore_missing(self, record: ResumeRecord) -> tuple[Path, ...]:
+        """A finished run writes nothing, except an output the user deleted, re-exported from the record."""
+        missing = [p for p in self.outputs if not p.exists()]
+        for path in missing:
+            self.owned.torch_save(path, record.models[self.outputs[path]])
+        return tuple(missing)
+
+    # --- writing ---
+    def start(self, plan: RunPlan, provenance: dict | None = None) -> None:
+        """Create the run folder, write the options (keeping the first start's provenance), open the log."""
+        try:
+            self.files.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f'cannot write into {self.files.folder}: {exc.strerror or exc}') from None
+        self.provenance = dict(provenance or {})
+        if plan.record is not None and self.files.options_json.is_file():
+            try:
+                first = json.loads(self.files.options_json.read_text(encoding='utf-8')).get('provenance') or {}
+            except (ValueError, AttributeError):
+                first = {}
+            self.provenance = {**first, **self.provenance}
+        atomic.write_json(self.files.options_json, {'options': self.options, 'provenance': self.provenance})
+        if plan.record is None:
+            self.log.rows = []
+            self.log.flush()
+        else:
+            self.log.load(keep=plan.record.step)
+
+    def checkpoint(self, record: ResumeRecord) -> None:
+        """The published files (owned writes), the log, then the resume record (the commit point)."""
+        for path, name in self.outputs.items():
+            self.owned.torch_save(path, record.models[name])
+        self.log.flush()
+        save_resume_record(self.files.resume_record, record)
