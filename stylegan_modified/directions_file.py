@@ -113,12 +113,18 @@ class AttributeDirections:
         and those of ``held_attributes`` are unchanged. Returns w's dtype."""
         if targets.ndim != 2 or tuple(targets.shape) != (w.shape[0], len(self.attributes)):
             raise ValueError(f'targets must have shape [{w.shape[0]}, {len(self.attributes)}], got {list(targets.shape)}')
-        weights, intercepts = self._model(w)
-        current = torch.einsum('nfd,nd->nf', weights, w.double()) + intercepts
+        group = self.group_of(w)
+        current = self.predict(w)
         residual = torch.zeros_like(current)
         residual[:, :len(self.attributes)] = targets.to(w.device, torch.float64) - current[:, :len(self.attributes)]
-        delta = torch.einsum('ndf,nf->nd', torch.linalg.pinv(weights), residual)
+        delta = torch.einsum('ndf,nf->nd', self.pseudo_inverses().to(w.device)[group], residual)
         return (w.double() + delta).to(w.dtype)
+
+    def pseudo_inverses(self) -> torch.Tensor:
+        """[G, w_dim, F]: per group, the map from score residuals to the minimum-norm Δw (computed once)."""
+        if getattr(self, '_pinv', None) is None or self._pinv_of is not self.weights:
+            self._pinv, self._pinv_of = torch.linalg.pinv(self.weights), self.weights
+        return self._pinv
 
     # --- the file ---
     def to_dict(self) -> dict:
