@@ -217,10 +217,10 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
             normal = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
             normals[g, i] = normal
             slopes[g, i], intercepts[g, i] = calibrate(w[rows], column, normal)
-            if len(held) >= 2:
+            predicted[test_group == g, i] = slopes[g, i] * (w[held] @ normal) + intercepts[g, i]
+            if len(held) >= 2:  # a top and a bottom sample at least
                 held_scores = scores[held, PROPERTY_NAMES.index(name)]
                 accuracy[name].append((svm_accuracy(w[held], held_scores, normal, options.fraction), len(held)))
-                predicted[test_group == g, i] = slopes[g, i] * (w[held] @ normal) + intercepts[g, i]
     measured = _columns(scores[test], fitted)
     quality = {}
     for i, name in enumerate(fitted):

@@ -16,7 +16,7 @@ from stylegan_modified.attribute_directions import DirectionsControl, load_direc
 from stylegan_modified.controllable import ControllableGenerator
 from stylegan_modified.direction_fitting import FitOptions, fit_directions, holdout_split, minimum_samples
 from stylegan_modified.direction_sampling import SampleSettings, file_identity, sample_w_and_scores
-from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
+from stylegan_modified.directions_file import read_directions, write_directions
 from stylegan_modified.w_space import StyleGANW, broadcast_w, parse_layers
 
 DIM, LAYERS, SIGMA = 16, 4, 0.1
