@@ -188,6 +188,26 @@ class Layout:
     def test_z_csv(self) -> Path:
         return self.shipped(TEST_Z_CSV)
 
+    # --- stage 5: attribute directions in w (find_attribute_directions.py) ---
+    @property
+    def attribute_directions(self) -> Path:
+        """The default directions file: fitted directions, calibration and the identity of what they fit."""
+        return self.fine_tuned_dir / 'attribute_directions.pt'
+
+    @staticmethod
+    def directions_report(directions_file: str | Path) -> Path:
+        """The fit-quality report (JSON) written beside a directions file."""
+        path = Path(directions_file)
+        return path.with_name(f'{path.stem}_fit_quality.json')
+
+    @property
+    def direction_samples_dir(self) -> Path:
+        """Sampled w and property-CNN scores of the directions fit, in resumable chunks."""
+        return self.fine_tuned_dir / 'attribute_direction_samples'
+
+    def direction_samples(self, folder: str | Path | None = None) -> 'DirectionSamplesFolder':
+        return DirectionSamplesFolder(Path(folder) if folder is not None else self.direction_samples_dir)
+
     def final_inference_dir(self, model: str) -> Path:
         return self.fine_tuned_dir / f'final_inference_test_{model}'
 
@@ -265,3 +285,31 @@ class GenerationFolder:
 
     def image(self, img_no: int, value: float | None = None) -> Path:
         return self.folder / self.image_name(img_no, value)
+
+
+class DirectionSamplesFolder:
+    """Sampling output of the directions fit: ``samples_settings.json`` (what every chunk was made with),
+    ``chunk_KKKKKK.pt`` (w and the 7 scores of images K*C .. K*C+C-1) and, with --save-images, ``images/NNNNNN.jpg``."""
+
+    CHUNK_PREFIX = 'chunk_'
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def settings_json(self) -> Path:
+        return self.folder / 'samples_settings.json'
+
+    def chunk(self, index: int) -> Path:
+        return self.folder / f'{self.CHUNK_PREFIX}{index:06d}.pt'
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(self.folder.glob(f'{self.CHUNK_PREFIX}[0-9][0-9][0-9][0-9][0-9][0-9].pt')) \
+            if self.folder.is_dir() else []
+
+    @property
+    def images_dir(self) -> Path:
+        return self.folder / 'images'
+
+    def image(self, index: int) -> Path:
+        return self.images_dir / image_name(index)

@@ -1,0 +1,287 @@
+"""Fitting one linear direction per attribute in w, from sampled w and property-CNN scores.
+
+* ``ridge`` (default): least squares (scikit-learn ``Ridge``) of each score on w. The coefficient vector
+  is the score gradient: its direction is the attribute's direction, its length the score change per unit
+  step, and with the intercept it predicts the score of any w.
+* ``svm``: upstream's VectorFind recipe. Per attribute, a ``LinearSVC`` separates the top ``fraction``
+  of the (training) samples by score from the bottom ``fraction``; its unit normal is the direction. An SVM
+  gives no scale, so the step-to-score slope and intercept are fitted afterwards by least squares of the
+  score on the projection w · normal. With ``groups``, the samples are split at the medians of
+  hair_color, hair_length and background_mean (8 groups, as upstream) and each group gets its own model.
+* ``orthogonal``: the attributes not controlled are fitted too and held; each controlled direction is
+  projected off the span of every other fitted direction (InterFaceGAN's conditional manipulation).
+
+A seeded share of the samples (``holdout``) is kept out of every fit and gives the fit quality: R² and
+Pearson r of the predicted against the measured scores (ridge); the accuracy on the held-out top/bottom
+samples and the r of the calibrated prediction (svm).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ohlora.errors import PipelineError
+from ohlora.layout import PROPERTY_NAMES
+from stylegan_modified.attribute_metrics import pearson_r
+from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, AttributeDirections
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTRIBUTES = ('eyes', 'mouth', 'pose')
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    method: str = 'ridge'
+    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
+    orthogonal: bool = False
+    fraction: float = 0.2        # svm: top / bottom share of the scores
+    groups: bool = False         # svm: one model per hair_color x hair_length x background_mean median group
+    alpha: float = 1.0           # ridge: L2 penalty (scikit-learn's alpha)
+    svm_c: float = 1.0           # svm: LinearSVC's C
+    holdout: float = 0.1         # share of samples kept out of the fit, for the fit quality
+    seed: int = 0                # the held-out split and LinearSVC's random_state
+
+    @property
+    def held_attributes(self) -> tuple[str, ...]:
+        return tuple(a for a in PROPERTY_NAMES if a not in self.attributes) if self.orthogonal else ()
+
+    def as_json(self) -> dict:
+        return {'method': self.method, 'orthogonal': self.orthogonal, 'fraction': self.fraction,
+                'groups': self.groups, 'alpha': self.alpha, 'svm_c': self.svm_c, 'holdout': self.holdout}
+
+
+def check_fit_options(options: FitOptions) -> None:
+    """Every option problem as one ``PipelineError`` line, before anything is sampled or written."""
+    if options.method not in METHODS:
+        raise PipelineError(f'--method {options.method!r}: choose one of {", ".join(METHODS)}')
+    unknown = [a for a in options.attributes if a not in PROPERTY_NAMES]
+    if unknown:
+        raise PipelineError(f'--attributes: unknown attribute {unknown[0]!r}; choose from {", ".join(PROPERTY_NAMES)}')
+    if not options.attributes or len(set(options.attributes)) != len(options.attributes):
+        raise PipelineError(f'--attributes must list at least one attribute, each once (got {",".join(options.attributes)})')
+    if not 0.0 < options.fraction <= 0.5:
+        raise PipelineError(f'--fraction must be in (0, 0.5], got {options.fraction}')
+    if not 0.0 < options.holdout < 1.0:
+        raise PipelineError(f'--holdout must be in (0, 1), got {options.holdout}')
+    if not (np.isfinite(options.alpha) and options.alpha >= 0):
+        raise PipelineError(f'--alpha must be a finite number >= 0, got {options.alpha}')
+    if not (np.isfinite(options.svm_c) and options.svm_c > 0):
+        raise PipelineError(f'--svm-c must be a finite number > 0, got {options.svm_c}')
+    if options.groups and options.method != 'svm':
+        raise PipelineError('--groups applies to --method svm only (upstream grouped its SVMs)')
+
+
+def minimum_samples(options: FitOptions) -> int:
+    """The fewest samples a fit can run on: 2 held out, and (svm) 2 top/bottom samples per group and class."""
+    needed = max(4, int(np.ceil(2 / options.holdout)) + 2)
+    if options.method == 'svm':
+        per_group = int(np.ceil(2 / options.fraction))
+        needed = max(needed, int(np.ceil(per_group * (8 if options.groups else 1) / (1 - options.holdout))) + 1)
+    return needed
+
+
+def holdout_split(num: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) sample indices, sorted; the held-out share is at least 2 samples."""
+    order = np.random.default_rng(seed).permutation(num)
+    held = min(max(2, int(round(num * holdout))), num - 2)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _r2(predicted: np.ndarray, measured: np.ndarray) -> float:
+    total = float(np.sum((measured - measured.mean()) ** 2))
+    return 1.0 - float(np.sum((measured - predicted) ** 2)) / total if total > 0 else 0.0
+
+
+def fit_least_squares(w: np.ndarray, targets: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(coefficients [T, d], intercepts [T]) of ridge regressions of each target column on w."""
+    from sklearn.linear_model import Ridge
+
+    model = Ridge(alpha=alpha, fit_intercept=True).fit(w, targets)
+    return np.atleast_2d(model.coef_).astype(np.float64), np.atleast_1d(model.intercept_).astype(np.float64)
+
+
+def _top_bottom(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the bottom and the top ``fraction`` of ``scores`` (at least one each; ties by index)."""
+    k = max(1, int(round(fraction * scores.shape[0])))
+    order = np.argsort(scores, kind='stable')
+    return order[:k], order[-k:]
+
+
+def fit_svm_normal(w: np.ndarray, scores: np.ndarray, fraction: float, c: float, seed: int) -> np.ndarray:
+    """Unit normal [d] of a LinearSVC separating the top ``fraction`` of scores (label 1) from the bottom."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    bottom, top = _top_bottom(scores, fraction)
+    x = np.concatenate([w[bottom], w[top]])
+    y = np.concatenate([np.zeros(len(bottom)), np.ones(len(top))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ConvergenceWarning)
+        svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=seed).fit(x, y)
+    if any(issubclass(item.category, ConvergenceWarning) for item in caught):
+        log.warning('LinearSVC did not fully converge (%d samples); the direction may be less precise', len(y))
+    normal = svm.coef_[0].astype(np.float64)
+    norm = np.linalg.norm(normal)
+    if not np.isfinite(norm) or norm == 0:
+        raise PipelineError('an SVM found no separating direction (its normal is zero); sample more (--num)')
+    return normal / norm
+
+
+def svm_accuracy(w: np.ndarray, scores: np.ndarray, normal: np.ndarray, fraction: float) -> float:
+    """Accuracy of the best threshold on w · normal at telling the top ``fraction`` from the bottom one.
+
+    The threshold is the midpoint between the two classes' mean projections: a calibration-free version
+    of the SVM's own decision (whose offset depends on the regularisation).
+    """
+    bottom, top = _top_bottom(scores, fraction)
+    projection = w @ normal
+    threshold = 0.5 * (projection[bottom].mean() + projection[top].mean())
+    correct = np.sum(projection[bottom] <= threshold) + np.sum(projection[top] > threshold)
+    return float(correct) / (len(bottom) + len(top))
+
+
+def calibrate(w: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line score ≈ slope · (w · normal) + intercept."""
+    projection = w @ normal
+    design = np.stack([projection, np.ones_like(projection)], axis=1)
+    (slope, intercept), *_ = np.linalg.lstsq(design, scores, rcond=None)
+    return float(slope), float(intercept)
+
+
+def orthogonalize(normals: np.ndarray, names) -> np.ndarray:
+    """Unit edit directions [A, d] for the first A = len(names) rows of ``normals``: each projected off the span
+    of all the other rows, so that a step along it leaves every other fitted attribute's prediction unchanged."""
+    directions = []
+    for a, name in enumerate(names):
+        others = np.delete(normals, a, axis=0)
+        direction = normals[a].copy()
+        if len(others):
+            basis, singular, _ = np.linalg.svd(others.T, full_matrices=False)
+            basis = basis[:, singular > 1e-10 * max(1.0, singular.max())]
+            direction = direction - basis @ (basis.T @ direction)
+        norm = np.linalg.norm(direction)
+        if norm < 1e-8:
+            raise PipelineError(f'--orthogonal: the direction of {name} lies in the span of the other attributes\' '
+                                'directions; nothing is left of it after projecting them off')
+        directions.append(direction / norm)
+    return np.stack(directions)
+
+
+def _columns(scores: np.ndarray, names) -> np.ndarray:
+    return scores[:, [PROPERTY_NAMES.index(n) for n in names]]
+
+
+def _check_variation(scores: np.ndarray, names, where: str = '') -> None:
+    flat = [n for n, column in zip(names, scores.T) if np.ptp(column) == 0]
+    if flat:
+        raise PipelineError(f'the scores of {flat[0]} do not vary{where}; no direction can be fitted')
+
+
+def _fit_ridge(w, scores, fitted, options, train, test):
+    weights, intercepts = fit_least_squares(w[train], _columns(scores[train], fitted), options.alpha)
+    predicted = w[test] @ weights.T + intercepts
+    measured = _columns(scores[test], fitted)
+    quality = {name: {'r2': _r2(predicted[:, i], measured[:, i]),
+                      'r': float(pearson_r(predicted[:, i], measured[:, i])), 'n_test': int(len(test))}
+               for i, name in enumerate(fitted)}
+    return weights[None], intercepts[None], quality
+
+
+def _group_numbers(scores: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    above = (_columns(scores, GROUP_ATTRIBUTES) > medians).astype(np.int64)
+    return above @ (2 ** np.arange(len(GROUP_ATTRIBUTES) - 1, -1, -1))
+
+
+def _fit_svm(w, scores, fitted, options, train, test, medians):
+    groups = 2 ** len(GROUP_ATTRIBUTES) if options.groups else 1
+    train_group = _group_numbers(scores[train], medians) if options.groups else np.zeros(len(train), np.int64)
+    test_group = _group_numbers(scores[test], medians) if options.groups else np.zeros(len(test), np.int64)
+    d = w.shape[1]
+    normals, slopes = np.zeros((groups, len(fitted), d)), np.zeros((groups, len(fitted)))
+    intercepts = np.zeros((groups, len(fitted)))
+    accuracy = {n: [] for n in fitted}
+    predicted = np.zeros((len(test), len(fitted)))
+    for g in range(groups):
+        rows, held = train[train_group == g], test[test_group == g]
+        where = f' in group {g}' if options.groups else ''
+        if len(rows) < 2 * int(np.ceil(1 / options.fraction)):
+            raise PipelineError(f'only {len(rows)} training samples{where}; too few for the SVM, sample more (--num)')
+        _check_variation(_columns(scores[rows], fitted), fitted, where)
+        for i, name in enumerate(fitted):
+            column = scores[rows, PROPERTY_NAMES.index(name)]
+            normal = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
+            normals[g, i] = normal
+            slopes[g, i], intercepts[g, i] = calibrate(w[rows], column, normal)
+            predicted[test_group == g, i] = slopes[g, i] * (w[held] @ normal) + intercepts[g, i]
+            if len(held) >= 2:  # a top and a bottom sample at least
+                held_scores = scores[held, PROPERTY_NAMES.index(name)]
+                accuracy[name].append((svm_accuracy(w[held], held_scores, normal, options.fraction), len(held)))
+    measured = _columns(scores[test], fitted)
+    quality = {}
+    for i, name in enumerate(fitted):
+        pairs = accuracy[name]
+        mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else float('nan')
+        quality[name] = {'accuracy': float(mean), 'r': float(pearson_r(predicted[:, i], measured[:, i])),
+                         'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test))}
+        if options.groups:
+            quality[name]['accuracy_per_group'] = [float(a) for a, _ in pairs]
+    weights = slopes[..., None] * normals
+    return weights, intercepts, quality, normals, slopes
+
+
+def fit_directions(w: torch.Tensor, scores: torch.Tensor, options: FitOptions, **record) -> AttributeDirections:
+    """Fit the directions of ``options.attributes`` (and the held ones) on samples w [n, d], scores [n, 7].
+
+    ``record`` fills the identity fields of :class:`AttributeDirections` (generator, property_cnn, num,
+    seed, layers).
+    """
+    check_fit_options(options)
+    w_np = w.detach().cpu().double().numpy()
+    scores_np = scores.detach().cpu().double().numpy()
+    if w_np.shape[0] != scores_np.shape[0] or scores_np.shape[1:] != (len(PROPERTY_NAMES),):
+        raise ValueError(f'w {list(w_np.shape)} and scores {list(scores_np.shape)} do not pair up as [n, d], [n, 7]')
+    if w_np.shape[0] < minimum_samples(options):
+        raise PipelineError(f'{w_np.shape[0]} samples are too few for this fit; --num must be at least '
+                            f'{minimum_samples(options)}')
+    fitted = options.attributes + options.held_attributes
+    train, test = holdout_split(w_np.shape[0], options.holdout, options.seed)
+    _check_variation(_columns(scores_np[train], fitted), fitted)
+
+    group_kwargs = {}
+    medians = None
+    if options.groups:
+        medians = np.median(_columns(scores_np[train], GROUP_ATTRIBUTES), axis=0)
+        group_weights, group_intercepts = fit_least_squares(w_np[train], _columns(scores_np[train], GROUP_ATTRIBUTES),
+                                                            options.alpha)
+        group_kwargs = dict(group_attributes=GROUP_ATTRIBUTES, group_weights=torch.from_numpy(group_weights),
+                            group_intercepts=torch.from_numpy(group_intercepts), group_medians=torch.from_numpy(medians))
+
+    if options.method == 'ridge':
+        weights, intercepts, quality = _fit_ridge(w_np, scores_np, fitted, options, train, test)
+        slopes = np.linalg.norm(weights, axis=2)
+        if np.any(slopes == 0):
+            raise PipelineError('a ridge fit gave a zero coefficient vector; lower --alpha or sample more (--num)')
+        normals = weights / slopes[..., None]
+    else:
+        weights, intercepts, quality, normals, slopes = _fit_svm(w_np, scores_np, fitted, options, train, test, medians)
+
+    if options.orthogonal:
+        directions = np.stack([orthogonalize(normals[g], options.attributes) for g in range(normals.shape[0])])
+    else:
+        directions = normals[:, :len(options.attributes)].copy()
+
+    fitted_directions = AttributeDirections(
+        method=options.method, attributes=options.attributes, held_attributes=options.held_attributes,
+        weights=torch.from_numpy(weights), intercepts=torch.from_numpy(intercepts), normals=torch.from_numpy(normals),
+        slopes=torch.from_numpy(slopes), directions=torch.from_numpy(directions), options=options.as_json(),
+        fit_quality=quality, **group_kwargs, **record)
+    if options.groups:
+        # how often the group chosen at edit time (from w) is the group the CNN's scores put the sample in
+        chosen = fitted_directions.group_of(torch.from_numpy(w_np[test])).numpy()
+        quality['group_agreement'] = float(np.mean(chosen == _group_numbers(scores_np[test], medians)))
+    return fitted_directions

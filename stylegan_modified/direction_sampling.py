@@ -1,0 +1,249 @@
+"""Sampling for the attribute directions: for images 0..n-1, their w and their 7 property scores.
+
+Image *i* uses z_i drawn from an RNG seeded by (seed, i) (the same z as stage 1's image *i* for the same
+seed), w_i = mapping(z_i), the image synthesised from w_i on every layer (stored noise, no truncation) and
+scored by a scorer (the property CNN: images -> [N, 7] in the standard order). Generator and scorer are
+batched; only w and the scores are kept (80,000 samples of a 512-wide w are 160 MB, no images) unless
+``save_images`` asks for the JPEGs too.
+
+Samples are written in chunks of ``chunk_size`` images, each atomically, so an interrupted run loses at
+most one chunk and a rerun computes only the missing ones. Batches start at chunk boundaries, so a
+resumed run computes every chunk exactly as an uninterrupted one (bit for bit on CPU at the same batch
+size). The folder's ``samples_settings.json`` records what decides the numbers (the base generator's and
+the scorer's SHA-256, the seed, the widths, the chunk size); a run with other settings is refused in one
+line instead of mixing two populations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ohlora import atomic
+from ohlora.errors import PipelineError
+from ohlora.layout import DirectionSamplesFolder
+from ohlora.weights import sha256_of
+from stylegan.postprocess import to_uint8
+from stylegan.sampling import Z_STREAM, image_latent
+from stylegan_modified.w_space import WGenerator, broadcast_w
+
+log = logging.getLogger(__name__)
+
+CHUNK_FORMAT = 'ohlora-direction-samples-chunk'
+Z_RULE = f'z_i = randn(z_dim) from item_generator(seed, i, stream {Z_STREAM}) (stage 1\'s z of image i)'
+NUM_SCORES = 7
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def file_identity(path: str | Path) -> dict:
+    """What identifies a weights file in records: its name, size and SHA-256 (the content decides, not the name)."""
+    path = Path(path)
+    return {'file': path.name, 'bytes': path.stat().st_size, 'sha256': sha256_of(path)}
+
+
+class PropertyCNNScorer:
+    """The property-score CNN as a scorer: raw generator images (about [-1, 1]) -> [N, 7], eval mode.
+
+    The generator's output goes in as it is, as in v3's loss and per-epoch test (no clamping, no uint8
+    round trip).
+    """
+
+    def __init__(self, cnn: torch.nn.Module):
+        self.cnn = cnn.eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.cnn.parameters()).device
+        return self.cnn(images.to(device))
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything that decides the numbers of a sample; a resumed run must use the same."""
+    generator: dict            # identity of the base generator (kind, file, bytes, sha256, label, ...)
+    scorer: dict               # identity of the scorer (file, bytes, sha256 of the property CNN)
+    seed: int
+    z_dim: int
+    w_dim: int
+    num_layers: int
+    chunk_size: int
+    z_rule: str = Z_RULE
+    extra: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        # a JSON round trip, so that tuples compare equal to the lists read back from the record
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode('utf-8')).hexdigest()
+
+
+@dataclass
+class SampleSet:
+    """w [n, w_dim] and scores [n, 7] (float32, CPU) of images 0..n-1; how many were computed now or reused."""
+    w: torch.Tensor
+    scores: torch.Tensor
+    settings: SampleSettings
+    computed: int = 0
+    reused: int = 0
+
+    @property
+    def num(self) -> int:
+        return int(self.w.shape[0])
+
+
+def chunk_plan(num: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(chunk index, first image, image count) covering images 0..num-1."""
+    return [(k, k * chunk_size, min(chunk_size, num - k * chunk_size)) for k in range(math.ceil(num / chunk_size))]
+
+
+def _flatten(record: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def _read_settings(files: DirectionSamplesFolder) -> dict | None:
+    path = files.settings_json
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise PipelineError(f'{path} is not a samples record of the directions tool; delete the folder '
+                            f'{files.folder} or choose another --samples-dir')
+    return recorded
+
+
+def check_settings(files: DirectionSamplesFolder, settings: SampleSettings) -> bool:
+    """True when the folder already records ``settings``; a folder of other settings is refused in one line."""
+    recorded = _read_settings(files)
+    chunks = files.chunk_files()
+    if recorded is None:
+        if chunks:
+            raise PipelineError(f'{files.folder} holds {len(chunks)} sample chunks but no {files.settings_json.name} '
+                                'says how they were made; delete them or choose another --samples-dir')
+        return False
+    wanted = settings.as_json()
+    if recorded == wanted:
+        return True
+    before, after = _flatten(recorded), _flatten(wanted)
+    changed = [k for k in after if before.get(k) != after[k]] + sorted(set(before) - set(after))
+    detail = ', '.join(f'{k} {before.get(k)!r} -> {after.get(k)!r}' for k in changed[:3])
+    raise PipelineError(f'{files.folder} holds samples made with other settings ({detail}); rerun with the same '
+                        'generator, property CNN and seed, or choose another --samples-dir')
+
+
+def _load_chunk(path: Path, digest: str, start: int, count: int, w_dim: int) -> dict | None:
+    """The chunk's w and scores if it is a complete chunk of these settings covering the images; else None."""
+    if not path.is_file():
+        return None
+    try:
+        chunk = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # atomic writes make this rare (a disk error); recomputing is always safe
+        log.warning('%s is unreadable (%s); computing it again', path, type(exc).__name__)
+        return None
+    ok = (isinstance(chunk, dict) and chunk.get('format') == CHUNK_FORMAT and chunk.get('settings_sha256') == digest
+          and chunk.get('start') == start and isinstance(chunk.get('w'), torch.Tensor)
+          and isinstance(chunk.get('scores'), torch.Tensor))
+    if not ok:
+        log.warning('%s is not a sample chunk of these settings; computing it again', path)
+        return None
+    w, scores = chunk['w'], chunk['scores']
+    if w.ndim != 2 or w.shape[1] != w_dim or tuple(scores.shape) != (w.shape[0], NUM_SCORES) or w.shape[0] < count:
+        return None  # a shorter chunk (a smaller --num before): computed again, fully
+    return {'w': w[:count], 'scores': scores[:count]}
+
+
+def _ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'{atomic.TMP_PREFIX}probe'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(f'cannot write into {folder}: {exc.strerror or exc}') from None
+
+
+def _check_scores(scores: torch.Tensor, rows: int) -> torch.Tensor:
+    if tuple(scores.shape) != (rows, NUM_SCORES):
+        raise PipelineError(f'the scorer returned scores of shape {list(scores.shape)}, expected [{rows}, {NUM_SCORES}]')
+    if not bool(torch.isfinite(scores).all()):
+        raise PipelineError('the property CNN gave NaN or infinite scores; its weights or the generator\'s are broken')
+    return scores
+
+
+def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int, count: int, batch_size: int,
+                  image_paths: Callable[[int], Path] | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [count, w_dim] and scores [count, 7] of images start..start+count-1, in batches from ``start``."""
+    ws, scores = [], []
+    for offset in range(0, count, batch_size):
+        numbers = range(start + offset, start + min(offset + batch_size, count))
+        z = torch.stack([image_latent(seed, n, w_generator.z_dim) for n in numbers])
+        with torch.inference_mode():
+            w = w_generator.w(z)
+            images = w_generator.images(broadcast_w(w, w_generator.num_layers))
+            batch_scores = _check_scores(scorer(images), len(numbers))
+        if image_paths is not None:
+            for n, rgb in zip(numbers, to_uint8(images)):
+                atomic.write_image(image_paths(n), rgb[:, :, ::-1])
+        ws.append(w.detach().to('cpu', torch.float32))
+        scores.append(batch_scores.detach().to('cpu', torch.float32))
+        if bar is not None:
+            bar.update(len(numbers))
+    return torch.cat(ws), torch.cat(scores)
+
+
+def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: DirectionSamplesFolder,
+                        settings: SampleSettings, num: int, batch_size: int, save_images: bool = False,
+                        progress: bool = True) -> SampleSet:
+    """w and scores of images 0..num-1: chunks already in ``files`` are reused, the others computed and written."""
+    if num < 1:
+        raise PipelineError(f'--num must be at least 1, got {num}')
+    if batch_size < 1 or settings.chunk_size < 1:
+        raise PipelineError('the batch size and the chunk size must be at least 1')
+    if (w_generator.z_dim, w_generator.w_dim, w_generator.num_layers) != \
+            (settings.z_dim, settings.w_dim, settings.num_layers):
+        raise ValueError('the settings do not describe this generator (z, w widths or layers differ)')
+    recorded = check_settings(files, settings)
+    digest = settings.digest()
+    plan = chunk_plan(num, settings.chunk_size)
+
+    parts: dict[int, dict] = {}
+    for index, start, count in plan:
+        chunk = _load_chunk(files.chunk(index), digest, start, count, settings.w_dim)
+        images_there = not save_images or all(files.image(n).is_file() for n in range(start, start + count))
+        if chunk is not None and images_there:
+            parts[index] = chunk
+    todo = [item for item in plan if item[0] not in parts]
+    reused = sum(count for index, _, count in plan if index in parts)
+    if todo:
+        _ensure_writable(files.folder)
+        if not recorded:
+            atomic.write_json(files.settings_json, settings.as_json())
+    bar = tqdm(total=sum(c for _, _, c in todo), desc='sampling w + scores', unit='img', disable=not progress)
+    for index, start, count in todo:
+        w, scores = compute_chunk(w_generator, scorer, settings.seed, start, count, batch_size,
+                                  files.image if save_images else None, bar)
+        # written last: a chunk on disk means its images (if asked) are there too
+        atomic.torch_save(files.chunk(index), {'format': CHUNK_FORMAT, 'settings_sha256': digest, 'start': start,
+                                               'count': count, 'w': w, 'scores': scores})
+        parts[index] = {'w': w, 'scores': scores}
+    bar.close()
+    ordered = [parts[index] for index, _, _ in plan]
+    return SampleSet(w=torch.cat([p['w'] for p in ordered]), scores=torch.cat([p['scores'] for p in ordered]),
+                     settings=settings, computed=num - reused, reused=reused)

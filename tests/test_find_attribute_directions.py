@@ -1,0 +1,157 @@
+"""find_attribute_directions.py end to end on tiny weights: outputs, rerun, resume, upstream recipe, bad input."""
+import json
+
+import pytest
+import torch
+
+from direction_toys import PooledScorer
+from ohlora.weights import sha256_of
+from script_runner import files_of, run_script
+from stylegan_modified.attribute_directions import load_directions_control
+from stylegan_modified.controllable import ControllableGenerator
+from stylegan_modified.directions_file import read_directions
+from stylegan_modified.property_score_cnn import PropertyScoreCNN
+
+SCRIPT = 'find_attribute_directions.py'
+
+
+@pytest.fixture(scope='module')
+def inputs(reference_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('directions_inputs')
+    torch.manual_seed(0)
+    torch.save(PropertyScoreCNN().state_dict(), folder / 'cnn.pth')  # random weights, the real architecture
+    tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
+    torch.save(tiny['state_dicts']['v1_generator'], folder / 'v1.pth')
+    return {'genforce': reference_dir / 'genforce' / 'tiny_ckpt.pth', 'cnn': folder / 'cnn.pth',
+            'v1': folder / 'v1.pth'}
+
+
+def args(inputs, root, *extra, weights=None):
+    return ['--weights', weights or inputs['genforce'], '--property-cnn', inputs['cnn'], '--root', root,
+            '--device', 'cpu', '--no-progress', *extra]
+
+
+class StandInScorer:
+    """Cheap stand-in for the property CNN (the script still loads the real file; the 256 px forward is skipped)."""
+    fail_after = None
+
+    def __init__(self, cnn):
+        self.pooled = PooledScorer()
+
+    def __call__(self, images):
+        if StandInScorer.fail_after is not None:
+            if StandInScorer.fail_after == 0:
+                raise KeyboardInterrupt
+            StandInScorer.fail_after -= 1
+        return self.pooled(images)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    import stylegan_modified.direction_finding as finding
+    monkeypatch.setattr(finding, 'PropertyCNNScorer', StandInScorer)
+    StandInScorer.fail_after = None
+    yield StandInScorer
+    StandInScorer.fail_after = None
+
+
+def test_end_to_end_with_the_real_property_cnn_architecture(inputs, tmp_path, capsys):
+    root = tmp_path / 'root'
+    extra = ['--num', '10', '--holdout', '0.25', '--chunk-size', '5', '--batch-size', '5']
+    assert run_script(SCRIPT, *args(inputs, root, *extra)) == 0
+    out = capsys.readouterr().out
+    assert 'ridge directions for eyes, mouth, pose from 10 samples (10 sampled now, 0 reused' in out
+    assert 'eyes: held-out R²' in out
+    path = root / 'stylegan_modified' / 'attribute_directions.pt'
+    directions = read_directions(path)
+    assert directions.generator['sha256'] == sha256_of(inputs['genforce']) and directions.generator['kind'] == 'original'
+    assert directions.property_cnn == {'file': 'cnn.pth', 'bytes': inputs['cnn'].stat().st_size,
+                                       'sha256': sha256_of(inputs['cnn'])}
+    assert (directions.num, directions.seed, directions.layers, directions.method) == (10, 0, (0, 13), 'ridge')
+    report = json.loads((root / 'stylegan_modified' / 'attribute_directions_fit_quality.json').read_text())
+    assert set(report['fit_quality']) == {'eyes', 'mouth', 'pose'} and report['fit_quality']['eyes']['n_test'] == 2
+    samples = root / 'stylegan_modified' / 'attribute_direction_samples'
+    assert sorted(p.name for p in samples.iterdir()) == ['chunk_000000.pt', 'chunk_000001.pt', 'samples_settings.json']
+
+    control = load_directions_control(path, inputs['genforce'], 'cpu')
+    assert isinstance(control, ControllableGenerator)
+    assert control.images(torch.randn(2, 64), torch.zeros(2, 7)).shape == (2, 3, 256, 256)
+
+    before = files_of(samples)
+    assert run_script(SCRIPT, *args(inputs, root, *extra)) == 0  # a rerun reuses every sample
+    assert '(0 sampled now, 10 reused' in capsys.readouterr().out
+    assert files_of(samples) == before
+    assert torch.equal(read_directions(path).weights, directions.weights)
+
+
+def test_an_interrupted_run_resumes_to_the_same_directions(inputs, tmp_path, stand_in, capsys):
+    extra = ['--num', '30', '--chunk-size', '8', '--batch-size', '4', '--orthogonal', '--layers', '0-7']
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'whole', *extra)) == 0
+    stand_in.fail_after = 5  # dies in the 6th batch: chunks 0 and 1 done
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'parts', *extra)) == 130
+    assert 'interrupted' in capsys.readouterr().err
+    stand_in.fail_after = None
+    assert not (tmp_path / 'parts' / 'stylegan_modified' / 'attribute_directions.pt').exists()
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'parts', *extra)) == 0
+    assert '(14 sampled now, 16 reused' in capsys.readouterr().out
+    whole, parts = (read_directions(tmp_path / r / 'stylegan_modified' / 'attribute_directions.pt')
+                    for r in ('whole', 'parts'))
+    assert whole.held_attributes == ('hair_color', 'hair_length', 'background_mean', 'background_std')
+    assert whole.layers == (0, 7)
+    for key in ('weights', 'intercepts', 'directions'):
+        assert torch.equal(getattr(whole, key), getattr(parts, key))
+
+
+def test_the_upstream_recipe_on_a_v1_base(inputs, tmp_path, stand_in, capsys):
+    output = tmp_path / 'out' / 'upstream.pt'
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--compat', 'upstream', '--num', '160',
+                                     '--output', output, '--chunk-size', '80', '--batch-size', '40',
+                                     weights=inputs['v1'])) == 0
+    assert 'svm directions for eyes, mouth, pose' in capsys.readouterr().out
+    directions = read_directions(output)
+    assert (directions.method, directions.num_groups, directions.generator['kind']) == ('svm', 8, 'v1')
+    assert directions.generator['label'] == [0.0] * 7 and directions.options['fraction'] == 0.2
+    assert (tmp_path / 'out' / 'upstream_fit_quality.json').is_file()
+    control = load_directions_control(output, inputs['v1'], 'cpu')
+    assert control.images(torch.randn(3, 32), torch.zeros(3, 7)).shape == (3, 3, 256, 256)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--fraction', '0.3'], '--fraction applies to --method svm only'),
+    (['--groups'], '--groups applies to --method svm only'),
+    (['--attributes', 'eyes,nose'], "unknown attribute 'nose'"),
+    (['--num', '5'], '--num 5 is too few samples'),
+    (['--method', 'svm', '--fraction', '0.6'], '--fraction must be in'),
+    (['--holdout', '1.5'], '--holdout must be in'),
+    (['--layers', '0-20'], 'outside the generator\'s layers 0..13'),
+    (['--layers', 'fine'], "--layers 'fine' is not a layer range"),
+    (['--generator', 'v1'], 'not the Oh-LoRA v1 generator'),
+])
+def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, extra, message):
+    root = tmp_path / 'root'
+    root.mkdir()
+    (root / 'keep.txt').write_text('x')
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '30', *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err and err.count('\n') == 1
+    assert files_of(root) == {'keep.txt': b'x'}
+
+
+def test_bad_files_are_one_line_and_write_nothing(inputs, tmp_path, capsys, stand_in):
+    root = tmp_path / 'root'
+    cases = [(args(inputs, root, weights=tmp_path / 'missing.pth'), 'no such file'),
+             (['--weights', inputs['genforce'], '--property-cnn', inputs['genforce'], '--root', root, '--device', 'cpu'],
+              'not the Oh-LoRA v2 property-score CNN'),
+             (args(inputs, root, '--output', tmp_path), 'is a folder')]
+    for argv, message in cases:
+        assert run_script(SCRIPT, *argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and message in err and err.count('\n') == 1
+        assert not root.exists()
+    # samples of another seed are refused, nothing changes
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '24', '--chunk-size', '12')) == 0
+    before = files_of(root)
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '24', '--chunk-size', '12', '--seed', '1')) == 2
+    err = capsys.readouterr().err
+    assert 'holds samples made with other settings (seed 0 -> 1)' in err and err.count('\n') == 1
+    assert files_of(root) == before
