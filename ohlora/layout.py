@@ -49,6 +49,13 @@ class Layout:
         except ValueError:
             return Path(path).name
 
+    # --- weights ---
+    @staticmethod
+    def download_record(weights: Path) -> Path:
+        """Size and SHA-256 of a downloaded weights file, recorded beside it by the download (JSON)."""
+        weights = Path(weights)
+        return weights.with_name(weights.name + '.download.json')
+
     # --- stage 1: sampling ---
     @property
     def original_generator_weights(self) -> Path:
