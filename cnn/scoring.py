@@ -28,7 +28,7 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 
 DROPOUT_STREAM = 20  # item_generator stream of the compat-mode dropout draws
 

@@ -41,7 +41,7 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 
 SCHEDULES = ('restarts', 'upstream')
 EPOCH_LOG_COLUMNS = ['epoch', 'val_loss', 'val_accuracy', 'tp', 'tn', 'fp', 'fn', 'val_recall', 'val_precision',
