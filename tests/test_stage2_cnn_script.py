@@ -283,7 +283,7 @@ def test_bad_input_fails_in_one_line_and_destroys_nothing(tmp_path, weights_dir,
         ('img_name,quality,gender\n0,1,1\n', [bad_weights], 'gender_model_3.pt does not fit the gender CNN'),
         ('img_name,quality,gender\n0,1,1\n', [corrupt_weights], 'quality_model_1.pt is not a readable PyTorch'),
         ('img_name,quality,gender\n0,1,\n', [], 'empty or NaN values in column gender'),
-        ('img_name,quality,gender\n0,1,1\n', [tmp_path / 'nowhere'], 'no such file'),
+        ('img_name,quality,gender\n0,1,1\n', [tmp_path / 'nowhere'], '--weights '+str(tmp_path / 'nowhere')+': no such folder'),
         (None, [None, '--retrain'], '--retrain needs labels'),
         ('img_name,quality,gender\n0,1,1\n', ['--retrain'], '--weights and --retrain exclude each other'),
     ]
