@@ -74,7 +74,7 @@ class Skip:
 
 
 @dataclass
-class StageSummary:
+class ParsingSummary:
     parsed: int = 0
     already_done: int = 0
     skipped: dict[int, str] = field(default_factory=dict)
@@ -306,13 +306,13 @@ class StageRecord:
 
 def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple[int, Path]],
               batch_size: int, device: torch.device, progress: bool = True,
-              present: set[int] | None = None, record: StageRecord | None = None) -> StageSummary:
+              present: set[int] | None = None, record: StageRecord | None = None) -> ParsingSummary:
     """Parse ``pending`` images in batches, write their files, and keep ``skipped.csv`` and the record up to date.
 
     Skip entries of earlier runs are kept for images this run did not reach (an interrupted run) that are
     still unfinished and, when ``present`` (every input number) is given, still in the input folder.
     """
-    summary = StageSummary()
+    summary = ParsingSummary()
     layout.segmentation_dir.mkdir(parents=True, exist_ok=True)
     earlier = read_skip_list(layout.segmentation_skipped_csv)
     paths = dict(pending)
