@@ -203,6 +203,7 @@ def fetch(key: str, layout: Layout, override: str | Path | None = None) -> Path:
     reason = offline_reason(f'{_hub_endpoint()}/{source.hf_repo}' if source.hf_repo else source.url)
     if reason is not None:
         raise _unavailable(source, dest, reason)
+    atomic.remove_stale_temporaries(dest.parent)  # staging folders of downloads that were killed
     try:
         _download(layout, source, dest)
     except PipelineError:

@@ -143,10 +143,15 @@ def read_stage_record(layout: Layout) -> dict | None:
     return record
 
 
+def check_outputs(layout: Layout) -> None:
+    """A folder or link under a result's name is a one-line error (a rerun could neither trust nor replace it)."""
+    scan_outputs(layout.segmentation_dir, OUTPUT_PATTERN, 'a stage-3 result file')
+
+
 def plan_work(layout: Layout, inputs: InputImages, settings: dict) -> WorkPlan:
     """Images whose results (all three files, or a skip entry) were made from the same bytes with the same settings
     are not redone; every other image is pending."""
-    scan_outputs(layout.segmentation_dir, OUTPUT_PATTERN, 'a stage-3 result file')  # no folder under such names
+    check_outputs(layout)
     record = read_stage_record(layout)
     recorded = record['inputs'] if record is not None and record.get('settings') == settings else {}
     earlier = read_skip_list(layout.segmentation_skipped_csv)

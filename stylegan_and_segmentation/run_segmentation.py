@@ -19,8 +19,8 @@ from ohlora.records import weights_digest
 from ohlora.weights import fetch
 from segmentation.face_detection import FaceDetector
 from segmentation.facexformer import load_facexformer
-from segmentation.parsing import (StageRecord, list_input_images, plan_work, run_info, run_stage, stage2_empty_reason,
-                                  stage_settings)
+from segmentation.parsing import (StageRecord, check_outputs, list_input_images, plan_work, run_info, run_stage,
+                                  stage2_empty_reason, stage_settings)
 
 EXAMPLES = '''
   # parse stylegan/synthesize_results_filtered/ (downloads FaceXFormer ckpts/model.pt, 1.1 GB, if needed)
@@ -53,6 +53,7 @@ def main(argv=None):
         print(f'ignoring {len(inputs.ignored)} files in {images_dir} that are not NNNNNN.jpg images '
               f'(e.g. {inputs.ignored[0]})')
     check_writable(layout.segmentation_dir)
+    check_outputs(layout)
 
     weights = fetch('facexformer', layout, args.weights)
     settings = stage_settings(weights_digest(weights))
