@@ -194,6 +194,19 @@ def scan_outputs(folder: str | Path, pattern: re.Pattern, noun: str) -> FolderSc
     return scan
 
 
+# --- resuming work in batches ----------------------------------------------------------------------------------
+
+def aligned_batches(items: list, done, batch_size: int) -> list[list]:
+    """The batches ``items[k*B:(k+1)*B]`` that hold an item not ``done``, whole.
+
+    Float results can depend on which images share a batch; rendering the same batches as an uninterrupted run
+    (and writing only what is missing) makes a resumed run's files byte-identical to it, at the price of at most
+    one batch rendered twice.
+    """
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    return [batch for batch in batches if any(item not in done for item in batch)]
+
+
 # --- z records -------------------------------------------------------------------------------------------------
 
 def write_z_record(path: str | Path, img_nos: list[int], z: np.ndarray) -> bool:

@@ -287,8 +287,11 @@ def _prefetched(iterator: Iterator, enabled: bool) -> Iterator:
 
 class StageRecord:
     """``segmentation_meta.json``: the settings, and per image the input file (relative to the root, so stage 4
-    finds it) and the SHA-256 of the bytes its results were made from. Saved every ``RECORD_EVERY`` images and at
-    the end, after the files it vouches for: a killed run redoes at most the images since the last save."""
+    finds it) and the SHA-256 of the bytes its results were made from.
+
+    Saved after whole batches (every ``RECORD_EVERY`` images) and at the end, after the files it vouches for: a
+    killed run redoes the images since the last save, in the batches an uninterrupted run would have formed, so
+    its files come out byte-identical."""
 
     def __init__(self, layout: Layout, settings: dict, standing: dict[str, dict], info: dict):
         self.layout, self.settings, self.inputs, self.info = layout, settings, dict(standing), dict(info)
@@ -299,6 +302,8 @@ class StageRecord:
             return  # nothing to compare a rerun with: the image is tried again
         self.inputs[f'{img_no:06d}'] = {'source': self.layout.path_from_root(path), 'sha256': digest}
         self.unsaved += 1
+
+    def save_if_due(self) -> None:
         if self.unsaved >= RECORD_EVERY:
             self.save()
 
@@ -333,8 +338,10 @@ def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple
                 for face, class_map, pixels in zip(batch, class_maps, face_pixels):
                     write_outputs(layout, face.img_no, pixels, class_map)
                     reached.add(face.img_no)
-                    if record is not None:
+                if record is not None:  # a whole batch at a time: see StageRecord
+                    for face in batch:
                         record.add(face.img_no, paths[face.img_no], face.digest)
+                    record.save_if_due()
                 summary.parsed += len(batch)
                 bar.update(len(batch))
     finally:

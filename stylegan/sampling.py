@@ -24,7 +24,8 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name, parse_img_no
-from ohlora.records import read_record, refuse_other_settings, scan_outputs, write_record, write_z_record
+from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_record,
+                            write_z_record)
 from stylegan.postprocess import require_finite, to_uint8
 
 # Streams of item_generator: one independent RNG per purpose and image.
@@ -134,19 +135,19 @@ def sample_images(generator, layout: Layout, recipe: SamplingRecipe, num: int, b
     bar = tqdm(total=len(todo), desc='sampling', unit='img', disable=not progress)
     # Encoding JPEGs releases the GIL, so a few threads overlap it with the next batch's forward pass.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for index, batch in enumerate(aligned_batches(list(range(num)), done, batch_size)):
             z = torch.stack([sampled_latent(recipe.seed, n, recipe.z_dim) for n in batch])
             images = render_sampled(generator, z, recipe, batch)
-            if start == 0:
+            if index == 0:
                 record()
             pending = [pool.submit(atomic.write_image, layout.synthesized_image(n), rgb[:, :, ::-1])
-                       for n, rgb in zip(batch, images)]
+                       for n, rgb in zip(batch, images) if n not in done]
             for future in pending:
                 future.result()
-            bar.update(len(batch))
+            bar.update(len(pending))
     bar.close()
     return len(todo)
+
 
 
 def import_published(layout: Layout) -> int:

@@ -27,8 +27,8 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, GenerationFolder
-from ohlora.records import (read_record, refuse_other_settings, scan_outputs, write_if_changed, write_record,
-                            write_z_record)
+from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
+                            write_record, write_z_record)
 from ohlora.tables import read_table
 from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified.labels import label_vector
@@ -154,22 +154,23 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
                                                           for n in img_nos]).numpy())
 
     encoded: dict[tuple[int, float | None], bytes] = {}
+    missing = set(todo)
     bar = tqdm(total=len(todo), desc=f'generating ({settings.model})', unit='img', disable=not progress)
     with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG encoding releases the GIL
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for index, batch in enumerate(aligned_batches(items, set(items) - missing, batch_size)):
             z = torch.stack([varied_latent(base_z, settings.seed, n, settings.variation) for n, _ in batch])
             labels = torch.from_numpy(np.stack([label_vector({**values, **({sweep: v} if sweep else {})})
                                                 for _, v in batch]))
             images = render_labelled(generator, z, labels, [n for n, _ in batch])
-            if start == 0:
+            if index == 0:
                 record()
-            jpegs = list(pool.map(lambda rgb: atomic.encode_image('.jpg', rgb[:, :, ::-1]), images))
-            for (n, v), data in zip(batch, jpegs):
+            wanted = [(item, rgb) for item, rgb in zip(batch, images) if item in missing]
+            jpegs = list(pool.map(lambda pair: atomic.encode_image('.jpg', pair[1][:, :, ::-1]), wanted))
+            for ((n, v), _), data in zip(wanted, jpegs):
                 atomic.write_bytes(files.image(n, v), data)
                 if sweep is not None:  # only a sweep's grid needs them again
                     encoded[(n, v)] = data
-            bar.update(len(batch))
+            bar.update(len(wanted))
     bar.close()
     if not todo:
         record()  # a finished rerun writes nothing: both records are written only when they change
