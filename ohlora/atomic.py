@@ -177,6 +177,15 @@ def check_writable(*folders: str | Path) -> None:
             remove_stale_temporaries(folder)
 
 
+def check_replaceable(*paths: str | Path) -> None:
+    """Fail in one line, before anything runs, when an output file's name is taken by a folder (or anything else
+    that is not a regular file or a link to one): the rename at the end of its write would fail mid-run."""
+    for path in map(Path, paths):
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            kind = 'a folder' if path.is_dir() else 'not a regular file'
+            raise PipelineError(f'cannot write {path}: it is {kind}; move it away')
+
+
 _UMASK_LOCK = threading.Lock()
 
 

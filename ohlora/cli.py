@@ -19,10 +19,18 @@ NEGATIVE_VALUE = re.compile(r'^-(?:\d|\.\d|inf|nan)', re.IGNORECASE)
 FLOAT_LIMIT = 1000.0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a :class:`PipelineError` (one ``error:`` line, exit status 2, via :func:`run`)
+    instead of the usage text plus an error line."""
+
+    def error(self, message: str):
+        raise PipelineError(f'{message} (see --help)')
+
+
 def make_parser(description: str, examples: str) -> argparse.ArgumentParser:
     """A parser whose help shows the description and the examples as written (no %-formatting of either)."""
-    parser = argparse.ArgumentParser(description=description, epilog='examples:\n' + examples.rstrip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=description, epilog='examples:\n' + examples.rstrip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser._negative_number_matcher = NEGATIVE_VALUE
     return parser
 

@@ -145,6 +145,8 @@ def read_stage_record(layout: Layout) -> dict | None:
 
 def check_outputs(layout: Layout) -> None:
     """A folder or link under a result's name is a one-line error (a rerun could neither trust nor replace it)."""
+    atomic.check_writable(layout.segmentation_dir)
+    atomic.check_replaceable(layout.segmentation_skipped_csv, layout.segmentation_meta)
     scan_outputs(layout.segmentation_dir, OUTPUT_PATTERN, 'a stage-3 result file')
 
 

@@ -298,6 +298,8 @@ def run(layout: Layout, algorithm: int, *, stats_file: str | Path | None = None,
     saved_stats: dict[str, ColumnStats] | None = (read_stats(stats_file, algorithm) if stats_file is not None
                                                   else None)
     atomic.check_writable(layout.property_scores_dir)
+    atomic.check_replaceable(layout.property_scores_raw_csv(algorithm), layout.property_scores_csv(algorithm),
+                             layout.property_scores_stats(algorithm))
     img_nos = parsed_images(layout)
     statistics_from = FROM_THESE_SCORES if saved_stats is None else f'file {Path(stats_file).name}'
 

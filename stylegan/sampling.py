@@ -90,6 +90,12 @@ def existing_images(folder: Path) -> set[int]:
     return set(scan.found.values())
 
 
+def check_outputs(layout: Layout) -> None:
+    """The stage-1 folders can be written and no folder sits where a record goes (before anything runs)."""
+    atomic.check_writable(layout.synthesized_dir, layout.synthesized_meta.parent)
+    atomic.check_replaceable(layout.synthesized_meta, layout.synthesized_z_csv)
+
+
 def read_meta(layout: Layout) -> dict | None:
     """The stage-1 record (how the images were made), None when there is none; one line when it is unusable."""
     return read_record(layout.synthesized_meta, 'stage-1 record',
@@ -117,7 +123,7 @@ def sample_images(generator, layout: Layout, recipe: SamplingRecipe, num: int, b
     """Write images 0..num-1 that are not there yet; returns how many were written."""
     if num < 1:
         raise PipelineError(f'--num must be at least 1, got {num}')
-    atomic.check_writable(layout.synthesized_dir, layout.synthesized_meta.parent)
+    check_outputs(layout)
     folder = layout.synthesized_dir
     done = existing_images(folder)
     check_resumable(layout, recipe, done)
@@ -155,7 +161,7 @@ def import_published(layout: Layout) -> int:
     from ohlora.weights import OHLORA_ALL_IMAGES_DATASET, fetch_dataset_images
 
     folder = layout.synthesized_dir
-    atomic.check_writable(folder, layout.synthesized_meta.parent)
+    check_outputs(layout)
     done = existing_images(folder)
     meta = read_meta(layout)
     if done and (meta is None or meta.get('source') != PUBLISHED):

@@ -18,7 +18,7 @@ from cnn.models import MODEL_CLASSES
 from cnn.properties import FOLDS, GENDER, PROPERTIES, QUALITY
 from cnn.scoring import score_images, scoring_settings
 from cnn.training import TrainingConfig, TrainingSamples, train_all
-from ohlora.atomic import check_writable
+from ohlora.atomic import check_replaceable, check_writable
 from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
@@ -114,6 +114,9 @@ def main(argv=None):
     compat = args.compat == 'upstream'
     layout = Layout(args.root)
     check_writable(*output_folders(layout, args.retrain))
+    check_replaceable(layout.cnn_record('scoring'), layout.cnn_merged_csv,
+                      *[path for prop in PROPERTIES for path in (layout.cnn_inference_csv(prop),
+                                                                  layout.cnn_partial_scores(prop))])
     available = existing_images(layout.synthesized_dir)
     if not available:
         source = image_source(layout)

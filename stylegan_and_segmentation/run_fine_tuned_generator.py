@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ohlora.atomic import check_writable
 from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
@@ -22,7 +21,7 @@ from ohlora.layout import PROPERTY_NAMES, Layout
 from ohlora.records import array_digest, weights_digest
 from ohlora.weights import SOURCES, fetch
 from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
-from stylegan_modified.generation import GenerationSettings, existing_images, generate, read_z_csv
+from stylegan_modified.generation import GenerationSettings, check_outputs, generate, read_z_csv
 from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
 
 EXAMPLES = '''
@@ -107,8 +106,7 @@ def main(argv=None):
 
     layout = Layout(args.root)
     files = layout.generation_folder(args.model, args.outdir, args.sweep)
-    check_writable(files.folder)
-    existing_images(files)
+    check_outputs(files)
     device = resolve_device(args.device)
     disable_tf32()
     weights = fetch(WEIGHT_SOURCES[args.model], layout, args.weights)

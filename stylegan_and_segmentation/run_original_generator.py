@@ -1,7 +1,6 @@
 """Stage 1: sample faces from GenForce's pretrained StyleGAN (celeba_partial-256x256), or import the published set."""
 from __future__ import annotations
 
-from ohlora.atomic import check_writable
 from ohlora.cli import add_common_options, check_float, make_parser, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
@@ -9,7 +8,7 @@ from ohlora.layout import Layout
 from ohlora.records import weights_digest
 from ohlora.weights import fetch
 from stylegan.checkpoint import load_generator
-from stylegan.sampling import SamplingRecipe, existing_images, import_published, sample_images
+from stylegan.sampling import SamplingRecipe, check_outputs, existing_images, import_published, sample_images
 
 EXAMPLES = '''
   # 10,000 images into stylegan/synthesize_results/ (downloads the GenForce zoo file if needed)
@@ -59,7 +58,7 @@ def main(argv=None):
     if mixing is None:
         mixing = UPSTREAM_STYLE_MIXING_PROB if args.compat == 'upstream' else 0.0
     check_float('--style-mixing-prob', mixing, 0.0, 1.0)
-    check_writable(layout.synthesized_dir, layout.synthesized_meta.parent)
+    check_outputs(layout)
     existing_images(layout.synthesized_dir)
 
     device = resolve_device(args.device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ohlora.atomic import check_writable
 from ohlora.cli import add_common_options, make_parser, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.layout import Layout
@@ -52,7 +51,6 @@ def main(argv=None):
     if inputs.ignored:
         print(f'ignoring {len(inputs.ignored)} files in {images_dir} that are not NNNNNN.jpg images '
               f'(e.g. {inputs.ignored[0]})')
-    check_writable(layout.segmentation_dir)
     check_outputs(layout)
 
     weights = fetch('facexformer', layout, args.weights)

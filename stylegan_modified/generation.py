@@ -103,6 +103,14 @@ def existing_images(files: GenerationFolder) -> dict[str, int]:
     return scan_outputs(files.folder, image_pattern(files), 'a stage-6 image').found
 
 
+def check_outputs(files: GenerationFolder) -> None:
+    """The folder can be written, no folder sits where a record or the grid goes, and only regular files carry
+    image names (before anything runs)."""
+    atomic.check_writable(files.folder)
+    atomic.check_replaceable(files.settings_json, files.z_csv, *([files.grid] if files.sweep else []))
+    existing_images(files)
+
+
 def read_settings(files: GenerationFolder) -> dict | None:
     return read_record(files.settings_json, 'settings record of this stage',
                        'delete it together with the images it describes, or choose another --outdir')
@@ -141,7 +149,7 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
     sweep = files.sweep
     if (sweep is None) != (sweep_values is None):
         raise PipelineError('a sweep needs both an attribute and its values')
-    atomic.check_writable(files.folder)
+    check_outputs(files)
     columns = [None] if sweep is None else list(sweep_values)
     existing = check_resumable(files, settings)
     items = [(n, value) for n in range(num) for value in columns]  # row-major: the grid's reading order

@@ -280,3 +280,32 @@ def test_help_prints_no_doubled_percent_signs(script, capsys):
         script_main(script)(['--help'])
     out = capsys.readouterr().out
     assert 'examples:' in out and '%%' not in out
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    from rerun_helpers import assert_refused
+
+    for argv, message in [(['--num', 'abc'], "argument --num: invalid int value: 'abc' (see --help)"),
+                          (['--frobnicate'], 'unrecognized arguments: --frobnicate (see --help)'),
+                          (['--trunc-psi'], 'argument --trunc-psi: expected one argument (see --help)')]:
+        assert_refused(capsys, tmp_path, 'run_original_generator.py', '--root', tmp_path, *argv, match=message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_where_an_output_file_goes_is_refused_before_anything(tmp_path, capsys, reference_dir):
+    from rerun_helpers import assert_refused
+
+    layout = Layout(tmp_path)
+    cases = [('run_original_generator.py', layout.synthesized_z_csv,
+              ['--weights', reference_dir / 'genforce' / 'tiny_ckpt.pth']),
+             ('run_cnn.py', layout.cnn_merged_csv, ['--weights', tmp_path / 'nowhere']),
+             ('run_segmentation.py', layout.segmentation_skipped_csv, ['--images', tmp_path / 'images']),
+             ('compute_property_scores.py', layout.property_scores_stats(2), [])]
+    (tmp_path / 'images').mkdir()
+    atomic.write_image(tmp_path / 'images' / '000001.jpg', np.zeros((64, 64, 3), np.uint8))
+    atomic.write_image(layout.synthesized_image(1), np.zeros((64, 64, 3), np.uint8))
+    for script, path, extra in cases:
+        path.mkdir(parents=True)
+        assert_refused(capsys, tmp_path, script, '--root', tmp_path, '--no-progress', *extra,
+                       match=f'cannot write {path}: it is a folder; move it away')
+        path.rmdir()

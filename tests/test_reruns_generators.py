@@ -221,3 +221,13 @@ def test_stage6_odd_entries_and_failed_writes_are_one_line(tmp_path, tiny_inputs
     fresh = tmp_path / 'fresh'
     assert run_script(STAGE6, *stage6(tiny_inputs, fresh, '--num', 4, '--batch-size', 1)) == 0
     assert snapshot(folder) == snapshot(Layout(fresh).final_inference_dir('v3'))
+
+
+def test_stage6_folders_where_records_go_are_refused(tmp_path, tiny_inputs, capsys):
+    root = tmp_path / 'run'
+    folder = Layout(root).final_inference_dir('v3') / 'sweep_eyes'
+    for name in ('generation_settings.json', 'z_vectors.csv', 'sweep_eyes.png'):
+        (folder / name).mkdir(parents=True)
+        assert_refused(capsys, root, STAGE6, *stage6(tiny_inputs, root, '--sweep', 'eyes'),
+                       match=f'cannot write {folder / name}: it is a folder')
+        (folder / name).rmdir()
