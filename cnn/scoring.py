@@ -27,7 +27,7 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name
-from ohlora.records import load_record, sha256_bytes, sha256_of
+from ohlora.records import load_record, sha256_bytes, sha256_of, weights_digest
 
 DROPOUT_STREAM = 20  # item_generator stream of the compat-mode dropout draws
 
@@ -45,7 +45,7 @@ def partial_columns(prop: str) -> list[str]:
 
 def scoring_settings(weights: dict[str, list[Path]], dropout: bool, seed: int, batch_size: int) -> dict:
     """What the scores depend on besides each image's content; rows made under other settings are not reused."""
-    settings = {'models': {prop: [sha256_of(p) for p in paths] for prop, paths in sorted(weights.items())},
+    settings = {'models': {prop: [weights_digest(p) for p in paths] for prop, paths in sorted(weights.items())},
                 'mode': 'dropout on (--compat upstream)' if dropout else 'eval'}
     if dropout:  # the dropout draws depend on the seed and on how images are batched
         settings.update(seed=seed, batch_size=batch_size)

@@ -21,6 +21,10 @@ HAND_LABELS_CSV = 'cnn/synthesize_results_quality_and_gender.csv'
 TEST_Z_CSV = 'stylegan_modified/test_z_vector_0005.csv'
 
 
+IMAGE_NUMBER_DIGITS = 6
+MAX_IMAGES = 10 ** IMAGE_NUMBER_DIGITS  # image numbers 0..999999 have the six digits every name and scan expects
+
+
 def image_name(img_no: int) -> str:
     return f'{img_no:06d}.jpg'
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import MAX_IMAGES, PROPERTY_NAMES, Layout
 from ohlora.records import array_digest, weights_digest
 from ohlora.weights import SOURCES, fetch
 from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
@@ -103,6 +103,8 @@ def main(argv=None):
     columns = sweep_values(args)
     check_float('--variation', args.variation, 0.0)
     num = args.num or (DEFAULT_SWEEP_NUM if args.sweep else DEFAULT_NUM)
+    if num > MAX_IMAGES:
+        raise PipelineError(f'--num must be at most {MAX_IMAGES} (image names have six digits), got {num}')
 
     layout = Layout(args.root)
     files = layout.generation_folder(args.model, args.outdir, args.sweep)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ohlora.cli import add_common_options, check_float, make_parser, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import weights_digest
 from ohlora.weights import fetch
 from stylegan.checkpoint import load_generator
@@ -49,8 +49,8 @@ def main(argv=None):
         print(f'imported {moved} published images into {layout.synthesized_dir}')
         return
     # Every option and the output folder are checked before the weights are fetched or loaded.
-    if args.num < 1:
-        raise PipelineError(f'--num must be at least 1, got {args.num}')
+    if not 1 <= args.num <= MAX_IMAGES:
+        raise PipelineError(f'--num must be in [1, {MAX_IMAGES}] (image names have six digits), got {args.num}')
     check_float('--trunc-psi', args.trunc_psi)
     if args.trunc_layers < 0:
         raise PipelineError(f'--trunc-layers must be 0 or more, got {args.trunc_layers}')

@@ -78,7 +78,8 @@ def test_stage1_refuses_nan_weights_and_bad_options_before_anything_runs(tmp_pat
                                    ('--trunc-layers', '-3', '--trunc-layers must be 0 or more, got -3'),
                                    ('--trunc-layers', '99', '--trunc-layers 99 exceeds the 14 layers'),
                                    ('--style-mixing-prob', 'nan', '--style-mixing-prob nan is not a finite number'),
-                                   ('--style-mixing-prob', '1.5', '--style-mixing-prob must be in [0, 1]')]:
+                                   ('--style-mixing-prob', '1.5', '--style-mixing-prob must be in [0, 1]'),
+                                   ('--num', '1000001', '--num must be in [1, 1000000] (image names have six')]:
         assert_refused(capsys, root, STAGE1, *stage1(root, tiny_ckpt, '--num', 3, option, value), match=message)
     # Refused before the weights are even looked at:
     assert_refused(capsys, root, STAGE1, *stage1(root, tmp_path / 'missing.pth', '--trunc-psi', 'nan'),
@@ -175,6 +176,7 @@ def test_stage6_refuses_damaged_weights_and_overflowing_values(tmp_path, tiny_in
                            (['--mouth', '1e400'], '--mouth inf is not a finite number'),
                            (['--pose', '-inf'], '--pose -inf is not a finite number'),
                            (['--variation', '1e308'], '--variation must be in [0, 1000]'),
+                           (['--num', '1000001'], '--num must be at most 1000000'),
                            (['--sweep', 'eyes', '--values', '-1,1e308'], '--values: must be in [-1000, 1000]')]:
         assert_refused(capsys, root, STAGE6, *stage6(tiny_inputs, root, *extra), match=message)
 
