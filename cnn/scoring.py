@@ -96,7 +96,8 @@ def _file_digest(path: Path) -> str | None:
         return None
 
 
-def resume_rows(layout: Layout, props: list[str], settings: dict, todo: set[int]) -> tuple[dict[str, pd.DataFrame], int]:
+def resume_rows(layout: Layout, props: list[str], settings: dict,
+                todo: set[int]) -> tuple[dict[str, pd.DataFrame], int]:
     """Rows made with ``settings`` (finished CSVs the record vouches for, plus partial progress) for images still
     to score whose file holds the bytes that were scored, and how many scored images changed since; otherwise a
     clean start."""
@@ -150,7 +151,8 @@ def finish(layout: Layout, frames: dict[str, pd.DataFrame], settings: dict) -> N
             atomic.write_text(path, text)
         digests[prop] = sha256_bytes(text.encode('utf-8'))
         images.update({str(int(n)): d for n, d in zip(frame['img_no'], frame[IMAGE_DIGEST])})
-    record = {'settings': settings, 'outputs': digests, 'images': dict(sorted(images.items(), key=lambda kv: int(kv[0])))}
+    images = dict(sorted(images.items(), key=lambda item: int(item[0])))
+    record = {'settings': settings, 'outputs': digests, 'images': images}
     if _read_record(layout) != record:
         atomic.write_json(layout.cnn_record('scoring'), record)
     for prop in frames:  # only after the record: until then they are the only trusted copy of new rows

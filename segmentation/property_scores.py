@@ -17,7 +17,6 @@ changes (R14).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import threading

@@ -31,8 +31,10 @@ def build_parser():
                         help='GenForce zoo checkpoint (default: stylegan/stylegan_model.pth, downloaded if absent)')
     parser.add_argument('--generator-key', choices=['generator', 'generator_smooth'], default='generator',
                         help="checkpoint entry to use (default: 'generator', as Oh-LoRA; GenForce prefers the smooth one)")
-    parser.add_argument('--trunc-psi', type=float, default=1.0, help='truncation psi, a finite number (default: 1.0, off, as upstream)')
-    parser.add_argument('--trunc-layers', type=int, default=0, help='truncated layers, 0 up to the generator\'s layer count (default: 0)')
+    parser.add_argument('--trunc-psi', type=float, default=1.0,
+                        help='truncation psi, a finite number (default: 1.0, off, as upstream)')
+    parser.add_argument('--trunc-layers', type=int, default=0,
+                        help="truncated layers, 0 up to the generator's layer count (default: 0)")
     parser.add_argument('--style-mixing-prob', type=float, default=None,
                         help='per-image style-mixing probability (default: 0; 0.9 with --compat upstream)')
     parser.add_argument('--published', action='store_true',

@@ -4,12 +4,10 @@ no temporary file is left, and no process of the killed run lives on (issue 10).
 Each stage runs as a real process; a prelude slows one step down so the kill lands mid-run.
 """
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from PIL import Image
 
