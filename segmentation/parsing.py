@@ -173,7 +173,7 @@ def plan_work(layout: Layout, inputs: InputImages, settings: dict) -> WorkPlan:
             changed += isinstance(entry, dict) and not same
             pending.append((img_no, path))
             continue
-        standing[f'{img_no:06d}'] = entry
+        standing[f'{img_no:06d}'] = {**entry, 'source': layout.path_from_root(path)}  # where it is now
     return WorkPlan(pending, finished, settled, standing, changed)
 
 

@@ -215,8 +215,8 @@ class ScoringSummary:
                 shown = ', '.join(f'{n:06d}' for n in nos[:10]) + (' …' if len(nos) > 10 else '')
                 out.append(f'  {name}: {shown}')
         if self.unparsed:
-            out.append(f'warning: {len(self.unparsed)} filtered images have no parsing map and are not in '
-                       f'skipped.csv (first {self.unparsed[0]:06d}); is stage 3 finished?')
+            out.append(f'warning: {len(self.unparsed)} images of the folder stage 3 reads have no parsing map and '
+                       f'are not in skipped.csv (first {self.unparsed[0]:06d}); is stage 3 finished?')
         out.append('up to date, nothing written' if self.up_to_date
                    else 'wrote ' + ', '.join(str(p) for p in self.written))
         return out

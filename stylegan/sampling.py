@@ -155,7 +155,6 @@ def sample_images(generator, layout: Layout, recipe: SamplingRecipe, num: int, b
     return len(todo)
 
 
-
 def import_published(layout: Layout) -> int:
     """Stage-1 output from the published 10,000 images that the shipped hand labels describe."""
     from ohlora.weights import OHLORA_ALL_IMAGES_DATASET, fetch_dataset_images
@@ -172,6 +171,7 @@ def import_published(layout: Layout) -> int:
     for path in sorted(staging.rglob('*.jpg')):
         number = parse_img_no(path.name)
         if number is not None and path.name == image_name(number) and number not in done:
+            atomic.give_default_mode(path)  # the hub's files keep its temporaries' mode otherwise
             path.replace(layout.synthesized_image(number))
             moved += 1
     write_record(layout.synthesized_meta, {'dataset': OHLORA_ALL_IMAGES_DATASET}, source=PUBLISHED)
