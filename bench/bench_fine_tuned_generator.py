@@ -28,7 +28,7 @@ from ohlora.cli import positive_int
 from ohlora.layout import GenerationFolder
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
-from stylegan_modified.generation import GenerationSettings, generate, image_latent
+from stylegan_modified.generation import GenerationSettings, generate, varied_latent
 from stylegan_modified.labels import UPSTREAM_LABEL, label_vector
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
 from bench_common import bench_parser, prepare_device, synchronize
@@ -47,7 +47,7 @@ def per_image_loop(generator, folder: Path, base_z, num: int, seed: int, variati
     folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for n in range(num):
-            z = image_latent(base_z, seed, n, variation)[None].to(device)
+            z = varied_latent(base_z, seed, n, variation)[None].to(device)
             image = generator(z, label, trunc_psi=1.0, trunc_layers=0, randomize_noise=False)['image']
             cv2.imwrite(str(folder / f'{n:06d}.jpg'), to_uint8(image)[0][:, :, ::-1])
 
@@ -70,7 +70,7 @@ def main() -> None:
         generator = StyleGANGeneratorForV3(**CONFIGS[args.config]).to(device).eval()
         config = args.config
     base_z = np.random.default_rng(0).standard_normal(generator.z_space_dim)
-    settings = GenerationSettings(model='v3', weights_file='bench', weights_bytes=0, z_file='bench', z_sha256='',
+    settings = GenerationSettings(model='v3', weights_sha256='bench', z_sha256='bench',
                                   seed=0, variation=0.3, label=dict(UPSTREAM_LABEL))
     threads = f', {torch.get_num_threads()} threads' if device.type == 'cpu' else ''
     print(f'v3 generator: {config} ({sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M parameters), '

@@ -66,7 +66,7 @@ def per_image(layout: Layout, images, weights: Path, device: torch.device) -> No
         load_strict(model, state, weights, 'FaceXFormer model')
         model = model.to(device).eval()
         detector = FaceDetector()
-        image = read_rgb(path)
+        image, _ = read_rgb(path)
         face = detector.detect(image)
         if face is None:
             continue

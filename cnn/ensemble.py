@@ -28,9 +28,6 @@ def load_model(prop: str, path: str | Path, device: torch.device | str = 'cpu',
     odd = [k for k, v in state_dict.items() if not torch.is_tensor(v) or v.dtype != torch.float32]
     if odd:
         raise PipelineError(f'{path} holds non-float32 entries ({", ".join(odd[:3])}); expected the {what}')
-    broken = [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
-    if broken:
-        raise PipelineError(f'{path} holds NaN or infinite values ({", ".join(broken[:3])}); expected the {what}')
     model = (factory or MODEL_CLASSES[prop])()
     load_strict(model, state_dict, path, what)
     return model.to(device).eval()
@@ -38,11 +35,17 @@ def load_model(prop: str, path: str | Path, device: torch.device | str = 'cpu',
 
 def published_weights(prop: str, layout: Layout, weights_dir: str | Path | None = None) -> list[Path]:
     """The five fold files: from ``weights_dir`` if given, else ``cnn/models/`` (downloaded when absent)."""
-    paths = []
-    for fold in range(FOLDS):
-        key = f'{prop}_model_{fold}'
-        override = None if weights_dir is None else Path(weights_dir) / f'{key}.pt'
-        paths.append(fetch(key, layout, override))
+    if weights_dir is None:
+        return [fetch(f'{prop}_model_{fold}', layout) for fold in range(FOLDS)]
+    folder = Path(weights_dir)
+    names = [layout.cnn_model(p, fold).name for p in ('gender', 'quality') for fold in range(FOLDS)]
+    wanted = f'a folder holding {names[0]} … {names[-1]}, the ten fold files'
+    if not folder.is_dir():
+        raise PipelineError(f'--weights {folder}: no such folder (expected {wanted})')
+    paths = [folder / layout.cnn_model(prop, fold).name for fold in range(FOLDS)]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise PipelineError(f'--weights {folder} has no {", ".join(missing)} (expected {wanted})')
     return paths
 
 

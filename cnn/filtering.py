@@ -21,6 +21,7 @@ from cnn.scoring import final_column
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name
+from ohlora.records import write_if_changed
 from stylegan.sampling import existing_images
 
 MERGED_COLUMNS = ['img_no', 'img_path', 'gender_score', 'quality_score']
@@ -48,17 +49,9 @@ def merge_scores(layout: Layout, img_nos: list[int], labels: Labels | None,
     return frame.astype({'img_no': 'int64', 'gender_score': 'float64', 'quality_score': 'float64'})
 
 
-def write_if_changed(path: Path, frame: pd.DataFrame) -> bool:
+def write_table_if_changed(path: Path, frame: pd.DataFrame) -> bool:
     """Atomic CSV write, skipped when the file already holds exactly this table (idempotent reruns)."""
-    import io
-
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, lineterminator='\n')
-    text = buffer.getvalue()
-    if path.is_file() and path.read_text() == text:
-        return False
-    atomic.write_text(path, text)
-    return True
+    return write_if_changed(path, atomic.csv_text(frame).encode('utf-8'))
 
 
 def select(merged: pd.DataFrame, gender_min: float, quality_min: float) -> list[int]:
@@ -77,9 +70,9 @@ class FilterResult:
 
 def place(source: Path, dest: Path) -> str:
     """Hard-link ``source`` at ``dest`` atomically, or copy it where links fail; 'unchanged' if already equal."""
-    if dest.exists() and (os.path.samefile(source, dest) or filecmp.cmp(source, dest, shallow=False)):
+    if dest.is_file() and (os.path.samefile(source, dest) or filecmp.cmp(source, dest, shallow=False)):
         return 'unchanged'
-    tmp = dest.parent / f'{atomic.TMP_PREFIX}{os.getpid()}-{dest.name}'
+    tmp = atomic.temporary_name(dest)
     try:
         os.link(source, tmp)
         os.replace(tmp, dest)
@@ -87,8 +80,11 @@ def place(source: Path, dest: Path) -> str:
     except OSError:  # another file system, or one without links: a byte copy, still atomic
         if tmp.exists():
             tmp.unlink()
-    with atomic.atomic_path(dest) as staging:
-        staging.write_bytes(source.read_bytes())
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f'cannot read {source}: {exc.strerror or exc}') from None
+    atomic.write_bytes(dest, data)
     return 'copied'
 
 
@@ -97,8 +93,7 @@ def sync_filtered(layout: Layout, keep: list[int], progress: bool = True) -> Fil
     folder = layout.filtered_dir
     present = existing_images(folder)  # a folder with foreign files is an error, not something to clean
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(f'{atomic.TMP_PREFIX}*'):  # of a run that was killed mid-placement
-        leftover.unlink()
+    atomic.remove_stale_temporaries(folder)  # of a run that was killed mid-placement
     counts = {'linked': 0, 'copied': 0, 'unchanged': 0}
     for img_no in tqdm(keep, desc='filtering', unit='img', disable=not progress):
         source = layout.synthesized_image(img_no)

@@ -21,18 +21,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from ohlora.errors import first_line
+from ohlora.records import sha256_bytes
 
 IMAGE_SIZE = (256, 256)  # what both published CNNs were trained on
 DECODER_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision'
 
 
-def decode_rgb(path: Path) -> torch.Tensor:
-    """uint8 RGB, 3 x H x W, as ``torchvision.io.read_image`` gives it (grey or RGBA files become RGB)."""
+def read_bytes(path: Path) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, as ``torchvision.io.read_file`` gives them to the decoder."""
+    with warnings.catch_warnings():  # see decode_rgb
+        warnings.filterwarnings('ignore', message=DECODER_DEPRECATION, category=DeprecationWarning)
+        return read_file(str(path))
+
+
+def decode_rgb(source: Path | torch.Tensor) -> torch.Tensor:
+    """uint8 RGB, 3 x H x W, as ``torchvision.io.read_image`` gives it (grey or RGBA files become RGB), of a file
+    or of its bytes (from :func:`read_bytes`)."""
+    data = source if isinstance(source, torch.Tensor) else read_bytes(source)
     # torchvision >= 0.29 warns on every call that its decoders move to TorchCodec; they are still the
     # decoders upstream used, and one warning per image would bury the real messages.
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message=DECODER_DEPRECATION, category=DeprecationWarning)
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.RGB)
 
 
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -46,10 +56,11 @@ class ImageBatch:
     images: torch.Tensor                       # uint8, N x 3 x H x W (N may be 0)
     labels: torch.Tensor | None                # float32, N, when the dataset has labels
     failed: list[tuple[int, str]] = field(default_factory=list)  # (img_no, reason) dropped from this batch
+    digests: list[str] = field(default_factory=list)             # SHA-256 of each image's file, as read
 
     def pin_memory(self) -> 'ImageBatch':  # called by DataLoader(pin_memory=True) in its pinning thread
         labels = None if self.labels is None else self.labels.pin_memory()
-        return ImageBatch(self.img_nos, self.images.pin_memory(), labels, self.failed)
+        return ImageBatch(self.img_nos, self.images.pin_memory(), labels, self.failed, self.digests)
 
 
 class ImageFiles(Dataset):
@@ -68,18 +79,21 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        """(img_no, uint8 image or None, label, reason or None, SHA-256 of the bytes decoded or None)."""
         label = None if self.labels is None else float(self.labels[index])
         path = self.paths[index]
         try:
-            image = decode_rgb(path)
+            data = read_bytes(path)
+            image = decode_rgb(data)
         except (RuntimeError, OSError, ValueError) as exc:
             reason = first_line(exc, 120)
-            return self.img_nos[index], None, label, f'unreadable image {path.name}: {reason}'
+            return self.img_nos[index], None, label, f'unreadable image {path.name}: {reason}', None
         if self.size is not None and tuple(image.shape[-2:]) != tuple(self.size):
             height, width = image.shape[-2:]
             return (self.img_nos[index], None, label,
-                    f'{path.name} is {width}x{height}, the CNNs need {self.size[1]}x{self.size[0]}')
-        return self.img_nos[index], image, label, None
+                    f'{path.name} is {width}x{height}, the CNNs need {self.size[1]}x{self.size[0]}', None)
+        # The digest of the very bytes decoded: a score then belongs to that content, whatever happens to the file.
+        return self.img_nos[index], image, label, None, sha256_bytes(data.numpy().tobytes())
 
 
 def collate(items) -> ImageBatch:
@@ -89,7 +103,7 @@ def collate(items) -> ImageBatch:
     labels = None
     if items and items[0][2] is not None:
         labels = torch.tensor([item[2] for item in good], dtype=torch.float32)
-    return ImageBatch([item[0] for item in good], images, labels, failed)
+    return ImageBatch([item[0] for item in good], images, labels, failed, [item[4] for item in good])
 
 
 def image_loader(dataset: ImageFiles, batch_size: int, device: torch.device, workers: int = 0,

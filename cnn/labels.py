@@ -14,7 +14,7 @@ import numpy as np
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.tables import read_table
-from stylegan.sampling import read_meta
+from stylegan.sampling import PUBLISHED, image_source
 
 LABEL_COLUMNS = ('quality', 'gender')
 NUMBER_COLUMNS = ('img_name', 'img_no')  # upstream names the column img_name; img_no is accepted too
@@ -79,8 +79,7 @@ def applicable_labels(layout: Layout, labels_csv: str | Path | None, available: 
         labels = read_labels(labels_csv, 'labels given with --labels')
         hint = 'check the img_name column'
     else:
-        meta = read_meta(layout)
-        if meta is None or meta.get('source') != 'published':
+        if image_source(layout) != PUBLISHED:
             return None
         labels = read_labels(layout.hand_labels_csv, 'hand labels of the published images')
         labels = Labels(labels.img_nos, labels.values, origin=layout.relative(layout.hand_labels_csv))

@@ -3,15 +3,14 @@
 One pass over the images feeds every batch to all models of both properties, so each JPEG is decoded once.
 The final CSVs are written only when every image has been scored: until then rows are saved every
 ``checkpoint_every`` images to ``cnn/records/scoring_{prop}.partial.csv``, so a crash never leaves half a table
-under a final name. ``cnn/records/scoring.json`` holds the settings the rows were made with and, once finished,
-the SHA-256 of each final CSV. A rerun with the same models, mode and stage-1 images reuses those rows and scores
-only what is missing (retrying images that failed to read); other settings start over, and the earlier final
-CSVs stay in place until the new ones replace them.
+under a final name. ``cnn/records/scoring.json`` holds the settings the rows were made with (the models by the
+SHA-256 of their files), the SHA-256 of every scored image and, once finished, of each final CSV. A rerun with the
+same models and mode reuses the rows of images whose bytes are unchanged and scores the rest (new, replaced or
+earlier unreadable images); other settings start over, and the earlier final CSVs stay in place until the new ones
+replace them.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +27,26 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name
-from ohlora.weights import sha256_of
+from ohlora.records import load_record, sha256_bytes, sha256_of, weights_digest
 
 DROPOUT_STREAM = 20  # item_generator stream of the compat-mode dropout draws
+
+
+IMAGE_DIGEST = 'image_sha256'  # column of the partial rows: the content each row was scored from
 
 
 def inference_columns(prop: str) -> list[str]:
     return ['img_no', 'img_path', f'property_{prop}_final_score'] + [f'score_model_{k}' for k in range(FOLDS)]
 
 
-def scoring_settings(weights: dict[str, list[Path]], stage1_meta: dict | None, dropout: bool, seed: int,
-                     batch_size: int) -> dict:
-    """What the scores depend on; rows made under other settings are not reused."""
-    settings = {'models': {prop: [sha256_of(p) for p in paths] for prop, paths in sorted(weights.items())},
-                'stage1': stage1_meta, 'mode': 'dropout on (--compat upstream)' if dropout else 'eval'}
+def partial_columns(prop: str) -> list[str]:
+    return inference_columns(prop) + [IMAGE_DIGEST]
+
+
+def scoring_settings(weights: dict[str, list[Path]], dropout: bool, seed: int, batch_size: int) -> dict:
+    """What the scores depend on besides each image's content; rows made under other settings are not reused."""
+    settings = {'models': {prop: [weights_digest(p) for p in paths] for prop, paths in sorted(weights.items())},
+                'mode': 'dropout on (--compat upstream)' if dropout else 'eval'}
     if dropout:  # the dropout draws depend on the seed and on how images are batched
         settings.update(seed=seed, batch_size=batch_size)
     return settings
@@ -52,44 +57,50 @@ class ScoringResult:
     frames: dict[str, pd.DataFrame]   # property -> inference rows, ascending img_no
     skipped: list[tuple[int, str]]    # (img_no, reason) of images that could not be scored
     scored_now: int                   # images scored in this run (the rest were reused)
+    changed: int = 0                  # images scored before whose file has changed since: scored again
 
 
 def _read_record(layout: Layout) -> dict | None:
-    path = layout.cnn_record('scoring')
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) else None
+    return load_record(layout.cnn_record('scoring'))
 
 
-def _read_rows(path: Path, prop: str) -> pd.DataFrame | None:
+def _read_rows(path: Path, columns: list[str]) -> pd.DataFrame | None:
     """The rows of a scores CSV of ours, or None when it is missing or not one."""
     try:
         frame = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         return None
-    if list(frame.columns) != inference_columns(prop) or frame.isna().any().any():
+    if list(frame.columns) != columns or frame.isna().any().any():
         return None
     return frame.astype({'img_no': 'int64'})
 
 
 def _empty(prop: str) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype='int64' if c == 'img_no' else 'float64') for c in inference_columns(prop)})
+    return pd.DataFrame({c: pd.Series(dtype='int64' if c == 'img_no' else 'object' if c == IMAGE_DIGEST
+                                      else 'float64') for c in partial_columns(prop)})
 
 
-def _csv_text(frame: pd.DataFrame) -> str:
-    return frame.sort_values('img_no', kind='stable').to_csv(index=False, lineterminator='\n')
+def _csv_text(frame: pd.DataFrame, columns: list[str]) -> str:
+    return frame.sort_values('img_no', kind='stable').loc[:, columns].to_csv(index=False, lineterminator='\n')
 
 
 def _save_partial(layout: Layout, frames: dict[str, pd.DataFrame]) -> None:
     for prop, frame in frames.items():
-        atomic.write_text(layout.cnn_partial_scores(prop), _csv_text(frame))
+        atomic.write_text(layout.cnn_partial_scores(prop), _csv_text(frame, partial_columns(prop)))
 
 
-def resume_rows(layout: Layout, props: list[str], settings: dict, todo: set[int]) -> dict[str, pd.DataFrame]:
+def _file_digest(path: Path) -> str | None:
+    try:
+        return sha256_of(path)
+    except OSError:
+        return None
+
+
+def resume_rows(layout: Layout, props: list[str], settings: dict,
+                todo: set[int]) -> tuple[dict[str, pd.DataFrame], int]:
     """Rows made with ``settings`` (finished CSVs the record vouches for, plus partial progress) for images still
-    to score; otherwise a clean start."""
+    to score whose file holds the bytes that were scored, and how many scored images changed since; otherwise a
+    clean start."""
     record = _read_record(layout)
     if record is None or record.get('settings') != settings:
         finals = [layout.cnn_inference_csv(p) for p in props if layout.cnn_inference_csv(p).exists()]
@@ -100,31 +111,48 @@ def resume_rows(layout: Layout, props: list[str], settings: dict, todo: set[int]
         for prop in props:
             layout.cnn_partial_scores(prop).unlink(missing_ok=True)
         atomic.write_json(layout.cnn_record('scoring'), {'settings': settings})
-        return {prop: _empty(prop) for prop in props}
+        return {prop: _empty(prop) for prop in props}, 0
     vouched = record.get('outputs') or {}
+    scored_from = record.get('images') if isinstance(record.get('images'), dict) else {}
     previous = {}
     for prop in props:
         final = layout.cnn_inference_csv(prop)
         parts = []
-        if vouched.get(prop) and final.is_file() and sha256_of(final) == vouched[prop]:
-            parts.append(_read_rows(final, prop))
-        parts.append(_read_rows(layout.cnn_partial_scores(prop), prop))
+        if vouched.get(prop) and final.is_file() and sha256_of(final) == vouched.get(prop):
+            rows = _read_rows(final, inference_columns(prop))
+            if rows is not None:
+                rows[IMAGE_DIGEST] = [scored_from.get(str(n)) for n in rows['img_no']]
+                parts.append(rows.dropna(subset=[IMAGE_DIGEST]))
+        parts.append(_read_rows(layout.cnn_partial_scores(prop), partial_columns(prop)))
         parts = [part for part in parts if part is not None and not part.empty]
         frame = pd.concat(parts, ignore_index=True).drop_duplicates('img_no', keep='last') if parts else _empty(prop)
         previous[prop] = frame
     common = set.intersection(*(set(frame['img_no'].tolist()) for frame in previous.values())) & todo
-    return {prop: frame[frame['img_no'].isin(common)].reset_index(drop=True) for prop, frame in previous.items()}
+    # Keyed on content: a row is reused only for the bytes it was scored from (a replaced image is scored again).
+    current = {n: _file_digest(layout.synthesized_image(n)) for n in sorted(common)}
+    kept, changed = {}, set()
+    for prop, frame in previous.items():
+        same = np.array([n in current and current[n] == digest
+                         for n, digest in zip(frame['img_no'], frame[IMAGE_DIGEST])], dtype=bool)
+        changed |= {int(n) for n, ok in zip(frame['img_no'], same) if n in current and not ok}
+        kept[prop] = frame[same]
+    common = set.intersection(*(set(frame['img_no'].tolist()) for frame in kept.values())) if kept else set()
+    return {prop: frame[frame['img_no'].isin(common)].reset_index(drop=True) for prop, frame in kept.items()}, \
+        len(changed)
 
 
 def finish(layout: Layout, frames: dict[str, pd.DataFrame], settings: dict) -> None:
-    """Write the final CSVs (those whose content changed), vouch for them in the record, drop partial rows."""
-    digests = {}
+    """Write the final CSVs (those whose content changed), vouch for them and for the image bytes each row was
+    scored from in the record, drop partial rows."""
+    digests, images = {}, {}
     for prop, frame in frames.items():
-        path, text = layout.cnn_inference_csv(prop), _csv_text(frame)
+        path, text = layout.cnn_inference_csv(prop), _csv_text(frame, inference_columns(prop))
         if not (path.is_file() and path.read_text() == text):
             atomic.write_text(path, text)
-        digests[prop] = hashlib.sha256(text.encode('utf-8')).hexdigest()
-    record = {'settings': settings, 'outputs': digests}
+        digests[prop] = sha256_bytes(text.encode('utf-8'))
+        images.update({str(int(n)): d for n, d in zip(frame['img_no'], frame[IMAGE_DIGEST])})
+    images = dict(sorted(images.items(), key=lambda item: int(item[0])))
+    record = {'settings': settings, 'outputs': digests, 'images': images}
     if _read_record(layout) != record:
         atomic.write_json(layout.cnn_record('scoring'), record)
     for prop in frames:  # only after the record: until then they are the only trusted copy of new rows
@@ -137,7 +165,7 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     """Score ``img_nos`` with every ensemble; ``dropout_seed`` switches on upstream's dropout-on scoring."""
     props = list(ensembles)
     todo = set(int(n) for n in img_nos)
-    frames = resume_rows(layout, props, settings, todo)
+    frames, changed = resume_rows(layout, props, settings, todo)
     done = set(frames[props[0]]['img_no'].tolist()) if props else set()
     remaining = sorted(todo - done)
     if remaining and done:
@@ -171,6 +199,7 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
                     record = {'img_no': img_no, 'img_path': f'{image_dir}/{image_name(img_no)}',
                               f'property_{prop}_final_score': finals[row]}
                     record.update({f'score_model_{k}': rounded[row, k] for k in range(outputs.shape[1])})
+                    record[IMAGE_DIGEST] = batch.digests[row]
                     pending[prop].append(record)
             since_save += len(batch.img_nos)
             if since_save >= checkpoint_every:
@@ -187,14 +216,14 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     if props and frames[props[0]].empty and skipped:
         raise PipelineError(f'none of the {len(skipped)} images could be scored (first: {skipped[0][1]})')
     finish(layout, frames, settings)
-    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped))
+    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed)
 
 
 def _merge(frames: dict[str, pd.DataFrame], pending: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
     merged = {}
     for prop, frame in frames.items():
         if pending[prop]:
-            new = pd.DataFrame(pending[prop], columns=inference_columns(prop))
+            new = pd.DataFrame(pending[prop], columns=partial_columns(prop))
             frame = new if frame.empty else pd.concat([frame, new], ignore_index=True)
             pending[prop] = []
         merged[prop] = frame.sort_values('img_no', kind='stable').reset_index(drop=True)

@@ -18,7 +18,6 @@ leaves a mixed ensemble behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -41,8 +40,8 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.records import load_record, sha256_of
 from ohlora.schedules import check_schedule, cosine_lr
-from ohlora.weights import sha256_of
 
 EPOCH_LOG_COLUMNS = ['epoch', 'val_loss', 'val_accuracy', 'tp', 'tn', 'fp', 'fn', 'val_recall', 'val_precision',
                      'val_f1_score', 'val_auroc']
@@ -87,8 +86,14 @@ class TrainingSamples:
     image_size: tuple[int, int] | None = (256, 256)
 
     def fingerprint(self) -> str:
+        """The labels and the images by content: a replaced image makes a rerun train again, not resume."""
         digest = hashlib.sha256(np.asarray(self.img_nos, dtype=np.int64).tobytes())
         digest.update(np.asarray(self.labels, dtype=np.float32).tobytes())
+        for path in self.paths:
+            try:
+                digest.update(sha256_of(path).encode('ascii'))
+            except OSError:
+                digest.update(b'unreadable')
         return digest.hexdigest()[:16]
 
 
@@ -226,10 +231,11 @@ def _record_path(layout: Layout, prop: str) -> Path:
 
 
 def _read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    record = load_record(path)
+    if record is None or not isinstance(record.get('attempts', []), list) \
+            or not isinstance(record.get('finished', {}), dict):
+        return None  # unusable: the retrain starts over
+    return record
 
 
 def _write_logs(layout: Layout, prop: str, attempts: list[dict], latest: AttemptResult | None) -> None:

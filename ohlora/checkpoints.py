@@ -53,10 +53,21 @@ def state_dict_mismatch(module: nn.Module, state_dict: dict) -> str | None:
     return '; '.join(parts) or None
 
 
+def check_finite(state_dict: dict, path: str | Path, what: str) -> None:
+    """Refuse NaN or infinite weights in one line: they load fine and then give black or NaN outputs."""
+    damaged = [k for k, v in state_dict.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise PipelineError(f'{path} holds NaN or infinite values ({_examples(damaged)}); the file is damaged '
+                            f'(expected the {what})')
+
+
 def load_strict(module: nn.Module, state_dict: dict, path: str | Path, what: str) -> nn.Module:
-    """``load_state_dict(strict=True)`` after checking names and shapes, so a wrong file gets one clear line."""
+    """``load_state_dict(strict=True)`` after checking names, shapes and finiteness, so a wrong or damaged file
+    gets one clear line."""
     problem = state_dict_mismatch(module, state_dict)
     if problem:
         raise PipelineError(f'{path} does not fit the {what}: {problem}')
+    check_finite(state_dict, path, what)
     module.load_state_dict(state_dict, strict=True)
     return module

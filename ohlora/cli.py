@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from typing import Callable
 
 from ohlora.errors import PipelineError
 
+# argparse takes only '-1' or '-.5' for a negative value; '--values -1,0,1', '--eyes -1e3' and '--eyes -inf' would
+# read as unknown options ("expected one argument"). No option of ours starts with a digit, so anything that
+# starts like a number is a value.
+NEGATIVE_VALUE = re.compile(r'^-(?:\d|\.\d|inf|nan)', re.IGNORECASE)
+
+# Largest magnitude accepted for a float option: far beyond any meaningful value (property z-scores lie within
+# about +-11, truncation psi near [0, 1]), far below where float32 maths overflows into NaN images.
+FLOAT_LIMIT = 1000.0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a :class:`PipelineError` (one ``error:`` line, exit status 2, via :func:`run`)
+    instead of the usage text plus an error line."""
+
+    def error(self, message: str):
+        raise PipelineError(f'{message} (see --help)')
+
 
 def make_parser(description: str, examples: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, epilog='examples:\n' + examples.rstrip(),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A parser whose help shows the description and the examples as written (no %-formatting of either)."""
+    parser = OneLineParser(description=description, epilog='examples:\n' + examples.rstrip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser._negative_number_matcher = NEGATIVE_VALUE
+    return parser
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, batch_size: int | None = None, seed: bool = True,
@@ -37,6 +59,15 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def check_float(option: str, value: float, low: float = -FLOAT_LIMIT, high: float = FLOAT_LIMIT) -> float:
+    """``value`` if finite and in [low, high]; else a one-line error naming the option (checked before any work)."""
+    if not math.isfinite(value):
+        raise PipelineError(f'{option} {value} is not a finite number')
+    if not low <= value <= high:
+        raise PipelineError(f'{option} must be in [{low:g}, {high:g}], got {value:g}')
     return value
 
 

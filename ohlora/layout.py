@@ -7,6 +7,7 @@ The upstream file names are kept so that upstream or published artefacts can be 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,10 @@ NUM_FOLDS = 5
 
 HAND_LABELS_CSV = 'cnn/synthesize_results_quality_and_gender.csv'
 TEST_Z_CSV = 'stylegan_modified/test_z_vector_0005.csv'
+
+
+IMAGE_NUMBER_DIGITS = 6
+MAX_IMAGES = 10 ** IMAGE_NUMBER_DIGITS  # image numbers 0..999999 have the six digits every name and scan expects
 
 
 def image_name(img_no: int) -> str:
@@ -43,11 +48,33 @@ class Layout:
         return under_root if under_root.exists() else CODE_ROOT / relative
 
     def relative(self, path: Path) -> str:
-        """POSIX path relative to the root, as written into CSVs (never absolute, R4)."""
+        """POSIX path relative to the root, as written into CSVs (never absolute, R4); the bare name outside it."""
         try:
             return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return Path(path).name
+
+    def path_from_root(self, path: Path) -> str:
+        """POSIX path relative to the root that finds ``path`` again, with ``..`` steps when it lies outside the
+        root (never absolute, R4); for records that later stages resolve with :meth:`resolve_from_root`."""
+        path, root = Path(path).resolve(), self.root.resolve()
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            try:
+                return Path(os.path.relpath(path, root)).as_posix()
+            except ValueError:  # another drive (Windows): no relative path exists
+                return path.as_posix()
+
+    def resolve_from_root(self, text: str) -> Path:
+        return self.root / text
+
+    # --- weights ---
+    @staticmethod
+    def download_record(weights: Path) -> Path:
+        """Size and SHA-256 of a downloaded weights file, recorded beside it by the download (JSON)."""
+        weights = Path(weights)
+        return weights.with_name(weights.name + '.download.json')
 
     # --- stage 1: sampling ---
     @property

@@ -24,7 +24,7 @@ from typing import Iterable
 
 from ohlora import atomic
 from ohlora.errors import PipelineError
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 
 DEFAULT_WAY_OUT = 'choose another --root or --outdir, or pass --overwrite to replace it'
 

@@ -53,6 +53,9 @@ class FaceDetector:
         # keep_all only affects MTCNN.forward(); detect() returns every box, sorted by area (select_largest).
         self.mtcnn = MTCNN(keep_all=True, device='cpu')
         self.mtcnn.eval()
+        # MTCNN's image pyramid starts at scale 12 / min_face_size; an image whose short side is below
+        # min_face_size gets no scale at all, and detect() fails inside torch.cat.
+        self.min_side = int(self.mtcnn.min_face_size)
 
     def detect(self, image: Image.Image) -> FaceBox | None:
         """The largest face of an RGB image (not the most probable one, as upstream), or None."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ohlora.checkpoints import read_checkpoint, state_dict_mismatch
+from ohlora.checkpoints import check_finite, read_checkpoint, state_dict_mismatch
 from ohlora.errors import PipelineError
 from segmentation.two_way_transformer import TwoWayTransformer
 
@@ -241,9 +241,6 @@ def facexformer_from_state_dict(state: dict, source: str | Path = 'the state_dic
         raise PipelineError(f'{source} does not fit the FaceXFormer model: {problem}')
     expected = model.state_dict()
     state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
-    damaged = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if damaged:
-        raise PipelineError(f'{source} holds non-finite values in {len(damaged)} entries (e.g. {damaged[0]}); '
-                            f'the file is damaged (expected the {WHAT})')
+    check_finite(state, source, WHAT)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

@@ -6,13 +6,18 @@ Per image (``NNNNNN``), in ``segmentation/segmentation_results/`` (PIPELINE.md �
 * ``parsing_visualization_NNNNNN.png``: a 50/50 blend of that crop and the class colours;
 * ``parsing_NNNNNN.png``: the 224x224 class map, 8-bit single channel, values 0-10, in the crop frame.
 
-The class map is written last, so its presence means the image is finished: a rerun skips those images and
-redoes the rest (R14). Images where MTCNN finds no face, or that cannot be decoded, are listed in
-``skipped.csv`` (``img_no,reason``) and the run goes on (R5). Both models are built once; FaceXFormer
-runs on batches on the chosen device (R7).
+The class map is written last. ``segmentation_meta.json`` records the settings (the FaceXFormer weights by
+SHA-256, the MTCNN rule) and, per image, the input file (relative to the root) and the SHA-256 of its bytes. A
+rerun with the same settings skips an image whose three files exist (or that was skipped) and whose input bytes
+are unchanged; a replaced image, or any image after a change of weights, is parsed again (R14). Images where
+MTCNN finds no face, that are too small for it, or that cannot be decoded, are listed in ``skipped.csv``
+(``img_no,reason``) and the run goes on (R5). Both models are built once; FaceXFormer runs on batches on the
+chosen device (R7).
 """
 from __future__ import annotations
 
+import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +31,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from ohlora import atomic
-from ohlora.errors import PipelineError
+from ohlora.errors import PipelineError, first_line
 from ohlora.layout import Layout, parse_img_no
+from ohlora.records import load_record, scan_outputs, sha256_bytes, sha256_of
 from segmentation.face_detection import FaceBox, FaceDetector
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 SKIP_COLUMNS = ['img_no', 'reason']
 NO_FACE = 'no face detected'
+OUTPUT_PATTERN = re.compile(r'(?:parsing|parsing_visualization|face)_(\d{6})\.png')
+RECORD_EVERY = 256  # images between two saves of the per-image record (a killed run redoes at most these)
 
 # Visualisation colours (RGB) of the 11 LaPa classes, from upstream ``visualize_mask``.
 CLASS_NAMES = ('background', 'skin', 'left_eyebrow', 'right_eyebrow', 'left_eye', 'right_eye', 'nose',
@@ -55,20 +63,29 @@ class PreparedFace:
     img_no: int
     face: FaceBox
     crop: np.ndarray  # 224×224×3 uint8 RGB, Pillow bicubic
+    digest: str       # SHA-256 of the image bytes the crop came from
+
+
+@dataclass(frozen=True)
+class Skip:
+    img_no: int
+    reason: str
+    digest: str | None  # of the bytes read, None when the file could not be read at all
 
 
 @dataclass
-class StageSummary:
+class ParsingSummary:
     parsed: int = 0
     already_done: int = 0
     skipped: dict[int, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
 
 
-def list_input_images(folder: Path) -> InputImages:
+def list_input_images(folder: Path, empty_reason: str | None = None) -> InputImages:
     """``NNNNNN.jpg`` (or .jpeg/.png) files of ``folder`` by number; other names are reported, not read.
 
-    An empty or missing folder, or two files with the same number, is an error.
+    An empty or missing folder, or two files with the same number, is an error; ``empty_reason`` says why the
+    folder is empty when the caller knows (e.g. stage 2 kept no image).
     """
     if not folder.is_dir():
         raise PipelineError(f'{folder}: no such folder (the filtered images of stage 2; run stage 2 first)')
@@ -88,7 +105,7 @@ def list_input_images(folder: Path) -> InputImages:
         images[img_no] = path
     if not images:
         hint = f' (it holds {len(ignored)} other files, e.g. {ignored[0]})' if ignored else ''
-        raise PipelineError(f'{folder} holds no NNNNNN.jpg images{hint}; run stage 2 first')
+        raise PipelineError(f'{folder} holds no NNNNNN.jpg images{hint}; {empty_reason or "run stage 2 first"}')
     return InputImages(sorted(images.items()), ignored)
 
 
@@ -97,55 +114,104 @@ def is_finished(layout: Layout, img_no: int) -> bool:
                                      layout.parsing_map(img_no)))
 
 
+def stage_settings(weights_sha256: str) -> dict:
+    """What the three files of an image depend on besides the image's bytes."""
+    from importlib import metadata
+
+    from segmentation.face_detection import MARGIN_PERCENTAGE
+
+    return {'weights_sha256': weights_sha256,
+            'mtcnn': {'package': f'facenet-pytorch {metadata.version("facenet-pytorch")}', 'device': 'cpu',
+                      'face': 'largest box', 'margin_percentage': MARGIN_PERCENTAGE}}
+
+
 @dataclass(frozen=True)
 class WorkPlan:
     """Which input images still need parsing, and which earlier results stand."""
     pending: list[tuple[int, Path]]
     finished: int
-    settled_skips: dict[int, str]  # earlier skip entries whose image has not changed since
+    settled_skips: dict[int, str]            # earlier skip entries whose image has not changed since
+    inputs: dict[str, dict]                  # record entries of the results that stand
+    changed: int = 0                         # images with results whose bytes have changed since
 
 
-def plan_work(layout: Layout, inputs: InputImages) -> WorkPlan:
-    """Finished images (all three files) and images skipped by an earlier run are not redone.
+def read_stage_record(layout: Layout) -> dict | None:
+    """The stage-3 record; an unusable one counts as absent (every image is parsed again)."""
+    record = load_record(layout.segmentation_meta)
+    if record is None or not isinstance(record.get('inputs'), dict):
+        return None
+    return record
 
-    A skipped image is retried when its file is newer than ``skipped.csv`` (it was replaced since).
-    """
-    skip_csv = layout.segmentation_skipped_csv
-    earlier = read_skip_list(skip_csv)
-    listed_at = skip_csv.stat().st_mtime_ns if earlier else 0
-    pending, finished, settled = [], 0, {}
+
+def check_outputs(layout: Layout) -> None:
+    """A folder or link under a result's name is a one-line error (a rerun could neither trust nor replace it)."""
+    atomic.check_writable(layout.segmentation_dir)
+    atomic.check_replaceable(layout.segmentation_skipped_csv, layout.segmentation_meta)
+    scan_outputs(layout.segmentation_dir, OUTPUT_PATTERN, 'a stage-3 result file')
+
+
+def plan_work(layout: Layout, inputs: InputImages, settings: dict) -> WorkPlan:
+    """Images whose results (all three files, or a skip entry) were made from the same bytes with the same settings
+    are not redone; every other image is pending."""
+    check_outputs(layout)
+    record = read_stage_record(layout)
+    recorded = record['inputs'] if record is not None and record.get('settings') == settings else {}
+    earlier = read_skip_list(layout.segmentation_skipped_csv)
+    pending, finished, settled, standing, changed = [], 0, {}, {}, 0
     for img_no, path in inputs.images:
-        if is_finished(layout, img_no):
+        try:
+            digest = sha256_of(path)
+        except OSError:
+            digest = None  # unreadable: parsing it gives the reason for skipped.csv
+        entry = recorded.get(f'{img_no:06d}')
+        same = isinstance(entry, dict) and digest is not None and entry.get('sha256') == digest
+        if same and is_finished(layout, img_no):
             finished += 1
-        elif img_no in earlier and path.stat().st_mtime_ns <= listed_at:
+        elif same and img_no in earlier:
             settled[img_no] = earlier[img_no]
         else:
+            changed += isinstance(entry, dict) and not same
             pending.append((img_no, path))
-    return WorkPlan(pending, finished, settled)
+            continue
+        standing[f'{img_no:06d}'] = {**entry, 'source': layout.path_from_root(path)}  # where it is now
+    return WorkPlan(pending, finished, settled, standing, changed)
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """The image as RGB (grayscale, palette and RGBA files are converted; alpha is dropped)."""
-    with Image.open(path) as image:
-        return image.convert('RGB')
+def read_rgb(path: Path) -> tuple[Image.Image, str]:
+    """The image as RGB (grayscale, palette and RGBA files are converted; alpha is dropped) and the SHA-256 of the
+    bytes it was decoded from (the record's key: a result belongs to that content)."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert('RGB'), sha256_bytes(data)
 
 
-def prepare(detector: FaceDetector, img_no: int, path: Path) -> PreparedFace | tuple[int, str]:
-    """Detect, grow, crop and resize one image; ``(img_no, reason)`` when it cannot be parsed."""
+def prepare(detector: FaceDetector, img_no: int, path: Path) -> PreparedFace | Skip:
+    """Detect, grow, crop and resize one image; a :class:`Skip` with the reason when it cannot be parsed."""
     try:
-        image = read_rgb(path)
+        image, digest = read_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow's messages quote the full path; the CSV must not hold absolute paths (R4).
         text = str(exc).replace(str(path), path.name).strip()
-        return img_no, f'unreadable image: {text.splitlines()[0][:120] if text else type(exc).__name__}'
-    with torch.inference_mode():
-        face = detector.detect(image)
+        reason = f'unreadable image: {text.splitlines()[0][:120] if text else type(exc).__name__}'
+        try:
+            digest = sha256_of(path)
+        except OSError:
+            digest = None
+        return Skip(img_no, reason, digest)
+    if min(image.size) < detector.min_side:
+        return Skip(img_no, f'image of {image.size[0]}x{image.size[1]} pixels is too small for face detection '
+                            f'(at least {detector.min_side}x{detector.min_side})', digest)
+    try:
+        with torch.inference_mode():
+            face = detector.detect(image)
+    except (RuntimeError, ValueError, IndexError) as exc:  # MTCNN fails inside torch on degenerate images
+        return Skip(img_no, f'face detection failed: {first_line(exc, 120)}', digest)
     if face is None:
-        return img_no, NO_FACE
+        return Skip(img_no, NO_FACE, digest)
     x1, y1, x2, y2 = face.crop_box
     if x2 <= x1 or y2 <= y1:
-        return img_no, f'face box {face.crop_box} is empty after clamping to the image'
-    return PreparedFace(img_no, face, resized_crop(image, face.crop_box))
+        return Skip(img_no, f'face box {face.crop_box} is empty after clamping to the image', digest)
+    return PreparedFace(img_no, face, resized_crop(image, face.crop_box), digest)
 
 
 def visualization(face_rgb: np.ndarray, class_map: np.ndarray) -> np.ndarray:
@@ -188,7 +254,7 @@ def write_skip_list(path: Path, skipped: dict[int, str]) -> None:
 
 
 def _batches(pending: list[tuple[int, Path]], detector: FaceDetector, batch_size: int,
-             skipped: dict[int, str], bar) -> Iterator[list[PreparedFace]]:
+             skipped: list[Skip], bar) -> Iterator[list[PreparedFace]]:
     """Batches of ``batch_size`` prepared faces; images that cannot be parsed go to ``skipped``."""
     batch = []
     for img_no, path in pending:
@@ -196,7 +262,7 @@ def _batches(pending: list[tuple[int, Path]], detector: FaceDetector, batch_size
         if isinstance(prepared, PreparedFace):
             batch.append(prepared)
         else:
-            skipped[prepared[0]] = prepared[1]
+            skipped.append(prepared)
             bar.update(1)
         if len(batch) == batch_size:
             yield batch
@@ -221,57 +287,103 @@ def _prefetched(iterator: Iterator, enabled: bool) -> Iterator:
             yield item
 
 
+class StageRecord:
+    """``segmentation_meta.json``: the settings, and per image the input file (relative to the root, so stage 4
+    finds it) and the SHA-256 of the bytes its results were made from.
+
+    Saved after whole batches (every ``RECORD_EVERY`` images) and at the end, after the files it vouches for: a
+    killed run redoes the images since the last save, in the batches an uninterrupted run would have formed, so
+    its files come out byte-identical."""
+
+    def __init__(self, layout: Layout, settings: dict, standing: dict[str, dict], info: dict):
+        self.layout, self.settings, self.inputs, self.info = layout, settings, dict(standing), dict(info)
+        self.unsaved = 0
+
+    def add(self, img_no: int, path: Path, digest: str | None) -> None:
+        if digest is None:
+            return  # nothing to compare a rerun with: the image is tried again
+        self.inputs[f'{img_no:06d}'] = {'source': self.layout.path_from_root(path), 'sha256': digest}
+        self.unsaved += 1
+
+    def save_if_due(self) -> None:
+        if self.unsaved >= RECORD_EVERY:
+            self.save()
+
+    def save(self, **info) -> None:
+        self.info.update(info)
+        atomic.write_json(self.layout.segmentation_meta, {'settings': self.settings,
+                                                          'inputs': dict(sorted(self.inputs.items())), **self.info})
+        self.unsaved = 0
+
+
 def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple[int, Path]],
               batch_size: int, device: torch.device, progress: bool = True,
-              present: set[int] | None = None) -> StageSummary:
-    """Parse ``pending`` images in batches, write their files, and keep ``skipped.csv`` up to date.
+              present: set[int] | None = None, record: StageRecord | None = None) -> ParsingSummary:
+    """Parse ``pending`` images in batches, write their files, and keep ``skipped.csv`` and the record up to date.
 
     Skip entries of earlier runs are kept for images this run did not reach (an interrupted run) that are
     still unfinished and, when ``present`` (every input number) is given, still in the input folder.
     """
-    summary = StageSummary()
+    summary = ParsingSummary()
     layout.segmentation_dir.mkdir(parents=True, exist_ok=True)
     earlier = read_skip_list(layout.segmentation_skipped_csv)
+    paths = dict(pending)
     reached: set[int] = set()
+    skips: list[Skip] = []
+    if record is not None:
+        record.save()  # the new settings, and only the earlier results that stand
     try:
         with tqdm(total=len(pending), unit='img', desc='parsing', disable=not progress) as bar:
-            batches = _batches(pending, detector, batch_size, summary.skipped, bar)
+            batches = _batches(pending, detector, batch_size, skips, bar)
             for batch in _prefetched(batches, enabled=device.type != 'cpu'):
                 class_maps, face_pixels = parse_faces(model, batch, device)
                 for face, class_map, pixels in zip(batch, class_maps, face_pixels):
                     write_outputs(layout, face.img_no, pixels, class_map)
                     reached.add(face.img_no)
+                if record is not None:  # a whole batch at a time: see StageRecord
+                    for face in batch:
+                        record.add(face.img_no, paths[face.img_no], face.digest)
+                    record.save_if_due()
                 summary.parsed += len(batch)
                 bar.update(len(batch))
     finally:
+        summary.skipped.update({skip.img_no: skip.reason for skip in skips})
         reached.update(summary.skipped)
         kept = {n: r for n, r in earlier.items() if n not in reached and not is_finished(layout, n)
                 and (present is None or n in present)}
         write_skip_list(layout.segmentation_skipped_csv, {**kept, **summary.skipped})
+        if record is not None:
+            for skip in skips:  # after skipped.csv lists them
+                record.add(skip.img_no, paths[skip.img_no], skip.digest)
+            record.save(parsed_this_run=summary.parsed, skipped_this_run=len(summary.skipped))
     return summary
 
 
-def run_record(layout: Layout, summary: StageSummary, *, images_dir: Path, weights: Path, device: torch.device,
-               batch_size: int, seed: int) -> dict:
-    """What produced the files (the meta JSON beside them): weights file, settings, counts, versions."""
-    from importlib import metadata
-
+def run_info(layout: Layout, *, images_dir: Path, weights: Path, device: torch.device, batch_size: int,
+             seed: int, already_done: int, ignored: list[str]) -> dict:
+    """What else the record says about the run that wrote it (for the reader; it decides nothing)."""
     import torchvision
 
-    from segmentation.face_detection import MARGIN_PERCENTAGE
-
     return {
-        'images_dir': layout.relative(images_dir),
+        'images_dir': layout.path_from_root(images_dir),
         'weights_file': weights.name,
-        'weights_bytes': weights.stat().st_size,
         'device': str(device),
         'batch_size': batch_size,
         'seed': seed,  # recorded for uniformity: nothing in this stage is random
-        'mtcnn': {'package': f'facenet-pytorch {metadata.version("facenet-pytorch")}',
-                  'device': 'cpu', 'face': 'largest box', 'margin_percentage': MARGIN_PERCENTAGE},
-        'parsed_this_run': summary.parsed,
-        'already_done': summary.already_done,
-        'skipped': len(summary.skipped),
-        'ignored_files': summary.ignored,
+        'already_done': already_done,
+        'ignored_files': ignored,
         'versions': {'torch': torch.__version__, 'torchvision': torchvision.__version__},
     }
+
+
+def stage2_empty_reason(layout: Layout) -> str | None:
+    """Why the filtered folder is empty when stage 2 ran and kept no image; None when stage 2 has not run."""
+    merged = layout.cnn_merged_csv
+    if not merged.is_file():
+        return None
+    try:
+        scored = len(pd.read_csv(merged))
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        scored = 'its'
+    return (f'stage 2 ran but kept none of {scored} images (see {merged}); rerun run_cnn.py with a lower '
+            '--gender-threshold or --quality-threshold')

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import SCORE_COLUMNS
 
@@ -75,15 +74,16 @@ def stats_document(stats: dict[str, ColumnStats], normalised: pd.DataFrame, **ex
             entry['min'] = float(normalised[column].min())
             entry['max'] = float(normalised[column].max())
         columns[column] = entry
-    return {'columns': columns, 'std_ddof': STD_DDOF, 'decimals': DECIMALS, **extra}
+    return {'columns': columns, 'score_columns': list(SCORE_COLUMNS), 'std_ddof': STD_DDOF, 'decimals': DECIMALS,
+            **extra}
 
 
-def write_stats(path: str | Path, document: dict) -> None:
-    atomic.write_json(path, document)
+def read_stats(path: str | Path, algorithm: int | None = None) -> dict[str, ColumnStats]:
+    """The per-column statistics of a stats file written by this stage; one-line errors for anything unusable.
 
-
-def read_stats(path: str | Path) -> dict[str, ColumnStats]:
-    """The per-column statistics of a stats file written by this stage; one-line errors for anything unusable."""
+    With ``algorithm``, the file must say it holds that algorithm's statistics: the two algorithms' scores live on
+    different scales, so normalising with the other's mean and std gives plausible-looking, wrong z-scores.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f'{path}: no such statistics file')
@@ -93,6 +93,21 @@ def read_stats(path: str | Path) -> dict[str, ColumnStats]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise PipelineError(f'{path} is not a property-score statistics file (expected a JSON object with '
                             f'"columns")') from None
+    if algorithm is not None:
+        recorded = document.get('algorithm')
+        if recorded is None:
+            raise PipelineError(f'{path} does not say which algorithm its statistics belong to (no "algorithm"); '
+                                f'--algorithm {algorithm} needs the stats file of an algorithm-{algorithm} run')
+        if recorded != algorithm:
+            raise PipelineError(f'{path} holds algorithm-{recorded} statistics, but this run uses --algorithm '
+                                f'{algorithm}; pass the stats file of an algorithm-{algorithm} run')
+    if not isinstance(columns, dict):
+        raise PipelineError(f'{path}: "columns" is not a JSON object (property-score statistics)')
+    declared = document.get('score_columns', list(SCORE_COLUMNS))
+    unknown = sorted(set(map(str, columns)) - set(SCORE_COLUMNS))
+    if unknown or not isinstance(declared, list) or sorted(map(str, declared)) != sorted(SCORE_COLUMNS):
+        raise PipelineError(f'{path} holds statistics of other columns than the seven property scores '
+                            f'({", ".join(unknown[:3]) or "score_columns " + str(declared)[:60]})')
     stats = {}
     for column in SCORE_COLUMNS:
         entry = columns.get(column) if isinstance(columns, dict) else None

@@ -1,4 +1,4 @@
-"""GenForce's ``postprocess_image``: float images in [-1, 1] -> uint8 NHWC RGB."""
+"""GenForce's ``postprocess_image``: float images in [-1, 1] -> uint8 NHWC RGB, and the check that comes before it."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,3 +18,15 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
         raise ValueError(f'expected NCHW images, got shape {list(images.shape)}')
     values = (images + 1.0) * 255.0 / 2.0 + 0.5
     return np.clip(values, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def require_finite(images: torch.Tensor, img_nos: list[int], hint: str) -> None:
+    """Refuse a batch with NaN or infinite pixels before it is written: the uint8 conversion would turn them into
+    plausible-looking black or saturated images."""
+    bad = ~torch.isfinite(images.reshape(len(images), -1)).all(dim=1)
+    if bool(bad.any()):
+        from ohlora.errors import PipelineError
+
+        first = img_nos[int(bad.nonzero()[0, 0])]
+        raise PipelineError(f'the generator gave NaN or infinite pixels for image {first} ({int(bad.sum())} of '
+                            f'{len(img_nos)} in its batch); nothing of that batch was written; {hint}')

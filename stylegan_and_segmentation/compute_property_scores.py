@@ -30,8 +30,9 @@ def build_parser():
                         help='1: upstream compute_property_scores.py (v1); 2: compute_property_scores_v2.py '
                              '(v2/v3; default)')
     parser.add_argument('--stats', default=None, metavar='FILE',
-                        help='normalise with the mean/std saved in this stats JSON instead of this run\'s own '
-                             '(needed for fewer than 2 images or a constant score column)')
+                        help='normalise with the mean/std saved in this stats JSON (of a run of the same '
+                             '--algorithm) instead of this run\'s own (needed for fewer than 2 images or a '
+                             'constant score column)')
     parser.add_argument('--workers', type=positive_int, default=default_workers(),
                         help='processes scoring images in parallel (default: %(default)s, the CPU count up to 8)')
     parser.add_argument('--force', action='store_true',

@@ -7,22 +7,23 @@ unless --retrain trains new ones from the labels.
 """
 from __future__ import annotations
 
-import math
 import os
 
 from cnn.ensemble import load_ensemble, published_weights
-from cnn.filtering import describe_removed, merge_scores, score_summary, select, sync_filtered, write_if_changed
+from cnn.filtering import (describe_removed, merge_scores, score_summary, select, sync_filtered,
+                           write_table_if_changed)
 from cnn.images import IMAGE_SIZE
 from cnn.labels import applicable_labels
 from cnn.models import MODEL_CLASSES
 from cnn.properties import FOLDS, GENDER, PROPERTIES, QUALITY
 from cnn.scoring import score_images, scoring_settings
 from cnn.training import TrainingConfig, TrainingSamples, train_all
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.atomic import check_replaceable, check_writable
+from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
-from stylegan.sampling import existing_images, read_meta
+from stylegan.sampling import existing_images, image_source
 
 EXAMPLES = '''
   # score images 0..9999 with the published CNNs (downloaded into cnn/models/ if absent) and filter them
@@ -70,13 +71,20 @@ def build_parser():
 
 
 def check_options(args) -> None:
-    for name in ('gender_threshold', 'quality_threshold'):
-        if not math.isfinite(getattr(args, name)):
-            raise PipelineError(f'--{name.replace("_", "-")} must be a number, got {getattr(args, name)}')
+    for name in ('gender_threshold', 'quality_threshold'):  # scores are in [0, 1]: outside, keep all or none
+        check_float(f'--{name.replace("_", "-")}', getattr(args, name), 0.0, 1.0)
     if args.retrain and args.weights is not None:
         raise PipelineError('--weights and --retrain exclude each other: --retrain writes cnn/models/ itself')
     if args.workers < 0:
         raise PipelineError(f'--workers must be 0 or more, got {args.workers}')
+
+
+def output_folders(layout: Layout, retrain: bool) -> list:
+    folders = [layout.cnn_record('scoring').parent, layout.cnn_inference_csv('gender').parent,
+               layout.cnn_merged_csv.parent, layout.filtered_dir, layout.cnn_models_dir]
+    if retrain:
+        folders += [layout.cnn_staged_model('gender', 0).parent, layout.cnn_log_dir]
+    return folders
 
 
 def retrain(args, layout: Layout, labels, device, compat: bool) -> None:
@@ -105,9 +113,17 @@ def main(argv=None):
     check_options(args)
     compat = args.compat == 'upstream'
     layout = Layout(args.root)
+    check_writable(*output_folders(layout, args.retrain))
+    check_replaceable(layout.cnn_record('scoring'), layout.cnn_merged_csv,
+                      *[path for prop in PROPERTIES for path in (layout.cnn_inference_csv(prop),
+                                                                  layout.cnn_partial_scores(prop))])
     available = existing_images(layout.synthesized_dir)
     if not available:
-        raise PipelineError(f'{layout.synthesized_dir} holds no images; run run_original_generator.py first')
+        source = image_source(layout)
+        if source is None:
+            raise PipelineError(f'{layout.synthesized_dir} holds no images; run run_original_generator.py first')
+        raise PipelineError(f'{layout.synthesized_dir} holds no images, although {layout.synthesized_meta} records '
+                            f'{source} images there: they were deleted; rerun run_original_generator.py')
     existing_images(layout.filtered_dir)  # a filtered folder with foreign files fails now, not after scoring
     labels = applicable_labels(layout, args.labels, available)
     device = resolve_device(args.device)
@@ -119,17 +135,20 @@ def main(argv=None):
     ensembles = {prop: load_ensemble(prop, paths, device) for prop, paths in weights.items()}
     labelled = set() if labels is None else set(int(n) for n in labels.img_nos)
     to_score = sorted(available - labelled)
-    settings = scoring_settings(weights, read_meta(layout), compat, args.seed, args.batch_size)
+    settings = scoring_settings(weights, compat, args.seed, args.batch_size)
     print(f'{len(labelled)} images use labels ({labels.origin if labels else "none apply"}); '
           f'{len(to_score)} are scored by the ensembles ({"dropout on, --compat upstream" if compat else "eval mode"})')
     result = score_images(layout, ensembles, to_score, settings, device=device, batch_size=args.batch_size,
                           workers=args.workers, dropout_seed=args.seed if compat else None,
                           progress=not args.no_progress)
+    if result.changed:
+        print(f'{result.changed} images changed since they were scored (other bytes under the same name); '
+              'scored again')
     for img_no, reason in result.skipped:
         print(f'warning: image {img_no:06d} skipped: {reason}')
 
     merged = merge_scores(layout, sorted(available), labels, result.frames)
-    write_if_changed(layout.cnn_merged_csv, merged)
+    write_table_if_changed(layout.cnn_merged_csv, merged)
     keep = select(merged, args.gender_threshold, args.quality_threshold)
     outcome = sync_filtered(layout, keep, progress=not args.no_progress)
     print(score_summary(merged, args.gender_threshold, args.quality_threshold))

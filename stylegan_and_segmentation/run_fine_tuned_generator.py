@@ -6,22 +6,23 @@ pose -1.2 (the other four 0), 20 images: 000000.jpg is the CSV z, 000001..000019
 from --seed. Attribute values are z-scores of the property scores (stage 4). v3 learned only eyes, mouth and pose.
 --sweep renders each z for several values of one attribute and writes a labelled grid. A rerun skips finished
 images; a folder made with other settings is refused. Upstream's only differences here (unseeded noise, train
-mode) have no compat mode, so --compat upstream changes nothing.
+mode) have no compat mode, so --compat upstream changes nothing. Attribute values and --variation beyond +-1000
+are refused (float32 maths overflows long before the largest floats).
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import MAX_IMAGES, PROPERTY_NAMES, Layout
+from ohlora.records import array_digest, weights_digest
 from ohlora.weights import SOURCES, fetch
 from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
-from stylegan_modified.generation import GenerationSettings, generate, read_z_csv, z_digest
-from stylegan_modified.labels import (UPSTREAM_LABEL, check_finite, label_warnings, option_name, score_ranges)
+from stylegan_modified.generation import GenerationSettings, check_outputs, generate, read_z_csv
+from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
 
 EXAMPLES = '''
   # upstream's final test: 20 images into stylegan_modified/final_inference_test_v3/
@@ -29,12 +30,11 @@ EXAMPLES = '''
   # eyes wide open, mouth closed, head turned the other way; 8 images, another seed
   python stylegan_and_segmentation/run_fine_tuned_generator.py --eyes 2.5 --mouth -1.0 --pose 2.0 --num 8 --seed 3
   # what does the mouth value do? 4 z's x 5 values, plus the grid sweep_mouth/sweep_mouth.png
-  python stylegan_and_segmentation/run_fine_tuned_generator.py --sweep mouth --values=-1,0,1,2,3
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --sweep mouth --values -1,0,1,2,3
   # the v1 generator (all seven attributes were trained), a weights file you already have, own folder
   python stylegan_and_segmentation/run_fine_tuned_generator.py --model v1 --weights my/v1.pth --outdir out/v1
   # another z: a one-row CSV with the header 0,1,...,511
   python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
-(negative --values need the '=' form: --values=-1.2,0,1.2)
 '''
 
 WEIGHT_SOURCES = {'v1': 'v1_generator', 'v3': 'v3_generator'}
@@ -89,8 +89,7 @@ def sweep_values(args) -> list[float] | None:
     if not values:
         raise PipelineError('--values lists no value')
     for value in values:
-        if not math.isfinite(value):
-            raise PipelineError(f'--values: {value} is not a finite number')
+        check_float('--values:', value)
     if len(set(values)) != len(values):
         raise PipelineError(f'--values {text!r} lists a value twice')
     return values
@@ -99,13 +98,17 @@ def sweep_values(args) -> list[float] | None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     values = {name: getattr(args, name) for name in PROPERTY_NAMES}
-    check_finite(values)  # all option checks come before any file is fetched, read or written
+    for name, value in values.items():  # all option checks come before any file is fetched, read or written
+        check_float(option_name(name), value)
     columns = sweep_values(args)
-    if not (math.isfinite(args.variation) and args.variation >= 0):
-        raise PipelineError(f'--variation must be a finite number >= 0, got {args.variation}')
+    check_float('--variation', args.variation, 0.0)
     num = args.num or (DEFAULT_SWEEP_NUM if args.sweep else DEFAULT_NUM)
+    if num > MAX_IMAGES:
+        raise PipelineError(f'--num must be at most {MAX_IMAGES} (image names have six digits), got {num}')
 
     layout = Layout(args.root)
+    files = layout.generation_folder(args.model, args.outdir, args.sweep)
+    check_outputs(files)
     device = resolve_device(args.device)
     disable_tf32()
     weights = fetch(WEIGHT_SOURCES[args.model], layout, args.weights)
@@ -126,13 +129,11 @@ def main(argv=None):
         print(f'warning: {line}', file=sys.stderr)
 
     label = {k: (None if k == args.sweep else v) for k, v in values.items()}
-    settings = GenerationSettings(model=args.model, weights_file=weights.name, weights_bytes=weights.stat().st_size,
-                                  z_file=Path(z_csv).name,
-                                  z_sha256=z_digest(base_z), seed=args.seed, variation=args.variation, label=label,
-                                  sweep=args.sweep)
-    files = layout.generation_folder(args.model, args.outdir, args.sweep)
+    settings = GenerationSettings(model=args.model, weights_sha256=weights_digest(weights),
+                                  z_sha256=array_digest(base_z), seed=args.seed, variation=args.variation,
+                                  label=label, sweep=args.sweep)
     result = generate(generator, files, settings, base_z, values, num, args.batch_size, columns,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, names={'weights_file': weights.name, 'z_file': Path(z_csv).name})
     print(f'wrote {result.written} images ({result.skipped} already there) into {result.folder}'
           + (f'; grid: {result.grid}' if result.grid else ''))
 

@@ -20,7 +20,8 @@ import torch
 
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout
-from ohlora.weights import fetch, sha256_of
+from ohlora.records import sha256_of
+from ohlora.weights import fetch
 from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
 from stylegan_modified.w_space import WGenerator, as_w_generator, broadcast_w, parse_layers
 

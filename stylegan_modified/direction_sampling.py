@@ -29,9 +29,9 @@ from tqdm import tqdm
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import DirectionSamplesFolder
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 from stylegan.postprocess import to_uint8
-from stylegan.sampling import Z_STREAM, image_latent
+from stylegan.sampling import Z_STREAM, sampled_latent
 from stylegan_modified.w_space import WGenerator, broadcast_w
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int
     ws, scores = [], []
     for offset in range(0, count, batch_size):
         numbers = range(start + offset, start + min(offset + batch_size, count))
-        z = torch.stack([image_latent(seed, n, w_generator.z_dim) for n in numbers])
+        z = torch.stack([sampled_latent(seed, n, w_generator.z_dim) for n in numbers])
         with torch.inference_mode():
             w = w_generator.w(z)
             images = w_generator.images(broadcast_w(w, w_generator.num_layers))

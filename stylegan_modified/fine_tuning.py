@@ -51,8 +51,9 @@ from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.records import sha256_of
 from ohlora.resume import ResumeRecord, capture_rng_state, restore_rng_state, seed_everything
-from ohlora.weights import fetch, sha256_of
+from ohlora.weights import fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs, unwrap_zoo_checkpoint
 from stylegan_modified.checkpoint import (DISCRIMINATOR_FILES, GENERATOR_FILES, describe_checkpoint,
                                           infer_conditional_discriminator_kwargs, infer_conditional_generator_kwargs)

@@ -7,13 +7,12 @@ and its stored noise maps, as upstream's ``G_kwargs_val``. Images are GenForce's
 OpenCV JPEGs (quality 95), as upstream.
 
 A sweep renders every z for each value of one attribute (the other attributes as given), writes those images
-and one labelled grid (rows = z, columns = values). Each output folder records its settings; a rerun with the
-same settings skips the images already there, other settings are refused instead of mixing two runs.
+and one labelled grid (rows = z, columns = values). Each output folder records its settings, the generator and
+the base z identified by the SHA-256 of their content (not by file names or sizes); a rerun with the same
+settings skips the images already there, other settings are refused instead of mixing two runs.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -29,8 +27,10 @@ from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, GenerationFolder
+from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
+                            write_record, write_z_record)
 from ohlora.tables import read_table
-from stylegan.postprocess import to_uint8
+from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified.labels import label_vector
 from stylegan_modified.sweep_grid import sweep_grid
 
@@ -42,10 +42,8 @@ Z_RULE = 'z_i = float32(z_csv + variation * N(0, I) drawn in float64 from (seed,
 class GenerationSettings:
     """Everything that decides the pixels of an image of a folder; a resumed run must use the same."""
     model: str
-    weights_file: str
-    weights_bytes: int
-    z_file: str
-    z_sha256: str          # of the CSV z as float64, so an edited CSV of the same name is noticed
+    weights_sha256: str    # the generator, by content
+    z_sha256: str          # the CSV z as float64, by content
     seed: int
     variation: float
     label: dict = field(default_factory=dict)   # for a sweep, the swept attribute is None (it varies)
@@ -72,16 +70,12 @@ def read_z_csv(path: str | Path, z_dim: int) -> np.ndarray:
         z = frame.to_numpy(dtype=np.float64)[0]
     except (TypeError, ValueError):
         raise PipelineError(f'{path} has non-numeric values (z vector CSV)') from None
-    if not np.isfinite(z).all():
-        raise PipelineError(f'{path} has NaN or infinite values (z vector CSV)')
+    if not np.isfinite(z).all() or not np.isfinite(z.astype(np.float32)).all():
+        raise PipelineError(f'{path} has NaN or infinite values, or values beyond float32 (z vector CSV)')
     return z
 
 
-def z_digest(z: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(z, dtype='<f8').tobytes()).hexdigest()[:16]
-
-
-def image_latent(base_z: np.ndarray, seed: int, img_no: int, variation: float) -> torch.Tensor:
+def varied_latent(base_z: np.ndarray, seed: int, img_no: int, variation: float) -> torch.Tensor:
     """float32 z of image ``img_no``: the CSV z for image 0, else CSV z + variation * N(0, I) from (seed, img_no)."""
     z = torch.from_numpy(np.asarray(base_z, dtype=np.float64))
     if img_no > 0 and variation != 0:
@@ -91,86 +85,44 @@ def image_latent(base_z: np.ndarray, seed: int, img_no: int, variation: float) -
 
 
 @torch.inference_mode()
-def synthesize(generator, z: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+def render_labelled(generator, z: torch.Tensor, labels: torch.Tensor, img_nos: list[int]) -> np.ndarray:
     """uint8 NHWC RGB images of G(z, label) with upstream's inference settings (no truncation, stored noise)."""
     device = next(generator.parameters()).device
     image = generator(z.to(device), labels.to(device), trunc_psi=1.0, trunc_layers=0, randomize_noise=False)['image']
+    require_finite(image, img_nos, 'check the weights file and the attribute values')
     return to_uint8(image)
 
 
-def _read_settings(files: GenerationFolder) -> dict | None:
-    path = files.settings_json
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise PipelineError(f'{path} is not a settings record of this stage; delete it together with the images it '
-                            'describes, or choose another --outdir')
-    return recorded
+def image_pattern(files: GenerationFolder) -> re.Pattern:
+    sweep = files.sweep
+    return re.compile(r'(\d{6})\.jpg' if sweep is None else rf'(\d{{6}})_{re.escape(sweep)}_.+\.jpg')
 
 
 def existing_images(files: GenerationFolder) -> dict[str, int]:
-    """{file name: image number} of the images of this kind already in the folder."""
-    if not files.folder.is_dir():
-        return {}
-    pattern = re.compile(r'(\d{6})\.jpg' if files.sweep is None else rf'(\d{{6}})_{re.escape(files.sweep)}_.+\.jpg')
-    found = {}
-    for path in files.folder.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_file():
-            found[path.name] = int(match.group(1))
-    return found
+    """{file name: image number} of the images of this kind already in the folder (regular files only)."""
+    return scan_outputs(files.folder, image_pattern(files), 'a stage-6 image').found
 
 
-def _flat(settings: dict) -> dict:
-    """Settings with the label spread out ('label.eyes': 1.8), so a message names only what changed."""
-    flat = {k: v for k, v in settings.items() if k != 'label'}
-    label = settings.get('label')
-    flat.update({f'label.{k}': v for k, v in label.items()} if isinstance(label, dict) else {'label': label})
-    return flat
+def check_outputs(files: GenerationFolder) -> None:
+    """The folder can be written, no folder sits where a record or the grid goes, and only regular files carry
+    image names (before anything runs)."""
+    atomic.check_writable(files.folder)
+    atomic.check_replaceable(files.settings_json, files.z_csv, *([files.grid] if files.sweep else []))
+    existing_images(files)
+
+
+def read_settings(files: GenerationFolder) -> dict | None:
+    return read_record(files.settings_json, 'settings record of this stage',
+                       'delete it together with the images it describes, or choose another --outdir')
 
 
 def check_resumable(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
     """The images already there, after making sure they were made with ``settings`` (else one-line error)."""
     existing = existing_images(files)
-    recorded = _read_settings(files)
-    if existing and recorded is None:
-        raise PipelineError(f'{files.folder} already holds {len(existing)} images but no {files.settings_json.name} '
-                            'says how they were made; choose another --outdir or move them away')
-    if existing and recorded != settings.as_json():
-        before, after = _flat(recorded), _flat(settings.as_json())
-        changed = [k for k in after if before.get(k) != after[k]] or sorted(set(before) - set(after))
-        detail = ', '.join(f'{k} {before.get(k)!r} -> {after.get(k)!r}' for k in changed[:3])
-        raise PipelineError(f'{files.folder} holds images made with other settings ({detail}); rerun with the same '
-                            'settings, or choose another --outdir')
+    refuse_other_settings(read_settings(files), settings.as_json(), outputs=len(existing), folder=files.folder,
+                          record_path=files.settings_json, noun='images',
+                          remedy='choose another --outdir or move them away')
     return existing
-
-
-def _write_if_changed(path: Path, data: bytes) -> bool:
-    """Atomic write unless the file already holds exactly these bytes (a finished rerun writes nothing)."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    atomic.write_bytes(path, data)
-    return True
-
-
-def _encode(suffix: str, bgr: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(suffix, bgr)
-    if not ok:
-        raise OSError(f'OpenCV could not encode a {suffix} image')
-    return encoded.tobytes()
-
-
-def write_z_record(files: GenerationFolder, base_z: np.ndarray, seed: int, variation: float,
-                   img_nos: list[int]) -> bool:
-    """``z_vectors.csv``: img_no and the float32 z of every image in the folder (R1: every sampled z is recorded)."""
-    z = torch.stack([image_latent(base_z, seed, n, variation) for n in img_nos]).numpy()
-    frame = pd.DataFrame(z, columns=[f'z{k}' for k in range(z.shape[1])])
-    frame.insert(0, 'img_no', img_nos)
-    return _write_if_changed(files.z_csv, frame.to_csv(index=False, lineterminator='\n').encode('utf-8'))
 
 
 @dataclass
@@ -187,41 +139,50 @@ def _value_label(attribute: str, value: float) -> str:
 
 def generate(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
              values: dict[str, float], num: int, batch_size: int, sweep_values: list[float] | None = None,
-             progress: bool = True) -> GenerationResult:
-    """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid."""
+             progress: bool = True, names: dict | None = None) -> GenerationResult:
+    """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
+
+    ``names`` (e.g. the weights and z file names) go into the settings record for the reader; they decide nothing.
+    """
     if num < 1:
         raise PipelineError(f'--num must be at least 1, got {num}')
     sweep = files.sweep
     if (sweep is None) != (sweep_values is None):
         raise PipelineError('a sweep needs both an attribute and its values')
+    check_outputs(files)
     columns = [None] if sweep is None else list(sweep_values)
     existing = check_resumable(files, settings)
     items = [(n, value) for n in range(num) for value in columns]  # row-major: the grid's reading order
     todo = [(n, v) for n, v in items if files.image_name(n, v) not in existing]
-    try:
-        files.folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f'cannot write into {files.folder}: {exc.strerror or exc}') from None
-    _write_if_changed(files.settings_json, (json.dumps(settings.as_json(), indent=2, sort_keys=True) + '\n').encode())
+    img_nos = sorted(set(existing.values()) | {n for n, _ in items})
+
+    def record() -> None:  # after the first batch rendered: a refused batch leaves the folder as it was
+        write_record(files.settings_json, settings.as_json(), **(names or {}))
+        write_z_record(files.z_csv, img_nos, torch.stack([varied_latent(base_z, settings.seed, n, settings.variation)
+                                                          for n in img_nos]).numpy())
 
     encoded: dict[tuple[int, float | None], bytes] = {}
+    missing = set(todo)
     bar = tqdm(total=len(todo), desc=f'generating ({settings.model})', unit='img', disable=not progress)
     with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG encoding releases the GIL
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            z = torch.stack([image_latent(base_z, settings.seed, n, settings.variation) for n, _ in batch])
+        for index, batch in enumerate(aligned_batches(items, set(items) - missing, batch_size)):
+            z = torch.stack([varied_latent(base_z, settings.seed, n, settings.variation) for n, _ in batch])
             labels = torch.from_numpy(np.stack([label_vector({**values, **({sweep: v} if sweep else {})})
                                                 for _, v in batch]))
-            images = synthesize(generator, z, labels)
-            jpegs = list(pool.map(lambda rgb: _encode('.jpg', rgb[:, :, ::-1]), images))
-            for (n, v), data in zip(batch, jpegs):
+            images = render_labelled(generator, z, labels, [n for n, _ in batch])
+            if index == 0:
+                record()
+            wanted = [(item, rgb) for item, rgb in zip(batch, images) if item in missing]
+            jpegs = list(pool.map(lambda pair: atomic.encode_image('.jpg', pair[1][:, :, ::-1]), wanted))
+            for ((n, v), _), data in zip(wanted, jpegs):
                 atomic.write_bytes(files.image(n, v), data)
-                encoded[(n, v)] = data
-            bar.update(len(batch))
+                if sweep is not None:  # only a sweep's grid needs them again
+                    encoded[(n, v)] = data
+            bar.update(len(wanted))
     bar.close()
+    if not todo:
+        record()  # a finished rerun writes nothing: both records are written only when they change
 
-    img_nos = sorted(set(existing.values()) | {n for n, _ in items})
-    write_z_record(files, base_z, settings.seed, settings.variation, img_nos)
     result = GenerationResult(written=len(todo), skipped=len(items) - len(todo), folder=files.folder)
     if sweep is not None:
         # Cells are the decoded JPEGs, so a resumed run composes exactly the grid of an uninterrupted one.
@@ -234,6 +195,6 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
         others = ', '.join(f'{k} {values.get(k, 0.0):g}' for k in PROPERTY_NAMES if k != sweep)
         title = f'{settings.model}: {sweep} sweep, seed {settings.seed}; {others}'
         grid = sweep_grid(cells, rows, [_value_label(sweep, v) for v in columns], title)
-        _write_if_changed(files.grid, _encode('.png', grid))
+        write_if_changed(files.grid, atomic.encode_image('.png', grid))
         result.grid = files.grid
     return result

@@ -10,7 +10,7 @@ from torch.nn.functional import cosine_similarity
 from direction_toys import FailingScorer, LinearScorer, LinearToy, PooledScorer, random_model
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, DirectionSamplesFolder
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 from stylegan.checkpoint import load_generator
 from stylegan_modified.attribute_directions import DirectionsControl, load_directions_control
 from stylegan_modified.controllable import ControllableGenerator
@@ -50,8 +50,8 @@ def anisotropic(tmp_path_factory):
 def test_sampling_records_w_and_scores_of_seeded_z(anisotropic):
     toy, scorer, _, _, samples = anisotropic
     assert samples.w.shape == (4000, DIM) and samples.scores.shape == (4000, 7) and samples.computed == 4000
-    from stylegan.sampling import image_latent
-    z = torch.stack([image_latent(0, n, DIM) for n in (0, 1234, 3999)])
+    from stylegan.sampling import sampled_latent
+    z = torch.stack([sampled_latent(0, n, DIM) for n in (0, 1234, 3999)])
     # image i's z comes from (seed, i) alone (equal up to the rounding of another batch shape)
     torch.testing.assert_close(samples.w[[0, 1234, 3999]], toy.w(z), rtol=0, atol=1e-6)
     torch.testing.assert_close(samples.scores[[0, 1234, 3999]], scorer.exact(toy.w(z)), rtol=0, atol=3 * SIGMA)
@@ -334,8 +334,8 @@ def test_the_library_path_on_the_tiny_genforce_checkpoint(reference_dir, tmp_pat
 
 
 def samples_z(seed, numbers, z_dim):
-    from stylegan.sampling import image_latent
-    return torch.stack([image_latent(seed, n, z_dim) for n in numbers])
+    from stylegan.sampling import sampled_latent
+    return torch.stack([sampled_latent(seed, n, z_dim) for n in numbers])
 
 
 def test_conditional_base_maps_with_the_recorded_label(reference_dir, tmp_path):

@@ -174,7 +174,7 @@ def test_loader_reads_the_official_layout_and_rejects_wrong_files(tmp_path, synt
         facexformer_from_state_dict(wrong, 'wrong.pt')
     damaged = dict(small)
     damaged['linear_fuse.weight'] = torch.full((256, 1024, 1, 1), float('nan'))
-    with pytest.raises(PipelineError, match='non-finite'):
+    with pytest.raises(PipelineError, match='damaged.pt holds NaN or infinite values'):
         facexformer_from_state_dict(damaged, 'damaged.pt')
     not_tensor = dict(small)
     not_tensor['linear_fuse.weight'] = 3

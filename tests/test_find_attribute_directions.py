@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from direction_toys import PooledScorer
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 from script_runner import files_of, run_script
 from stylegan_modified.attribute_directions import load_directions_control
 from stylegan_modified.controllable import ControllableGenerator

@@ -97,13 +97,16 @@ def test_rerun_skips_then_rescores_only_changed_images(tmp_path, property_scores
     assert [p.stat().st_mtime_ns for p in outputs] == stamps
 
     later = outputs[0].stat().st_mtime + 10
-    os.utime(layout.parsing_map(3), (later, later))      # stage 3 rewrote image 3
-    shutil.copy(property_scores_dir / 'fixtures' / 'parsing_000030.png', layout.parsing_map(30))
-    shutil.copy(property_scores_dir / 'fixtures' / 'face_000030.png', layout.face_crop(30))
+    os.utime(layout.parsing_map(3), (later, later))      # touched, same bytes: its scores stand (content keys)
+    fixtures = property_scores_dir / 'fixtures'
+    for root in (layout, make_root(tmp_path / 'fresh', fixtures, [*range(12), 30])):
+        shutil.copy(fixtures / 'parsing_000031.png', root.parsing_map(5))  # stage 3 rewrote image 5: other bytes
+        shutil.copy(fixtures / 'face_000031.png', root.face_crop(5))
+    shutil.copy(fixtures / 'parsing_000030.png', layout.parsing_map(30))
+    shutil.copy(fixtures / 'face_000030.png', layout.face_crop(30))
     resumed = property_scores.run(layout, 2, progress=False)
     assert (resumed.images, resumed.scored, resumed.reused) == (13, 2, 11)
-    fresh = property_scores.run(make_root(tmp_path / 'fresh', property_scores_dir / 'fixtures', [*range(12), 30]), 2,
-                                force=True, progress=False)
+    fresh = property_scores.run(Layout(tmp_path / 'fresh'), 2, force=True, progress=False)
     assert fresh.scored == 13
     assert layout.property_scores_csv(2).read_bytes() == \
         Layout(tmp_path / 'fresh').property_scores_csv(2).read_bytes()
@@ -168,6 +171,7 @@ def test_script_runs_and_reports_bad_input_in_one_line(tmp_path, property_scores
 def test_missing_original_for_algorithm_1(tmp_path, property_scores_dir):
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', [0, 1, 2])
     layout.filtered_image(1).unlink()
-    with pytest.raises(PipelineError, match=r'000001.jpg: no such file \(the filtered original image'):
+    with pytest.raises(PipelineError,
+                       match=r'000001.jpg: no such file \(the original image, whose colours algorithm 1 reads, of'):
         property_scores.run(layout, 1, progress=False)
     assert property_scores.run(layout, 2, progress=False).images == 3  # algorithm 2 does not need it

@@ -13,7 +13,7 @@ from ohlora.layout import Layout
 from script_runner import SCRIPTS, files_of, run_script
 from stylegan.checkpoint import load_generator
 from stylegan.postprocess import to_uint8
-from stylegan.sampling import SamplingRecipe, image_latent, synthesize
+from stylegan.sampling import SamplingRecipe, render_sampled, sampled_latent
 
 SCRIPT = 'run_original_generator.py'
 
@@ -24,7 +24,7 @@ def tiny_generator(tiny_ckpt):
 
 
 def recipe_for(generator, seed=7, mixing=0.0):
-    return SamplingRecipe(seed=seed, weights_file='tiny_ckpt.pth', weights_bytes=0, generator_key='generator',
+    return SamplingRecipe(seed=seed, weights_sha256='0' * 64, generator_key='generator',
                           trunc_psi=1.0, trunc_layers=0, style_mixing_prob=mixing,
                           z_dim=generator.z_space_dim, num_layers=generator.num_layers)
 
@@ -77,27 +77,27 @@ def test_cli_writes_images_and_z_record_deterministically(tmp_path, tiny_ckpt, t
 
 
 def test_latents_depend_only_on_seed_and_index():
-    assert torch.equal(image_latent(7, 5, 64), image_latent(7, 5, 64))
-    assert not torch.equal(image_latent(7, 5, 64), image_latent(7, 6, 64))
-    assert not torch.equal(image_latent(7, 5, 64), image_latent(8, 5, 64))
+    assert torch.equal(sampled_latent(7, 5, 64), sampled_latent(7, 5, 64))
+    assert not torch.equal(sampled_latent(7, 5, 64), sampled_latent(7, 6, 64))
+    assert not torch.equal(sampled_latent(7, 5, 64), sampled_latent(8, 5, 64))
 
 
 def test_batch_size_changes_only_rounding(tiny_generator):
     recipe = recipe_for(tiny_generator)
     numbers = list(range(8))
-    z = torch.stack([image_latent(7, n, 64) for n in numbers])
-    batched = synthesize(tiny_generator, z, recipe, numbers).astype(int)
-    single = np.concatenate([synthesize(tiny_generator, z[n:n + 1], recipe, [n]) for n in numbers]).astype(int)
+    z = torch.stack([sampled_latent(7, n, 64) for n in numbers])
+    batched = render_sampled(tiny_generator, z, recipe, numbers).astype(int)
+    single = np.concatenate([render_sampled(tiny_generator, z[n:n + 1], recipe, [n]) for n in numbers]).astype(int)
     assert np.abs(batched - single).max() <= 1
     assert np.mean(batched != single) <= 0.0005
 
 
 def test_style_mixing_is_per_image_and_reproducible(tiny_generator):
     numbers = list(range(12))
-    z = torch.stack([image_latent(7, n, 64) for n in numbers])
-    plain = synthesize(tiny_generator, z, recipe_for(tiny_generator), numbers)
-    mixed = synthesize(tiny_generator, z, recipe_for(tiny_generator, mixing=0.9), numbers)
-    again = np.concatenate([synthesize(tiny_generator, z[n:n + 1], recipe_for(tiny_generator, mixing=0.9), [n])
+    z = torch.stack([sampled_latent(7, n, 64) for n in numbers])
+    plain = render_sampled(tiny_generator, z, recipe_for(tiny_generator), numbers)
+    mixed = render_sampled(tiny_generator, z, recipe_for(tiny_generator, mixing=0.9), numbers)
+    again = np.concatenate([render_sampled(tiny_generator, z[n:n + 1], recipe_for(tiny_generator, mixing=0.9), [n])
                             for n in numbers])
     assert np.abs(mixed.astype(int) - again).max() <= 1
     changed = [not np.array_equal(plain[n], mixed[n]) for n in numbers]
@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path, tiny_ckpt, capsys)
         assert err.startswith('error: ') and '\n' not in err and match in err, err
         assert files_of(root) == before
 
-    fails('--num', 0, '--root', root, '--weights', tiny_ckpt, match='--num must be at least 1')
+    fails('--num', 0, '--root', root, '--weights', tiny_ckpt, match='--num must be in [1, 1000000]')
     fails('--num', 3, '--root', root, '--weights', tmp_path / 'missing.pth', match='no such file')
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(tiny_ckpt.read_bytes()[:100_000])

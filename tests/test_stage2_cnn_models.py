@@ -99,7 +99,7 @@ def test_weights_folder_override_names_the_missing_file(tmp_path):
     layout = Layout(tmp_path / 'root')
     folder = tmp_path / 'weights'
     folder.mkdir()
-    with pytest.raises(PipelineError, match=r'gender_model_0\.pt: no such file'):
+    with pytest.raises(PipelineError, match=r'--weights .*weights has no gender_model_0\.pt, gender_model_1\.pt'):
         published_weights('gender', layout, folder)
     with pytest.raises(PipelineError, match='OHLORA_NO_DOWNLOAD'):  # no folder, no cache: no download in tests
         published_weights('quality', layout)

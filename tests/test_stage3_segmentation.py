@@ -21,7 +21,7 @@ from segmentation.face_detection import FaceDetector, crop_box_of, grow_box
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
 from segmentation.facexformer_synthetic import write_synthetic_checkpoint
 from segmentation.parsing import (
-    CLASS_COLOURS, NO_FACE, _prefetched, list_input_images, plan_work, run_stage, visualization)
+    CLASS_COLOURS, NO_FACE, StageRecord, _prefetched, list_input_images, plan_work, run_stage, visualization)
 
 SCRIPT = 'run_segmentation.py'
 
@@ -125,12 +125,15 @@ def mixed_folder(tmp_path, facexformer_dir):
     return layout
 
 
-def run_with_stand_in(layout, detector, batch_size=2):
+STAND_IN_SETTINGS = {'weights_sha256': 'stand-in parser'}
+
+
+def run_with_stand_in(layout, detector, batch_size=2, settings=STAND_IN_SETTINGS):
     inputs = list_input_images(layout.filtered_dir)
-    work = plan_work(layout, inputs)
+    work = plan_work(layout, inputs, settings)
     model = StandInParser()
     summary = run_stage(layout, model, detector, work.pending, batch_size, torch.device('cpu'), progress=False,
-                        present={n for n, _ in inputs.images})
+                        present={n for n, _ in inputs.images}, record=StageRecord(layout, settings, work.inputs, {}))
     return inputs, work, model, summary
 
 
@@ -157,7 +160,7 @@ def test_stage_files_skips_and_resume(mixed_folder, detector, facexformer_ref):
 
     # Rerun: nothing pending (the skipped images are settled), nothing rewritten.
     before = {p: p.stat().st_mtime_ns for p in layout.segmentation_dir.iterdir()}
-    again = plan_work(layout, list_input_images(layout.filtered_dir))
+    again = plan_work(layout, list_input_images(layout.filtered_dir), STAND_IN_SETTINGS)
     assert again.pending == [] and again.finished == 3 and sorted(again.settled_skips) == [10, 11]
     # A lost output is redone, a replaced skipped image is retried, and the other results stay.
     layout.parsing_map(3).unlink()

@@ -1,4 +1,5 @@
 """Stage 6: run_fine_tuned_generator.py with tiny v3/v1-shaped checkpoints (the real topology, tiny widths)."""
+import hashlib
 import json
 
 import cv2
@@ -11,7 +12,7 @@ from ohlora.layout import PROPERTY_NAMES, Layout
 from script_runner import files_of, run_script
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
-from stylegan_modified.generation import image_latent, read_z_csv
+from stylegan_modified.generation import read_z_csv, varied_latent
 from stylegan_modified.labels import PUBLISHED_SCORE_RANGES, UPSTREAM_LABEL, label_vector
 
 SCRIPT = 'run_fine_tuned_generator.py'
@@ -62,7 +63,7 @@ def test_default_run_reproduces_the_upstream_recipe_byte_identically(tmp_path, t
     assert torch.equal(z[0], torch.tensor(tiny_inputs['z'], dtype=torch.float32))
     noise = (z[1:].double() - torch.tensor(tiny_inputs['z'])) / 0.3
     assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1
-    assert torch.equal(z[5], image_latent(tiny_inputs['z'], 0, 5, 0.3))
+    assert torch.equal(z[5], varied_latent(tiny_inputs['z'], 0, 5, 0.3))
     label = torch.tensor(label_vector(UPSTREAM_LABEL)).repeat(20, 1)
     assert label[0].tolist() == pytest.approx([1.8, 0, 0, 1.6, -1.2, 0, 0])
     with torch.no_grad():
@@ -70,9 +71,11 @@ def test_default_run_reproduces_the_upstream_recipe_byte_identically(tmp_path, t
     assert all(close_to(folder / f'{n:06d}.jpg', expected[n]) for n in range(20))
     assert np.abs(expected[0].astype(int) - expected[1]).mean() > 1  # the variation does change the image
 
-    settings = json.loads((folder / 'generation_settings.json').read_text())
+    record = json.loads((folder / 'generation_settings.json').read_text())
+    settings = record['settings']
     assert settings['model'] == 'v3' and settings['seed'] == 0 and settings['variation'] == 0.3
-    assert settings['label'] == UPSTREAM_LABEL and settings['weights_file'] == 'v3_generator.pth'
+    assert settings['label'] == UPSTREAM_LABEL and record['weights_file'] == 'v3_generator.pth'
+    assert settings['weights_sha256'] == hashlib.sha256(tiny_inputs['v3'].read_bytes()).hexdigest()
     assert str(tmp_path) not in (folder / 'generation_settings.json').read_text()  # no absolute paths (R4)
 
 
@@ -188,7 +191,7 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path, tiny_inputs, capsy
     fails('--sweep', 'mouth', '--values=1,1.0', match='lists a value twice')
     fails('--sweep', 'mouth', '--values', 'a,b', match='not a comma-separated list')
     fails('--values', '1,2', match='--values needs --sweep')
-    fails('--variation', '-0.1', match='--variation must be a finite number >= 0')
+    fails('--variation', '-0.1', match='--variation must be in [0, 1000], got -0.1')
     fails('--weights', tiny_inputs['v1'], match='is an Oh-LoRA v1 (or v2) generator')
     fails('--weights', tiny_inputs['v1'], match='it loads with --model v1')
     fails('--model', 'v1', match='is an Oh-LoRA v3 generator')
@@ -259,5 +262,5 @@ def test_full_size_v3_file_runs_with_the_shipped_z(tmp_path):
     assert run_script(SCRIPT, '--weights', weights, '--root', root, '--num', 2, '--device', 'cpu', '--no-progress') == 0
     folder = Layout(root).final_inference_dir('v3')
     assert [decoded(folder / f'{n:06d}.jpg').shape for n in range(2)] == [(256, 256, 3)] * 2
-    settings = json.loads((folder / 'generation_settings.json').read_text())
-    assert settings['z_file'] == 'test_z_vector_0005.csv' and len(pd.read_csv(folder / 'z_vectors.csv').columns) == 513
+    record = json.loads((folder / 'generation_settings.json').read_text())
+    assert record['z_file'] == 'test_z_vector_0005.csv' and len(pd.read_csv(folder / 'z_vectors.csv').columns) == 513
