@@ -206,7 +206,8 @@ class Layout:
     def attribute_control_folder(self, model: str, measure: str,
                                  outdir: str | Path | None = None) -> 'AttributeControlFolder':
         """The files of one evaluation run: in ``outdir`` (default attribute_control_dir(model, measure))."""
-        return AttributeControlFolder(Path(outdir) if outdir is not None else self.attribute_control_dir(model, measure))
+        folder = Path(outdir) if outdir is not None else self.attribute_control_dir(model, measure)
+        return AttributeControlFolder(folder)
 
 
 class GenerationFolder:

@@ -62,7 +62,7 @@ def identity_scores(embeddings: np.ndarray) -> np.ndarray:
     if n < 2:
         return np.full(n, np.nan)
     similarity = embeddings @ embeddings.T
-    return (similarity.sum(axis=1) - np.diag(similarity)) / (n - 1)
+    return np.clip((similarity.sum(axis=1) - np.diag(similarity)) / (n - 1), -1.0, 1.0)  # round-off
 
 
 def new_inception_resnet() -> torch.nn.Module:

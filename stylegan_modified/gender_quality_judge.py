@@ -44,7 +44,8 @@ class EnsembleJudge:
         return result
 
 
-def load_judge(layout: Layout, weights_dir: str | Path | None, device: torch.device) -> tuple[EnsembleJudge | None, str]:
+def load_judge(layout: Layout, weights_dir: str | Path | None,
+               device: torch.device) -> tuple[EnsembleJudge | None, str]:
     """(judge, '') or, when the default weights are missing and cannot be downloaded, (None, why in one line).
 
     An explicit ``--cnn-weights DIR`` that lacks a file is an error, not a silent omission.
