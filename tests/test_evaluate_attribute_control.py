@@ -567,3 +567,76 @@ def test_published_v3_path_end_to_end_on_stand_in_weights(tmp_path, random_embed
     assert run_script(SCRIPT, *argv) == 0  # a finished rerun reads its records back and writes nothing
     assert capsys.readouterr().out.startswith('0 images rendered, 0 read back, 0 z measured, 2 z already measured')
     assert files_of(folder.folder) == before
+
+
+def write_stats(path, stats, algorithm):
+    from segmentation.score_normalization import stats_document, write_stats as write
+    write(path, stats_document(stats, pd.DataFrame(), algorithm=algorithm))
+
+
+def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys, monkeypatch):
+    """--measure parsing through the script: statistics of this root, the parser file, the drawn faces."""
+    import segmentation.face_detection
+    import segmentation.facexformer
+
+    generator = DrawnFaces()
+    monkeypatch.setitem(evaluation_generators.GENERATORS, 'drawn', GeneratorEntry(
+        lambda layout, weights, device: LoadedGenerator(generator, ()), 'drawn faces'))
+    monkeypatch.setattr(segmentation.facexformer, 'load_facexformer', lambda path, device: ColourParser())
+    monkeypatch.setattr(segmentation.face_detection, 'FaceDetector', FixedBox)
+    layout = Layout(tmp_path / 'root')
+    stats = fitted_stats(lambda s: ParsingMeasurer(ColourParser(), FixedBox(), 2, s), generator)
+    parser_file = tmp_path / 'parser.pt'
+    parser_file.write_bytes(b'stand-in')
+    argv = ['--model', 'drawn', '--measure', 'parsing', '--root', layout.root, '--no-progress', '--num', 1,
+            '--grid', 'eyes=-1,1', '--grid', 'mouth=0,2', '--no-identity', '--no-shares', '--device', 'cpu']
+
+    def fails(*extra, match):
+        capsys.readouterr()
+        assert run_script(SCRIPT, *argv, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('error: ') and '\n' not in err and match in err, err
+        assert not (layout.evaluation_dir).exists()
+
+    fails('--facexformer', parser_file, match='all_scores_v2_stats.json: no such statistics file (this root)')
+    layout.property_scores_dir.mkdir(parents=True)
+    write_stats(layout.property_scores_stats(2), stats, algorithm=1)
+    fails('--facexformer', parser_file, match='holds the statistics of algorithm 1, not of algorithm 2')
+    write_stats(layout.property_scores_stats(2), stats, algorithm=2)
+    fails(match='--facexformer PATH')  # offline without the 1.1 GB parser
+
+    assert run_script(SCRIPT, *argv, '--facexformer', parser_file) == 0
+    summary = json.loads(layout.attribute_control_folder('drawn', 'parsing').summary_json.read_text())
+    assert summary['run']['measure'] == 'parsing' and summary['pass_rules']['upstream_v3']['passed'] == 1
+    assert summary['attributes']['mouth']['r']['mean'] > 0.999 and summary['attributes']['eyes']['mae']['mean'] < 0.05
+    record = json.loads(layout.attribute_control_folder('drawn', 'parsing').settings_json.read_text())
+    assert record['measure']['algorithm'] == 2 and len(record['measure']['statistics_sha256']) == 64
+
+
+@pytest.mark.slow
+def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, capsys, monkeypatch):
+    """MTCNN and a FaceXFormer of the official layout (synthetic weights): the reference drawn face, pasted."""
+    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
+
+    face = cv2.imread(str(reference_dir / 'facexformer' / 'drawn_face_A.png'))[:, :, ::-1]
+
+    class Pasted(DrawnFaces):
+        name = 'pasted'
+
+        def images(self, z, values):
+            canvas = np.full((len(z), 256, 256, 3), 200, np.uint8)
+            canvas[:, 20:244, 16:240] = face
+            return torch.from_numpy(canvas).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    monkeypatch.setitem(evaluation_generators.GENERATORS, 'pasted', GeneratorEntry(
+        lambda layout, weights, device: LoadedGenerator(Pasted(), ()), 'pasted drawn face'))
+    layout = Layout(tmp_path / 'root')
+    layout.property_scores_dir.mkdir(parents=True)
+    write_stats(layout.property_scores_stats(1), {c: ColumnStats(0.0, 1.0, 2) for c in SCORE_COLUMNS}, algorithm=1)
+    checkpoint = write_synthetic_checkpoint(tmp_path / 'model.pt')
+    assert run_script(SCRIPT, '--model', 'pasted', '--measure', 'parsing', '--algorithm', '1', '--root', layout.root,
+                      '--facexformer', checkpoint, '--num', 1, '--grid', 'mouth=0,1', '--no-identity', '--no-shares',
+                      '--no-progress', '--device', 'cpu') == 0
+    per_image = pd.read_csv(layout.attribute_control_folder('pasted', 'parsing').per_image_csv)
+    assert per_image['measured'].all()  # MTCNN found the face in both images
+    assert per_image[[f'measured_{n}' for n in PROPERTY_NAMES]].nunique().max() == 1  # same pixels, same scores
