@@ -94,8 +94,10 @@ def leakage_heat_map(figures: EvaluationFigures, measured_names, title: str) -> 
     image = axis.imshow(np.nan_to_num(slopes), cmap='RdBu_r', vmin=-limit, vmax=limit, aspect='auto')
     for i in range(slopes.shape[0]):
         for j in range(slopes.shape[1]):
-            text = 'n/a' if not np.isfinite(slopes[i, j]) else f'{round(slopes[i, j], 2) + 0.0:.2f}'
-            axis.text(j, i, text, ha='center', va='center', fontsize=8)
+            value = slopes[i, j]
+            text = 'n/a' if not np.isfinite(value) else f'{round(value, 2) + 0.0:.2f}'
+            dark = np.isfinite(value) and abs(value) > 0.6 * limit
+            axis.text(j, i, text, ha='center', va='center', fontsize=8, color='white' if dark else 'black')
     axis.set_xticks(range(len(measured_names)), [f'measured\n{m}' for m in measured_names], fontsize=8)
     axis.set_yticks(range(len(figures.swept)), [f'requested {a}' for a in figures.swept], fontsize=8)
     figure.colorbar(image, ax=axis, label='slope')
