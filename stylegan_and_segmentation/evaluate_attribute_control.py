@@ -7,9 +7,10 @@ property-score algorithm 1/2 + the stage-4 statistics (v1 default; the independe
 z and attribute: Pearson r (0 on zero variance), |r| and MAE, the upstream v3 pass rule and the strict rule,
 their distributions and pass rates; the leakage slopes (how every measured attribute moves per unit of each
 requested one); the shares still judged female / good quality (stage-2 ensembles); identity (mean cosine
-similarity of face embeddings within a z). Files go into evaluation/attribute_control/<model>_<measure>/
-(summary.json, summary.md, per_image.csv, per_z.csv, plots/, sweep_grids/); a rerun resumes, and a folder
-made with other settings is refused. --compat is not offered: nothing here has an upstream behaviour to switch.
+similarity of face embeddings within a z). Everything goes into one run folder (--outdir): a summary (JSON and
+a pasteable Markdown table), per-image and per-z tables, plots and one labelled sweep grid per z; a rerun
+resumes, and a folder made with other settings is refused. --compat is not offered: nothing here has an upstream
+behaviour to switch.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sys
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.errors import PipelineError
+from ohlora.layout import Layout
+from ohlora.weights import SOURCES
 from stylegan_modified.attribute_measurers import MEASURES
 from stylegan_modified.evaluation_generators import GENERATORS
 from stylegan_modified.evaluation_setup import DEFAULT_NUM, EvaluationOptions, run_evaluation
@@ -41,14 +44,17 @@ def one_line_error(message: str):
     raise PipelineError(message)
 
 
+ROOT = Layout('<root>')  # the default paths for --help, spelled by the Layout
+
+
 def build_parser():
     parser = make_parser(__doc__, EXAMPLES)
     parser.error = one_line_error
     models = '; '.join(f'{name}: {entry.help}' for name, entry in GENERATORS.items())
     parser.add_argument('--model', choices=list(GENERATORS), default='v3', help=f'generator (default v3). {models}')
     parser.add_argument('--weights', default=None, metavar='PATH',
-                        help='generator file (default: the published file under stylegan_modified/, downloaded if '
-                             'absent; v2 needs it)')
+                        help=f'generator file (default: the published file in {ROOT.fine_tuned_dir}, downloaded '
+                             'if absent; v2 needs it)')
     z = parser.add_argument_group('z vectors')
     z.add_argument('--num', type=positive_int, default=None,
                    help=f'random z ~ N(0, I), z_i drawn from (--seed, i) (default: {DEFAULT_NUM})')
@@ -61,26 +67,27 @@ def build_parser():
     measure.add_argument('--measure', choices=MEASURES, default=None,
                          help='property-cnn (default for v2/v3) or parsing (default for v1)')
     measure.add_argument('--property-cnn', default=None, metavar='PATH',
-                         help='property-CNN file (default: stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth, '
+                         help=f'property-CNN file (default: {SOURCES["v2_property_cnn"].destination(ROOT)}, '
                               'downloaded if absent)')
     measure.add_argument('--algorithm', type=int, choices=(1, 2), default=None,
                          help='parsing: property-score algorithm (default: the model\'s, 1 for v1, 2 for v2/v3)')
     measure.add_argument('--stats', default=None, metavar='JSON',
-                         help='parsing: stage-4 statistics (default: segmentation/property_score_results/'
-                              'all_scores[_v2]_stats.json under --root)')
+                         help=f'parsing: stage-4 statistics (default: {ROOT.property_scores_stats(1)} for '
+                              f'algorithm 1, {ROOT.property_scores_stats(2).name} beside it for 2)')
     measure.add_argument('--facexformer', default=None, metavar='PATH',
-                         help='parsing: FaceXFormer checkpoint (default: segmentation/models/segmentation_model.pt, '
-                              'downloaded if absent)')
+                         help=f'parsing: FaceXFormer checkpoint (default: {ROOT.facexformer_weights}, downloaded '
+                              'if absent)')
     extra = parser.add_argument_group('leakage judges and identity (left out with one line when unavailable)')
     extra.add_argument('--cnn-weights', default=None, metavar='DIR',
-                       help='folder with gender_model_0..4.pt and quality_model_0..4.pt (default: cnn/models/)')
+                       help=f'folder with the ten stage-2 fold files {ROOT.cnn_model("gender", 0).name} ... '
+                            f'{ROOT.cnn_model("quality", 4).name} (default: {ROOT.cnn_models_dir})')
     extra.add_argument('--no-shares', action='store_true', help='skip the female / good-quality shares')
     extra.add_argument('--identity-weights', default=None, metavar='PATH',
-                       help='facenet-pytorch InceptionResnetV1 state_dict (default: evaluation/models/'
-                            '20180402-114759-vggface2.pt, downloaded if absent)')
+                       help=f'facenet-pytorch InceptionResnetV1 state_dict (default: {ROOT.identity_weights}, '
+                            'downloaded if absent)')
     extra.add_argument('--no-identity', action='store_true', help='skip the identity figure')
     parser.add_argument('--outdir', default=None, metavar='DIR',
-                        help='run folder (default: <root>/evaluation/attribute_control/<model>_<measure>/)')
+                        help=f'run folder (default: {ROOT.attribute_control_dir("<model>", "<measure>")})')
     add_common_options(parser, batch_size=8, compat=False, batch_size_help='images per generator / measurer batch')
     return parser
 
