@@ -318,47 +318,20 @@ def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_siz
     todo = [(zi, li) for zi in range(num_z) if zi not in finished for li in range(num_labels)]
 
     rendered = decoded = 0
-    pending: dict[int, dict] = {}
+    pending: dict[int, _PendingZ] = {}
     bar = tqdm(total=len(todo), desc=f'evaluating {generator.name}', unit='img', disable=not progress)
     with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG coding releases the GIL
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            images: list[np.ndarray | None] = [_read_image(folder.image(zi, li)) if folder.image(zi, li).is_file()
-                                               else None for zi, li in batch]
-            missing = [k for k, image in enumerate(images) if image is None]
-            decoded += len(batch) - len(missing)
-            if missing:
-                z = inputs.z[[batch[k][0] for k in missing]]
-                drawn = _render(generator, z, labels[[batch[k][1] for k in missing]])
-                jpegs = list(pool.map(_encode_jpeg, drawn))
-                for k, data in zip(missing, jpegs):
-                    atomic.write_bytes(folder.image(*batch[k]), data)
-                images_back = list(pool.map(_decode, jpegs))
-                for k, image in zip(missing, images_back):
-                    images[k] = image
-                rendered += len(missing)
-            stack = np.stack(images)
-            measured = np.asarray(inputs.measurer.measure(stack), dtype=np.float64)
-            if measured.shape != (len(batch), len(PROPERTY_NAMES)):
-                raise PipelineError(f'the {inputs.measurer.name} measurer returned shape {measured.shape} for '
-                                    f'{len(batch)} images; expected ({len(batch)}, {len(PROPERTY_NAMES)})')
-            measured[~np.isfinite(measured).all(axis=1)] = np.nan
-            judged = inputs.judge.scores(stack) if inputs.judge is not None else {}
-            embeddings = inputs.embedder.embed(stack) if has_identity else None
+            images, drawn = _batch_images(inputs, folder, batch, labels, pool)
+            rendered, decoded = rendered + drawn, decoded + len(batch) - drawn
+            measured, judged, embeddings = _measure(inputs, np.stack(images))
             for k, (zi, li) in enumerate(batch):
-                entry = pending.setdefault(zi, {'measured': np.full((num_labels, len(PROPERTY_NAMES)), np.nan),
-                                                'judged': {p: np.full(num_labels, np.nan) for p in judged_props},
-                                                'embeddings': [None] * num_labels, 'images': [None] * num_labels,
-                                                'count': 0})
-                entry['measured'][li] = measured[k]
-                for prop in judged_props:
-                    entry['judged'][prop][li] = judged[prop][k]
-                if embeddings is not None:
-                    entry['embeddings'][li] = embeddings[k]
-                entry['images'][li] = images[k]
-                entry['count'] += 1
-                if entry['count'] == num_labels:
-                    _finish_z(folder, zi, pending.pop(zi), inputs.grid, title, has_identity)
+                entry = pending.setdefault(zi, _PendingZ(num_labels, judged_props))
+                entry.add(li, measured[k], {p: judged[p][k] for p in judged_props},
+                          None if embeddings is None else embeddings[k], images[k])
+                if entry.complete:
+                    _finish_z(folder, zi, pending.pop(zi), inputs.grid, title)
             bar.update(len(batch))
     bar.close()
 
@@ -380,12 +353,65 @@ def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_siz
                             console_lines(summary, folder))
 
 
-def _finish_z(folder: AttributeControlFolder, z_index: int, entry: dict, grid, title: str,
-              has_identity: bool) -> None:
-    identity = identity_scores(np.stack(entry['embeddings'])) if has_identity else None
-    scores = ZScores(entry['measured'], entry['judged'], identity)
-    atomic.write_bytes(folder.z_scores(z_index), _csv_bytes(_score_frame(scores)))
-    _write_if_changed(folder.sweep_grid(z_index), sweep_grid_png(entry['images'], grid, f'{title}, z {z_index}'))
+class _PendingZ:
+    """The measurements of one z, collected across batches until every label is in."""
+
+    def __init__(self, num_labels: int, judged_props: tuple[str, ...]):
+        self.measured = np.full((num_labels, len(PROPERTY_NAMES)), np.nan)
+        self.judged = {p: np.full(num_labels, np.nan) for p in judged_props}
+        self.embeddings: list[np.ndarray | None] = [None] * num_labels
+        self.images: list[np.ndarray | None] = [None] * num_labels
+        self.count = 0
+
+    def add(self, label_index: int, measured: np.ndarray, judged: dict[str, float], embedding, image) -> None:
+        self.measured[label_index] = measured
+        for prop, value in judged.items():
+            self.judged[prop][label_index] = value
+        self.embeddings[label_index] = embedding
+        self.images[label_index] = image
+        self.count += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.count == len(self.images)
+
+    def scores(self) -> ZScores:
+        identity = None if self.embeddings[0] is None else identity_scores(np.stack(self.embeddings))
+        return ZScores(self.measured, self.judged, identity)
+
+
+def _batch_images(inputs: EvaluationInputs, folder: AttributeControlFolder, batch: list[tuple[int, int]],
+                  labels: np.ndarray, pool: ThreadPoolExecutor) -> tuple[list[np.ndarray], int]:
+    """The decoded images of a batch: read back where a JPEG exists, else rendered (one generator call) and
+    written; and how many were rendered."""
+    images = [_read_image(folder.image(zi, li)) if folder.image(zi, li).is_file() else None for zi, li in batch]
+    missing = [k for k, image in enumerate(images) if image is None]  # new, or unreadable: drawn again
+    if missing:
+        drawn = _render(inputs.generator, inputs.z[[batch[k][0] for k in missing]],
+                        labels[[batch[k][1] for k in missing]])
+        jpegs = list(pool.map(_encode_jpeg, drawn))
+        for k, data in zip(missing, jpegs):
+            atomic.write_bytes(folder.image(*batch[k]), data)
+        for k, image in zip(missing, pool.map(_decode, jpegs)):
+            images[k] = image
+    return images, len(missing)
+
+
+def _measure(inputs: EvaluationInputs, images: np.ndarray):
+    """(measured (N, 7) with NaN rows, judged {prop: (N,)}, embeddings (N, d) or None) of one batch."""
+    measured = np.asarray(inputs.measurer.measure(images), dtype=np.float64)
+    if measured.shape != (len(images), len(PROPERTY_NAMES)):
+        raise PipelineError(f'the {inputs.measurer.name} measurer returned shape {measured.shape} for '
+                            f'{len(images)} images; expected ({len(images)}, {len(PROPERTY_NAMES)})')
+    measured[~np.isfinite(measured).all(axis=1)] = np.nan  # a partly measured image counts as not measured
+    judged = inputs.judge.scores(images) if inputs.judge is not None else {}
+    embeddings = inputs.embedder.embed(images) if inputs.embedder is not None else None
+    return measured, judged, embeddings
+
+
+def _finish_z(folder: AttributeControlFolder, z_index: int, entry: _PendingZ, grid, title: str) -> None:
+    atomic.write_bytes(folder.z_scores(z_index), _csv_bytes(_score_frame(entry.scores())))
+    _write_if_changed(folder.sweep_grid(z_index), sweep_grid_png(entry.images, grid, f'{title}, z {z_index}'))
 
 
 def _write_figures(inputs: EvaluationInputs, folder: AttributeControlFolder, requested: np.ndarray,
