@@ -87,7 +87,8 @@ def build_parser():
                             'downloaded if absent)')
     extra.add_argument('--no-identity', action='store_true', help='skip the identity figure')
     parser.add_argument('--outdir', default=None, metavar='DIR',
-                        help=f'run folder (default: {ROOT.attribute_control_dir("<model>", "<measure>")})')
+                        help=f'run folder (default: {ROOT.attribute_control_dir("<model>", "<measure>")}, '
+                             'measure: property-cnn, parsing-alg1 or parsing-alg2)')
     add_common_options(parser, batch_size=8, compat=False, batch_size_help='images per generator / measurer batch')
     return parser
 

@@ -142,6 +142,8 @@ def run_evaluation(options: EvaluationOptions, on_warning: Callable[[str], None]
         warn(line)
 
     inputs = EvaluationInputs(generator, measurer, z, grid, loaded.files, z_source, embedder, judge, left_out)
-    folder = layout.attribute_control_folder(generator.name, measure, options.outdir)
+    # Each score space gets its own default folder, so both parsing algorithms can be run side by side.
+    label = measure if measure == 'property-cnn' else f'{measure}-alg{measurer.algorithm}'
+    folder = layout.attribute_control_folder(generator.name, label, options.outdir)
     return evaluate(inputs, folder, options.batch_size, progress=not options.no_progress,
                     title=f'{generator.name}, {measure} (algorithm {measurer.algorithm})')

@@ -606,10 +606,10 @@ def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys
     fails(match='--facexformer PATH')  # offline without the 1.1 GB parser
 
     assert run_script(SCRIPT, *argv, '--facexformer', parser_file) == 0
-    summary = json.loads(layout.attribute_control_folder('drawn', 'parsing').summary_json.read_text())
+    summary = json.loads(layout.attribute_control_folder('drawn', 'parsing-alg2').summary_json.read_text())
     assert summary['run']['measure'] == 'parsing' and summary['pass_rules']['upstream_v3']['passed'] == 1
     assert summary['attributes']['mouth']['r']['mean'] > 0.999 and summary['attributes']['eyes']['mae']['mean'] < 0.05
-    record = json.loads(layout.attribute_control_folder('drawn', 'parsing').settings_json.read_text())
+    record = json.loads(layout.attribute_control_folder('drawn', 'parsing-alg2').settings_json.read_text())
     assert record['measure']['algorithm'] == 2 and len(record['measure']['statistics_sha256']) == 64
 
 
@@ -637,6 +637,6 @@ def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, caps
     assert run_script(SCRIPT, '--model', 'pasted', '--measure', 'parsing', '--algorithm', '1', '--root', layout.root,
                       '--facexformer', checkpoint, '--num', 1, '--grid', 'mouth=0,1', '--no-identity', '--no-shares',
                       '--no-progress', '--device', 'cpu') == 0
-    per_image = pd.read_csv(layout.attribute_control_folder('pasted', 'parsing').per_image_csv)
+    per_image = pd.read_csv(layout.attribute_control_folder('pasted', 'parsing-alg1').per_image_csv)
     assert per_image['measured'].all()  # MTCNN found the face in both images
     assert per_image[[f'measured_{n}' for n in PROPERTY_NAMES]].nunique().max() == 1  # same pixels, same scores
