@@ -515,8 +515,11 @@ def test_script_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_files, c
 def test_script_warns_about_untrained_attributes_and_plugs_in_new_generators(tmp_path, tiny_files, capsys,
                                                                               monkeypatch):
     assert run_script(SCRIPT, *tiny_args(tiny_files, tmp_path / 'a'), '--grid', 'hair_color=0,1') == 0
-    err = capsys.readouterr().err
-    assert 'warning: --grid hair_color: v3 was never trained on hair_color' in err
+    captured = capsys.readouterr()
+    assert 'warning: --grid hair_color: v3 was never trained on hair_color' in captured.err
+    identity_file = Layout(tmp_path / 'a').identity_weights
+    assert (f'left out: identity: the face-embedding weights are not at {identity_file} and cannot be downloaded '
+            'here; pass --identity-weights PATH\n') in captured.out  # offline: one line, the rest runs
 
     monkeypatch.setitem(evaluation_generators.GENERATORS, 'pixels', GeneratorEntry(
         lambda layout, weights, device: LoadedGenerator(PixelGenerator(size=256), ()), 'test stand-in'))
