@@ -243,6 +243,25 @@ class Layout:
         """The files of a stage-6 run: in ``outdir`` (default final_inference_dir), a sweep in its own sub-folder."""
         return GenerationFolder(Path(outdir) if outdir is not None else self.final_inference_dir(model), sweep)
 
+    # --- evaluation: what a generator really controls (evaluate_attribute_control.py) ---
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.root / 'evaluation'
+
+    @property
+    def identity_weights(self) -> Path:
+        """facenet-pytorch's InceptionResnetV1 VGGFace2 weights (the identity embedding of the evaluation)."""
+        return self.evaluation_dir / 'models' / '20180402-114759-vggface2.pt'
+
+    def attribute_control_dir(self, model: str, measure: str) -> Path:
+        return self.evaluation_dir / 'attribute_control' / f'{model}_{measure}'
+
+    def attribute_control_folder(self, model: str, measure: str,
+                                 outdir: str | Path | None = None) -> 'AttributeControlFolder':
+        """The files of one evaluation run: in ``outdir`` (default attribute_control_dir(model, measure))."""
+        folder = Path(outdir) if outdir is not None else self.attribute_control_dir(model, measure)
+        return AttributeControlFolder(folder)
+
 
 # The upstream log name of each trainer (PIPELINE.md §1); the project keeps it inside the run folder.
 TRAIN_LOG_NAMES = {'v1': 'train_log.csv'}
@@ -340,3 +359,55 @@ class DirectionSamplesFolder:
 
     def image(self, index: int) -> Path:
         return self.images_dir / image_name(index)
+
+
+class AttributeControlFolder:
+    """One evaluation run: the settings record, the z used, per z its rendered images (``images/zNNNNNN/``), its
+    measurements (``scores/zNNNNNN.csv``, written once the z is complete) and its sweep grid; then the figures."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def settings_json(self) -> Path:
+        return self.folder / 'evaluation_settings.json'
+
+    @property
+    def z_csv(self) -> Path:
+        return self.folder / 'z_vectors.csv'
+
+    def image_dir(self, z_index: int) -> Path:
+        return self.folder / 'images' / f'z{z_index:06d}'
+
+    def image(self, z_index: int, label_index: int) -> Path:
+        return self.image_dir(z_index) / f'{label_index:06d}.jpg'
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.folder / 'scores'
+
+    def z_scores(self, z_index: int) -> Path:
+        return self.scores_dir / f'z{z_index:06d}.csv'
+
+    def sweep_grid(self, z_index: int) -> Path:
+        return self.folder / 'sweep_grids' / f'z{z_index:06d}.png'
+
+    @property
+    def per_image_csv(self) -> Path:
+        return self.folder / 'per_image.csv'
+
+    @property
+    def per_z_csv(self) -> Path:
+        return self.folder / 'per_z.csv'
+
+    @property
+    def summary_json(self) -> Path:
+        return self.folder / 'summary.json'
+
+    @property
+    def summary_md(self) -> Path:
+        return self.folder / 'summary.md'
+
+    def plot(self, name: str) -> Path:
+        """``r_mae``, ``r_distribution``, ``leakage``."""
+        return self.folder / 'plots' / f'{name}.png'

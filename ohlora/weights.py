@@ -35,6 +35,8 @@ OHLORA_FINE_TUNED_REPO = 'daebakgazua/250408_OhLoRA_StyleGAN_FineTuned'
 OHLORA_ALL_IMAGES_DATASET = 'daebakgazua/250408_OhLoRA_all_generated_images'
 OHLORA_FILTERED_IMAGES_DATASET = 'daebakgazua/250408_OhLoRA_filtered_images'
 FACEXFORMER_REPO = 'kartiknarayan/facexformer'
+FACENET_VGGFACE2_URL = ('https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/'
+                        '20180402-114759-vggface2.pt')
 GENFORCE_ZOO_URL = ('https://mycuhk-my.sharepoint.com/:u:/g/personal/1155082926_link_cuhk_edu_hk/'
                     'ET2etKNzMS9JmHj5j60fqMcBRJfQfYNvqUrujaIXxCvKDQ?e=QReLE6&download=1')
 
@@ -85,6 +87,9 @@ SOURCES: dict[str, WeightSource] = {
     'v4_generator': _fine_tuned('stylegan_gen_fine_tuned_v4.pth', 'Oh-LoRA fine-tuned StyleGAN v4 generator'),
     'v4_discriminator': _fine_tuned('stylegan_dis_fine_tuned_v4.pth', 'Oh-LoRA fine-tuned StyleGAN v4 discriminator'),
     **{f'{prop}_model_{fold}': _cnn(prop, fold) for prop in ('gender', 'quality') for fold in range(5)},
+    'facenet_vggface2': WeightSource(
+        'facenet-pytorch InceptionResnetV1 VGGFace2 weights (20180402-114759-vggface2.pt, about 107 MB)',
+        lambda layout: layout.identity_weights, url=FACENET_VGGFACE2_URL),
 }
 
 
