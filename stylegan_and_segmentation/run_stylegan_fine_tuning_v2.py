@@ -139,8 +139,8 @@ def summary(result) -> list[str]:
     scoring = result.scoring
     if scoring is not None:
         files = f'{scoring.outputs[0]} and {scoring.outputs[1]}'
-        lines.append(f'scores of {scoring.images} images: ' + (f'{files} are up to date' if scoring.status == 'up to date'
-                                                              else f'wrote {files}'))
+        done = f'{files} are up to date' if scoring.status == 'up to date' else f'wrote {files}'
+        lines.append(f'scores of {scoring.images} images: {done}')
     generator = result.generator
     if generator is not None and generator.status != 'interrupted':
         how = {'already finished': 'already trained, nothing to do', 'stopped early': 'early stopping',

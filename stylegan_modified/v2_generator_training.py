@@ -219,15 +219,16 @@ class V2GeneratorTraining:
             seed_everything(settings.seed)
         else:
             restore_rng_state(record.rng)
-            trainer.last_checkpoint = f'the checkpoint of step group {group}, step {batch} (step {step}) is kept'
+            trainer.last_checkpoint = (f'the checkpoint of step group {group}, step {batch} (step {step} in all) '
+                                       'is kept')
         bar = tqdm(total=(settings.max_groups - group) * settings.steps_per_group - batch, desc='v2 generator',
                    unit='step', disable=settings.no_progress)
         meter = Throughput(self.device)
 
         def checkpoint(next_group, next_batch):
             self.run.checkpoint(trainer.record(self.run.options, next_group, next_batch, step))
-            trainer.last_checkpoint = (f'the checkpoint of step group {next_group}, step {next_batch} (step {step}) '
-                                       'is kept')
+            trainer.last_checkpoint = (f'the checkpoint of step group {next_group}, step {next_batch} '
+                                       f'(step {step} in all) is kept')
             meter.restart()
 
         def result(status, done_group, done_batch, signal=None):
@@ -244,7 +245,7 @@ class V2GeneratorTraining:
                     for idx in range(batch, settings.steps_per_group):
                         z, y, mix = curriculum_batch(trainer.z_fixed, trainer.y_fixed, settings.seed, step, group,
                                                      settings.hyper.curriculum_decay)
-                        trainer.where = f'step group {group}, step {idx} (step {step + 1})'
+                        trainer.where = f'step group {group}, step {idx} (step {step + 1} in all)'
                         loss = trainer.step(z, y)
                         step += 1
                         row = {'group': group, 'idx': idx, 'step': step - 1, 'loss': loss, 'lr': lr, 'mix': mix,

@@ -25,8 +25,8 @@ from script_runner import files_of, run_script
 from stylegan_modified import property_cnn_training
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.property_cnn_training import (LOG_COLUMNS, VALIDATION_LOG_COLUMNS, EarlyStopping,
-                                                     _CnnTrainer, new_property_cnn, train_validation_split,
-                                                     validation_metrics)
+                                                     PropertyCnnSettings, _CnnTrainer, new_property_cnn,
+                                                     train_validation_split, validation_metrics)
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from test_training_toolkit import upstream_scores_csv, write_images
 
@@ -318,6 +318,17 @@ def test_metrics_and_early_stopping_units():
     assert not torch.equal(train_validation_split(4703, seed=1)[1], val)
 
 
+def test_amp_runs_the_cnn_in_bfloat16_on_cpu_with_a_float32_loss():
+    trainer = _CnnTrainer(new_property_cnn(0), PropertyCnnSettings(amp=True), torch.device('cpu'))
+    trainer.start_epoch()
+    trainer.set_lr(0)
+    dtypes = []
+    trainer.model.eyes_score_cnn.fc_final.register_forward_hook(lambda module, i, out: dtypes.append(out.dtype))
+    loss = trainer.step(torch.rand(2, 3, 256, 256) * 2 - 1, torch.randn(2, 7))
+    assert dtypes == [torch.bfloat16] and np.isfinite(loss) and trainer.amp.enabled
+    assert trainer.extra['train_images'] == 2
+
+
 def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(template, tmp_path, monkeypatch, capsys):
     root = new_root(template, tmp_path)
     calls = []
@@ -357,6 +368,9 @@ def test_property_cnn_only_writes_the_csvs(template, fresh, cnn_file, tmp_path, 
     before = files_of(root)
     assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file)) == 0
     assert 'are up to date' in capsys.readouterr().out and files_of(root) == before
+    Layout(root).filtered_image(IMG_NOS[0]).unlink()  # nothing to score: the images are not even read
+    assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file)) == 0
+    assert 'are up to date' in capsys.readouterr().out
 
 
 def test_compat_scores_with_dropout_reproducibly_whatever_the_batch(template, fresh, cnn_file, tmp_path):
