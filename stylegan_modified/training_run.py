@@ -28,10 +28,12 @@ The rules :meth:`TrainingRun.plan` applies (one ``PipelineError`` line each, bef
   with other options (it stopped before its first checkpoint) is refused too.
 * a record, and the options differ beyond :data:`ohlora.resume.RESUMABLE_OPTIONS`: refused, naming the
   difference, with or without ``--resume`` (a fresh run over another run is never started).
-* a record, same options, no ``--resume``: if the run is finished with the same ``--epochs``, nothing is done
-  and nothing written; otherwise refused, pointing at ``--resume``.
+* a record, same options, no ``--resume``: if the run is finished with the same ``--epochs`` (or stopped early,
+  :data:`ohlora.resume.STOPPED_EARLY`: then with any ``--epochs``), nothing is done and nothing written;
+  otherwise refused, pointing at ``--resume``.
 * a record, ``--resume``: continues; ``--epochs`` is the total, so a larger value extends a finished run and a
-  value below the epochs already done is refused.
+  value below the epochs already done is refused. (A trainer whose total is an epoch cap names its option with
+  ``epochs_option``, e.g. ``--max-epochs``.)
 * every published-name output must be absent or written by this run (:class:`ohlora.owned_files.OwnedFiles`),
   unless ``--overwrite``.
 
