@@ -232,3 +232,13 @@ def test_cnn_then_generator_in_one_call(inputs, tmp_path, capsys):
     before = files_of(root)
     assert run_script(SCRIPT, *run_args) == 0  # every phase complete: nothing written
     assert files_of(root) == before
+
+
+def test_the_saved_generator_renders_in_stage_6_as_a_v1_layout_file(fresh, tmp_path):
+    z = np.random.default_rng(1).standard_normal(32)
+    pd.DataFrame([z], columns=[str(k) for k in range(32)]).to_csv(tmp_path / 'z.csv', index=False)
+    assert run_script('run_fine_tuned_generator.py', '--model', 'v1', '--weights', output(fresh), '--z-csv',
+                      tmp_path / 'z.csv', '--root', tmp_path / 'out', '--num', 2, '--device', 'cpu',
+                      '--no-progress') == 0
+    assert sorted(p.name for p in Layout(tmp_path / 'out').final_inference_dir('v1').glob('*.jpg')) == [
+        '000000.jpg', '000001.jpg']
