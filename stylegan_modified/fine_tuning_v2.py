@@ -36,7 +36,6 @@ from stylegan_modified.property_score_cnn import IMAGE_SIZE, PropertyScoreCNN
 from stylegan_modified.training_run import cpu_state_dict
 from stylegan_modified.v2_generator_training import GeneratorResult, V2GeneratorSettings, V2GeneratorTraining
 
-SCORES_WHAT = 'algorithm-2 property scores CSV (all_scores_v2.csv)'
 CNN_SOURCE, V1_SOURCE = 'v2_property_cnn', 'v1_generator'  # ohlora.weights.SOURCES keys
 
 
@@ -93,7 +92,8 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         given_cnn = load_property_cnn(cnn_file)
         cnn_sha256 = sha256_of(cnn_file)
     scores_csv = Path(scores_path) if scores_path is not None else layout.property_scores_csv(2)
-    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_SIZE, IMAGE_SIZE), what=SCORES_WHAT)
+    what = f'algorithm-2 property scores CSV ({layout.property_scores_csv(2).name})'
+    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_SIZE, IMAGE_SIZE), what=what)
 
     cnn_phase = cnn_plan = None
     if given_cnn is None:
@@ -106,7 +106,7 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
     scoring.check(overwrite)
 
     v1_state = v1_file = None
-    generator_resume = False
+    generator_resume = needs_v1 = False
     if generator_settings is not None:
         # The CNN the generator trains through is known here only when it is given; a CNN trained by this call
         # is compared after phase 1 (a second plan), the rest of the generator run is checked now.
@@ -114,10 +114,9 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         early = V2GeneratorTraining(layout, replace(generator_settings, property_cnn=known), outdir,
                                     changeable=RESUMABLE_OPTIONS + (() if known else ('property_cnn',)))
         generator_resume = resume and (given_cnn is not None or early.files.resume_record.is_file())
-        early_plan = early.plan(resume=generator_resume, overwrite=overwrite)
-        if early_plan.record is None:
-            v1_file = (_given_file(v1_weights_path, '--v1-weights', V1_SOURCE) if v1_weights_path is not None
-                       else fetch(V1_SOURCE, layout))
+        needs_v1 = early.plan(resume=generator_resume, overwrite=overwrite).record is None
+        if needs_v1 and v1_weights_path is not None:
+            v1_file = _given_file(v1_weights_path, '--v1-weights', V1_SOURCE)
             v1_state = cpu_state_dict(load_conditional_generator(v1_file, 'v1'))
     # Every image is decoded once before anything is written, unless no phase reads them: a rerun of a finished
     # CNN run whose CSVs are up to date skips the check (4,703 decodes).
@@ -125,6 +124,9 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
                        else cnn_sha256 if given_cnn is not None else None)
     if finished_sha256 is None or not scoring.up_to_date(finished_sha256):
         dataset.verify(workers=cnn_settings.workers, progress=not cnn_settings.no_progress)
+    if needs_v1 and v1_file is None:  # the default file, downloaded if absent: only once every other check passed
+        v1_file = fetch(V1_SOURCE, layout)
+        v1_state = cpu_state_dict(load_conditional_generator(v1_file, 'v1'))
 
     # --- phase 1: the CNN ---
     cnn_result = None

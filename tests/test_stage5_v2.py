@@ -431,6 +431,7 @@ def wrong_files(reference_dir, tmp_path_factory):
     ('no cnn file', r'--property-cnn .*missing.pth: no such file'),
     ('v1 of another variant', r'v3_generator.pth is an Oh-LoRA v3 generator .*, not the Oh-LoRA v1 generator'),
     ('no v1 file', r'--v1-weights .*missing.pth: no such file'),
+    ('no default v1 file', r'v1 generator is missing: .*stylegan_gen_fine_tuned_v1.pth does not exist .*switched off'),
     ('resume nothing', r'there is no run to resume'),
     ('resume scoring only', r'--resume continues a training run, but with --property-cnn'),
     ('not writable', r'cannot write into .*blocker/out: .*blocker is a file'),
@@ -454,6 +455,8 @@ def test_bad_input_is_one_line_before_anything_is_written(template, wrong_files,
         extra += ['--train-generator', '--v1-weights', wrong_files / 'v3_generator.pth']
     elif case == 'no v1 file':
         extra += ['--train-generator', '--v1-weights', tmp_path / 'missing.pth']
+    elif case == 'no default v1 file':
+        extra += ['--train-generator']  # and downloads are off in the tests
     elif case == 'resume nothing':
         extra += ['--resume']
     elif case == 'resume scoring only':
