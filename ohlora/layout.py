@@ -211,6 +211,21 @@ class Layout:
         """A checkpoint or log of stage 5 by its upstream file name, e.g. ``stylegan_gen_fine_tuned_v1.pth``."""
         return self.fine_tuned_dir / file_name
 
+    # --- stage 5 v2: the property CNN's scoring pass (all_scores_v2_cnn.csv and its comparison CSV) ---
+    @property
+    def property_cnn_scoring_dir(self) -> Path:
+        """What the scoring pass used (``scoring_record.json``: up-to-date check) and wrote (``written_files.json``:
+        the no-overwrite rule for the two CSVs)."""
+        return self.property_scores_dir / 'property_cnn_scoring'
+
+    @property
+    def property_cnn_scoring_record(self) -> Path:
+        return self.property_cnn_scoring_dir / 'scoring_record.json'
+
+    @property
+    def property_cnn_scoring_written(self) -> Path:
+        return self.property_cnn_scoring_dir / 'written_files.json'
+
     @property
     def test_z_csv(self) -> Path:
         return self.shipped(TEST_Z_CSV)
@@ -264,7 +279,12 @@ class Layout:
 
 
 # The upstream log name of each trainer (PIPELINE.md §1); the project keeps it inside the run folder.
-TRAIN_LOG_NAMES = {'v1': 'train_log.csv'}
+TRAIN_LOG_NAMES = {'v1': 'train_log.csv', 'v2_cnn': 'train_log_v2_cnn.csv', 'v2': 'train_log_v2.csv'}
+# A trainer's second log: v2's property CNN logs the first validation outputs and labels of every epoch.
+VALIDATION_LOG_NAMES = {'v2_cnn': 'train_log_v2_cnn_val_log.csv'}
+# Stage-5 v2 published names: the property CNN (its best epoch) and the generator trained through it.
+PROPERTY_CNN_FILE = 'stylegan_gen_fine_tuned_v2_cnn.pth'
+V2_GENERATOR_FILE = 'stylegan_gen_fine_tuned_v2.pth'
 
 
 class TrainingRunFolder:
@@ -289,6 +309,11 @@ class TrainingRunFolder:
     @property
     def train_log(self) -> Path:
         return self.folder / TRAIN_LOG_NAMES.get(self.version, f'train_log_{self.version}.csv')
+
+    @property
+    def validation_log(self) -> Path:
+        """The second log of a trainer that has one (VALIDATION_LOG_NAMES)."""
+        return self.folder / VALIDATION_LOG_NAMES.get(self.version, f'train_log_{self.version}_val_log.csv')
 
     @property
     def resume_record(self) -> Path:

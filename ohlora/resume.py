@@ -14,7 +14,8 @@ plain Python values, so it loads with ``torch.load(weights_only=True)`` (R11):
   Python's ``random``;
 * ``models``, ``optimizers``, ``scalers``: ``{name: state_dict()}`` of the networks, their optimisers and
   their AMP GradScalers;
-* ``extra``: trainer-specific plain values (counters, best scores, ...).
+* ``extra``: trainer-specific plain values (counters, best scores, ...); ``extra[STOPPED_EARLY]`` marks a run that
+  early stopping has finished before its epoch cap.
 
 Typical use in a trainer::
 
@@ -45,6 +46,9 @@ from ohlora.errors import PipelineError
 FORMAT = 'ohlora-resume-record'
 VERSION = 1
 RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress')
+# ``extra`` key of a trainer with early stopping: True once the run stopped before its epoch cap, so it is finished
+# whatever the cap (a larger cap would not make it train on: its patience is used up).
+STOPPED_EARLY = 'stopped_early'
 
 
 def capture_rng_state() -> dict:
@@ -101,9 +105,13 @@ class ResumeRecord:
     scalers: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.extra.get(STOPPED_EARLY))
+
     def completes(self, epochs: int) -> bool:
         """Whether a run of ``epochs`` epochs in all has nothing left to do after this record."""
-        return self.batch == 0 and self.epoch >= epochs
+        return self.batch == 0 and (self.epoch >= epochs or self.stopped_early)
 
     def as_dict(self) -> dict:
         return {'format': FORMAT, 'version': VERSION, 'options': self.options, 'epoch': self.epoch,
@@ -164,10 +172,16 @@ def option_differences(recorded: dict, current: dict, changeable=RESUMABLE_OPTIO
     return lines
 
 
-def check_resume_options(recorded: dict, current: dict, where: str | Path, changeable=RESUMABLE_OPTIONS) -> None:
-    """One-line refusal naming the first differences between a run's recorded options and this call's."""
+def check_resume_options(recorded: dict, current: dict, where: str | Path, changeable=RESUMABLE_OPTIONS,
+                         option_names: dict[str, str] | None = None) -> None:
+    """One-line refusal naming the first differences between a run's recorded options and this call's.
+
+    ``option_names`` spells an option whose command-line name is not ``--`` + its key (e.g. ``{'epochs':
+    '--max-epochs'}``)."""
     differences = option_differences(recorded, current, changeable)
     if differences:
+        names = option_names or {}
         shown = '; '.join(differences[:3]) + (f'; ... ({len(differences)} in all)' if len(differences) > 3 else '')
         raise PipelineError(f'{where} was started with other options ({shown}); only '
-                            f'{", ".join("--" + o.replace("_", "-") for o in changeable)} may change on resume')
+                            f'{", ".join(names.get(o, "--" + o.replace("_", "-")) for o in changeable)} may '
+                            'change on resume')

@@ -28,10 +28,12 @@ The rules :meth:`TrainingRun.plan` applies (one ``PipelineError`` line each, bef
   with other options (it stopped before its first checkpoint) is refused too.
 * a record, and the options differ beyond :data:`ohlora.resume.RESUMABLE_OPTIONS`: refused, naming the
   difference, with or without ``--resume`` (a fresh run over another run is never started).
-* a record, same options, no ``--resume``: if the run is finished with the same ``--epochs``, nothing is done
-  and nothing written; otherwise refused, pointing at ``--resume``.
+* a record, same options, no ``--resume``: if the run is finished with the same ``--epochs`` (or stopped early,
+  :data:`ohlora.resume.STOPPED_EARLY`: then with any ``--epochs``), nothing is done and nothing written;
+  otherwise refused, pointing at ``--resume``.
 * a record, ``--resume``: continues; ``--epochs`` is the total, so a larger value extends a finished run and a
-  value below the epochs already done is refused.
+  value below the epochs already done is refused. (A trainer whose total is an epoch cap names its option with
+  ``epochs_option``, e.g. ``--max-epochs``.)
 * every published-name output must be absent or written by this run (:class:`ohlora.owned_files.OwnedFiles`),
   unless ``--overwrite``.
 
@@ -48,7 +50,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -141,16 +143,32 @@ class RunPlan:
     restored: tuple[Path, ...] = ()   # outputs of a finished run that were missing and were written again
 
 
+def steps_done(record: ResumeRecord) -> int:
+    """Log rows of a one-row-per-step log that belong to ``record``."""
+    return record.step
+
+
 class TrainingRun:
     """One run: ``files`` (its folder), its resolved ``options`` (plain JSON types; ``options['epochs']`` is the
-    total), its published outputs (path -> name of the model in the resume record) and its log columns."""
+    total, or the cap of a trainer with early stopping), its published outputs (path -> name of the model in the
+    resume record; a model the record does not hold yet, e.g. the best epoch's before the first validation, is
+    not written) and its log columns.
+
+    For messages: ``epochs_option`` is the command-line option of the total, ``units`` the names of an epoch
+    and a batch (e.g. ``('step groups', 'steps')``). ``log_rows(record)`` is the number of log rows a record
+    keeps (default: one per step)."""
 
     def __init__(self, files: TrainingRunFolder, options: dict, outputs: dict[Path, str], log_columns: Sequence[str],
-                 changeable: Sequence[str] = RESUMABLE_OPTIONS):
+                 changeable: Sequence[str] = RESUMABLE_OPTIONS, epochs_option: str = '--epochs',
+                 units: tuple[str, str] = ('epochs', 'batches'),
+                 log_rows: Callable[[ResumeRecord], int] = steps_done):
         self.files = files
         self.options = options
         self.outputs = {Path(p): name for p, name in outputs.items()}
         self.changeable = tuple(changeable)
+        self.epochs_option = epochs_option
+        self.units = units
+        self.log_rows = log_rows
         self.owned = OwnedFiles(files.written_files, base=files.outdir)
         self.log = TrainLog(files.train_log, log_columns)
         self.provenance: dict = {}
@@ -170,22 +188,25 @@ class TrainingRun:
 
         record = load_resume_record(record_path)
         if resume:
-            check_resume_options(record.options, self.options, folder, self.changeable)
+            check_resume_options(record.options, self.options, folder, self.changeable,
+                                 {'epochs': self.epochs_option})
         else:
             differences = option_differences(record.options, self.options, self.changeable)
             if differences:
                 raise PipelineError(f'{folder} holds another run ({"; ".join(differences[:3])}); rerun with its '
                                     f'options (and --resume to continue it), or {WAY_OUT}')
-        done = f'{record.epoch} epochs' + (f' and {record.batch} batches' if record.batch else '')
+        epoch_unit, batch_unit = self.units
+        option = self.epochs_option
+        done = f'{record.epoch} {epoch_unit}' + (f' and {record.batch} {batch_unit}' if record.batch else '')
         if record.epoch > epochs or (record.epoch == epochs and record.batch):
-            raise PipelineError(f'{folder} holds a run that has already done {done}; --epochs is the total and '
+            raise PipelineError(f'{folder} holds a run that has already done {done}; {option} is the total and '
                                 f'cannot be below that (got {epochs})')
         if not resume:
-            if record.completes(epochs) and record.options.get('epochs') == epochs:
+            if record.completes(epochs) and (record.options.get('epochs') == epochs or record.stopped_early):
                 return RunPlan(record=record, finished=True, restored=self._restore_missing(record))
             if record.completes(record.options.get('epochs', epochs)):
-                raise PipelineError(f'{folder} holds a finished run of {record.options.get("epochs")} epochs; pass '
-                                    f'--resume --epochs {epochs} to extend it, or {WAY_OUT}')
+                raise PipelineError(f'{folder} holds a finished run of {record.options.get("epochs")} {epoch_unit}; '
+                                    f'pass --resume {option} {epochs} to extend it, or {WAY_OUT}')
             raise PipelineError(f'{folder} holds an unfinished run ({done} of {record.options.get("epochs")}); '
                                 f'pass --resume to continue it, or {WAY_OUT}')
         if record.completes(epochs):
@@ -214,7 +235,7 @@ class TrainingRun:
 
     def _restore_missing(self, record: ResumeRecord) -> tuple[Path, ...]:
         """A finished run writes nothing, except an output the user deleted, re-exported from the record."""
-        missing = [p for p in self.outputs if not p.exists()]
+        missing = [p for p, name in self.outputs.items() if not p.exists() and name in record.models]
         for path in missing:
             self.owned.torch_save(path, record.models[self.outputs[path]])
         return tuple(missing)
@@ -238,11 +259,12 @@ class TrainingRun:
             self.log.rows = []
             self.log.flush()
         else:
-            self.log.load(keep=plan.record.step)
+            self.log.load(keep=self.log_rows(plan.record))
 
     def checkpoint(self, record: ResumeRecord) -> None:
         """The published files (owned writes), the log, then the resume record (the commit point)."""
         for path, name in self.outputs.items():
-            self.owned.torch_save(path, record.models[name])
+            if name in record.models:
+                self.owned.torch_save(path, record.models[name])
         self.log.flush()
         save_resume_record(self.files.resume_record, record)
