@@ -26,8 +26,9 @@ import torch
 
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.records import sha256_of
 from ohlora.resume import RESUMABLE_OPTIONS
-from ohlora.weights import SOURCES, fetch, sha256_of
+from ohlora.weights import SOURCES, fetch
 from stylegan_modified.checkpoint import load_conditional_generator, load_property_cnn
 from stylegan_modified.datasets import ScoredImageDataset
 from stylegan_modified.property_cnn_scoring import ScoringPass, ScoringResult

@@ -33,7 +33,7 @@ from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout, image_name
 from ohlora.owned_files import OwnedFiles
-from ohlora.weights import sha256_of
+from ohlora.records import sha256_of
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.datasets import ScoredImageDataset
 from stylegan_modified.property_cnn_training import DECIMALS, worker_error

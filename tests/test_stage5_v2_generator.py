@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ohlora.layout import Layout
+from ohlora.records import sha256_of
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
-from ohlora.weights import sha256_of
 from script_runner import files_of, run_script
 from stylegan_modified.checkpoint import load_conditional_generator
 from stylegan_modified.fine_tuning_v2 import state_sha256
