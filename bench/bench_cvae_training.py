@@ -75,7 +75,8 @@ def main() -> None:
         print(f'{name:18s}: {steps_s:7.3f} steps/s, {steps_s * args.batch_size:7.2f} img/s{memory}')
     print(f'amp / float32: x{best[False] / best[True]:.2f}')
     if device.type == 'cpu':
-        print(f'peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f'peak resident memory of the process: {peak_rss:.2f} GiB')
     seconds = 4703 / (args.steps * args.batch_size / best[False])
     print(f'an upstream epoch (4,703 images, 588 steps of 8) at the float32 rate: {seconds / 3600:.2f} h '
           '(plus the per-epoch test: 1,530 generator + CNN passes without gradients)')

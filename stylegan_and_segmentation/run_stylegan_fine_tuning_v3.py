@@ -59,7 +59,8 @@ def build_parser():
                         help='v2 property-score CNN (default: stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth, '
                              'downloaded if absent)')
     parser.add_argument('--gender-cnn', default=None, metavar='PATH',
-                        help='stage-2 gender CNN of fold 0 (default: cnn/models/gender_model_0.pt, downloaded if absent)')
+                        help='stage-2 gender CNN of fold 0 (default: cnn/models/gender_model_0.pt, downloaded if '
+                             'absent)')
     parser.add_argument('--scores', default=None, metavar='CSV',
                         help='labels (default: segmentation/property_score_results/all_scores_v2_cnn.csv, written by '
                              'run_stylegan_fine_tuning_v2.py); images from stylegan/synthesize_results_filtered/')

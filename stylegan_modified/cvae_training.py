@@ -299,7 +299,8 @@ class EpochOutputs:
                 paths.append(path)
         self.owned.check(paths, overwrite)
 
-    def write(self, epoch: int, result: EpochTestResult, generator_state: dict, encoder_state: dict) -> tuple[Path, ...]:
+    def write(self, epoch: int, result: EpochTestResult, generator_state: dict,
+              encoder_state: dict) -> tuple[Path, ...]:
         if result.best is None:
             return ()
         gen, enc, z_csv = self.outputs.epoch_files(epoch)
