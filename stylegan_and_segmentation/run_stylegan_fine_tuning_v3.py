@@ -35,8 +35,10 @@ EXAMPLES = '''
   # stop when the epoch loss has not improved for 5 epochs; a quicker test of 10 z; looser mouth rule
   python stylegan_and_segmentation/run_stylegan_fine_tuning_v3.py --epochs 100 --patience 5 --test-z 10 \\
       --pass-min-r mouth=0.8 --pass-max-mae mouth=0.8 --outdir runs/v3_patience
-  # then generate with a passing epoch (here 5) in stage 6
-  python stylegan_and_segmentation/run_fine_tuned_generator.py --root runs/v3
+  # then generate in stage 6 with a passing epoch (here 12: see passing_z in train_log_v3.csv)
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --root runs/v3 \\
+      --weights runs/v3/stylegan_modified/stylegan_gen_fine_tuned_v3_ckpt_0012_gen.pth \\
+      --z-csv runs/v3/stylegan_modified/test_z_vector_0012.csv
 (the repository root ships test_z_vector_0005.csv and _0007.csv: a run that could write them is refused, so
  give runs of 6 epochs or more their own --root or --outdir)
 '''
