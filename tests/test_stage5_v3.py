@@ -470,6 +470,21 @@ def test_patience_stops_when_the_epoch_loss_stops_improving(template, inputs, tm
     assert files_of(root) == before
 
 
+def test_a_nan_loss_stops_in_one_line_before_the_optimiser_step(template, inputs, tmp_path, monkeypatch, capsys):
+    root = new_root(template, tmp_path)
+    original = CVAETrainer.losses
+
+    def nan_loss(self, images, labels):
+        terms, mu, logvar = original(self, images, labels)
+        return {**terms, 'total_loss': terms['total_loss'] * float('nan')}, mu, logvar
+
+    monkeypatch.setattr(CVAETrainer, 'losses', nan_loss)
+    assert run_script(SCRIPT, *args(root, inputs, '--epochs', 1)) == 2
+    assert capsys.readouterr().err.strip() == ('error: loss became nan at epoch 0, batch 0 (step 1); stopped before '
+                                               'the optimiser step, no checkpoint had been written yet')
+    assert not outputs(root).files.resume_record.exists() and not outputs(root).final_generator.exists()
+
+
 @pytest.fixture
 def code_root(template, tmp_path, monkeypatch):
     """A copy of the code root with the two shipped z CSVs (and the data), as the default root."""
