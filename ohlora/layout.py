@@ -279,7 +279,8 @@ class Layout:
 
 
 # The upstream log name of each trainer (PIPELINE.md §1); the project keeps it inside the run folder.
-TRAIN_LOG_NAMES = {'v1': 'train_log.csv', 'v2_cnn': 'train_log_v2_cnn.csv', 'v2': 'train_log_v2.csv'}
+TRAIN_LOG_NAMES = {'v1': 'train_log.csv', 'v2_cnn': 'train_log_v2_cnn.csv', 'v2': 'train_log_v2.csv',
+                   'v3': 'train_log_v3.csv'}
 # A trainer's second log: v2's property CNN logs the first validation outputs and labels of every epoch.
 VALIDATION_LOG_NAMES = {'v2_cnn': 'train_log_v2_cnn_val_log.csv'}
 # Stage-5 v2 published names: the property CNN (its best epoch) and the generator trained through it.
@@ -436,3 +437,94 @@ class AttributeControlFolder:
     def plot(self, name: str) -> Path:
         """``r_mae``, ``r_distribution``, ``leakage``."""
         return self.folder / 'plots' / f'{name}.png'
+
+
+# --- stage 5 v3: per-epoch checkpoints, test z vectors and per-epoch test folders (PIPELINE.md §7.4) ---
+# Data files that ship beside the code: a run never writes them, whatever its options (--overwrite included).
+SHIPPED_FILES = (HAND_LABELS_CSV, TEST_Z_CSV, 'stylegan_modified/test_z_vector_0007.csv')
+
+
+def shipped_with_code(path: str | Path) -> bool:
+    """Whether ``path`` is one of the data files shipped beside the code (:data:`SHIPPED_FILES` under CODE_ROOT)."""
+    resolved = Path(path).resolve()
+    return any(resolved == (CODE_ROOT / relative).resolve() for relative in SHIPPED_FILES)
+
+
+class V3Outputs:
+    """What a v3 run writes under its published names in ``files.outdir`` (the final generator and encoder, the
+    checkpoints and best z of each passing epoch), and its per-epoch test folders inside the run folder."""
+
+    FINAL_GENERATOR = 'stylegan_gen_fine_tuned_v3.pth'
+    FINAL_ENCODER = 'stylegan_gen_fine_tuned_v3_encoder.pth'
+    TEST_FOLDER = 'inference_test_during_finetuning_v3'
+
+    def __init__(self, files: TrainingRunFolder):
+        self.files = files
+
+    @property
+    def final_generator(self) -> Path:
+        return self.files.checkpoint(self.FINAL_GENERATOR)
+
+    @property
+    def final_encoder(self) -> Path:
+        return self.files.checkpoint(self.FINAL_ENCODER)
+
+    def epoch_checkpoint(self, epoch: int, part: str) -> Path:
+        """``stylegan_gen_fine_tuned_v3_ckpt_EEEE_{gen,enc}.pth`` (part 'gen' or 'enc')."""
+        return self.files.checkpoint(f'stylegan_gen_fine_tuned_v3_ckpt_{epoch:04d}_{part}.pth')
+
+    def test_z_csv(self, epoch: int) -> Path:
+        """``test_z_vector_EEEE.csv``: the best passing z of an epoch, in the one-row format stage 6 reads."""
+        return self.files.checkpoint(f'test_z_vector_{epoch:04d}.csv')
+
+    def epoch_files(self, epoch: int) -> tuple[Path, Path, Path]:
+        """The published-name files a passing ``epoch`` writes."""
+        return self.epoch_checkpoint(epoch, 'gen'), self.epoch_checkpoint(epoch, 'enc'), self.test_z_csv(epoch)
+
+    def epoch_test(self, epoch: int) -> 'V3EpochTestFolder':
+        return V3EpochTestFolder(self.files.folder / self.TEST_FOLDER / f'epoch_{epoch:04d}')
+
+
+class V3EpochTestFolder:
+    """``inference_test_during_finetuning_v3/epoch_EEEE/``: the stored mu / log-variance rows, the test z's, per z
+    a folder ``z_KKK/`` with its images ``NNN.jpg`` and ``test_result.csv``, ``result_each_z.csv``, and the
+    random images ``random/NNN.jpg`` with ``random/test_result.csv``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def mus_csv(self) -> Path:
+        return self.folder / 'test_mus.csv'
+
+    @property
+    def log_vars_csv(self) -> Path:
+        return self.folder / 'test_log_vars.csv'
+
+    @property
+    def zs_csv(self) -> Path:
+        return self.folder / 'test_zs.csv'
+
+    @property
+    def result_each_z_csv(self) -> Path:
+        return self.folder / 'result_each_z.csv'
+
+    def z_dir(self, z_index: int) -> Path:
+        return self.folder / f'z_{z_index:03d}'
+
+    def z_image(self, z_index: int, label_index: int) -> Path:
+        return self.z_dir(z_index) / f'{label_index:03d}.jpg'
+
+    def z_result_csv(self, z_index: int) -> Path:
+        return self.z_dir(z_index) / 'test_result.csv'
+
+    @property
+    def random_dir(self) -> Path:
+        return self.folder / 'random'
+
+    def random_image(self, index: int) -> Path:
+        return self.random_dir / f'{index:03d}.jpg'
+
+    @property
+    def random_result_csv(self) -> Path:
+        return self.random_dir / 'test_result.csv'

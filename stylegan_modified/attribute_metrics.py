@@ -186,9 +186,10 @@ V3_TEST_GRID: dict[str, tuple[float, ...]] = {'mouth': (-1.2, -0.6, 0.0, 0.8, 1.
                                               'pose': (-1.2, 0.0, 1.2, 2.4, 3.6)}
 
 
-def grid_labels(grid: Mapping[str, Sequence[float]] = V3_TEST_GRID) -> np.ndarray:
+def grid_labels(grid: Mapping[str, Sequence[float]] = V3_TEST_GRID, dtype=np.float32) -> np.ndarray:
     """float32 labels (prod of the grid sizes, 7): every combination, the first attribute of ``grid`` varying
-    slowest; attributes not in ``grid`` are 0. The default is upstream's 50 v3 test labels."""
+    slowest; attributes not in ``grid`` are 0. The default is upstream's 50 v3 test labels. ``dtype=np.float64``
+    keeps the grid's values exactly (the requested side of a comparison: float32 1.8 is 1.79999995)."""
     unknown = [a for a in grid if a not in PROPERTY_NAMES]
     if unknown:
         raise ValueError(f'unknown attribute(s) {", ".join(unknown)} in the label grid')
@@ -199,7 +200,7 @@ def grid_labels(grid: Mapping[str, Sequence[float]] = V3_TEST_GRID) -> np.ndarra
         raise ValueError('the label grid has values that are not finite numbers')
     columns = [PROPERTY_NAMES.index(a) for a in grid]
     combinations = np.array(list(itertools.product(*grid.values())), dtype=np.float64).reshape(-1, len(columns))
-    labels = np.zeros((len(combinations), len(PROPERTY_NAMES)), dtype=np.float32)
+    labels = np.zeros((len(combinations), len(PROPERTY_NAMES)), dtype=dtype)
     labels[:, columns] = combinations
     return labels
 

@@ -1,0 +1,507 @@
+"""Stage 5 v3: a conditional VAE whose decoder is the v1 generator (PIPELINE.md §7.4).
+
+**One step** (:meth:`CVAETrainer.step`), for a batch of real images x in [-1, 1] and their 7-value labels y
+(``all_scores_v2_cnn.csv``):
+
+1. (mu, logvar) = encoder(x, y); z = mu + eps * exp(logvar / 2), eps ~ N(0, I) from torch's CPU RNG;
+2. image = G(z, y) (train mode as upstream: no style mixing, stored noise, no truncation; only ``w_avg``
+   follows the batches);
+3. the frozen property CNN scores the image (7 values) and the frozen gender CNN gives P(woman);
+4. loss = C + G + 0.2 M + 0.05 V: C the mean of the MSEs of eyes, mouth and pose (columns 0, 3, 4) against
+   y, G = MSE(gender, 1), M = mean(mu^2), V = mean(logvar^2). There is no pixel reconstruction term.
+
+Only G's mapping (dense0-7, label_weight) and the encoder train: one AdamW, two groups (G 1e-4, encoder 1e-5,
+betas 0.9/0.999, weight decay 0.01), the LR set per epoch by the cosine of :mod:`ohlora.schedules` (period 10;
+``restarts`` by default, never 0; upstream's curve with ``--compat upstream``). Both CNNs are frozen and in eval
+mode; the gender CNN, trained on [0, 1] images, gets (x + 1) / 2. ``--compat upstream``: both CNNs in train mode
+(dropout on, in the loss and in the test) and the raw [-1, 1] image for the gender CNN (§13 rows 16, 17).
+
+**Per epoch** (:mod:`stylegan_modified.v3_epoch_test`): the test of the epoch's generator; if a z passes, the
+G state_dict and the encoder state_dict as ``stylegan_gen_fine_tuned_v3_ckpt_EEEE_{gen,enc}.pth`` and the best
+passing z as ``test_z_vector_EEEE.csv`` (no-overwrite rule; the data files shipped beside the code are never
+written). ``--patience N`` stops when the epoch-mean loss has not improved for N epochs. After the last epoch
+(or the early stop), ``stylegan_gen_fine_tuned_v3.pth`` / ``…_v3_encoder.pth`` hold the **last epoch's**
+generator and encoder.
+
+**Log** ``train_log_v3.csv`` (one row per step, no index column): epoch, idx, total_loss, property_loss (C),
+gender_loss (G), mu_loss (M), logvar_loss (V), lr_generator, lr_encoder; on the last row of each epoch also
+epoch_mean_loss, passing_z (z's that passed the test) and best_z (its index, empty when none passed);
+images_per_s, peak_gpu_mem_mb.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ohlora.errors import PipelineError
+from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, shipped_with_code
+from ohlora.owned_files import OwnedFiles
+from ohlora.records import sha256_of
+from ohlora.resume import (ResumeRecord, capture_rng_state, load_resume_record, option_differences,
+                           restore_rng_state, save_resume_record, seed_everything)
+from ohlora.schedules import DEFAULT_SCHEDULE, UPSTREAM_PERIOD, set_epoch_lr
+from stylegan_modified.attribute_metrics import CONTROLLED_ATTRIBUTES, UPSTREAM_V3_RULE, V3_TEST_GRID, PassRule
+from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize
+from stylegan_modified.datasets import ScoredImageDataset, epoch_batches, epoch_order
+from stylegan_modified.property_score_cnn import PropertyScoreCNN
+from stylegan_modified.checkpoint import load_property_cnn
+from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
+                                                ignore_sigint_in_worker)
+from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
+from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
+                                             run_epoch_test, z_csv_bytes)
+from stylegan_modified.v3_inputs import (build_v3_models, fetch_input, load_gender_cnn, scores_csv_path,
+                                         v3_models_from_state)
+
+VERSION = 'v3'
+IMAGE_RESOLUTION = 256
+G_NAME, E_NAME = 'generator', 'encoder'
+AMP_NAME = 'cvae'
+SUPERVISED = tuple(PROPERTY_NAMES.index(a) for a in CONTROLLED_ATTRIBUTES)  # eyes, mouth, pose: 0, 3, 4
+LOSS_COLUMNS = ('total_loss', 'property_loss', 'gender_loss', 'mu_loss', 'logvar_loss')
+LOG_COLUMNS = ('epoch', 'idx', *LOSS_COLUMNS, 'lr_generator', 'lr_encoder', 'epoch_mean_loss', 'passing_z',
+               'best_z', 'images_per_s', 'peak_gpu_mem_mb')
+TEST_BATCH_FACTOR = 4  # the per-epoch test renders 4 x --batch-size images per call (no gradients to keep)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Upstream's fixed v3 settings; recorded with the options."""
+    generator_lr: float = 1e-4
+    encoder_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    mu_weight: float = 0.2
+    logvar_weight: float = 0.05
+    lr_period: int = UPSTREAM_PERIOD
+    history_size: int = HISTORY_SIZE
+
+
+@dataclass(frozen=True)
+class V3Settings:
+    """The options of a v3 run; the input paths are filled in by :func:`fine_tune_v3` (relative to the root, or
+    a file name; None: the default file)."""
+    epochs: int
+    batch_size: int = 8
+    workers: int = 2
+    seed: int = 0
+    device: str = 'cpu'
+    patience: int | None = None
+    checkpoint_every: int = 0
+    test_z: int = 30
+    test_grid: dict = field(default_factory=lambda: {k: list(v) for k, v in V3_TEST_GRID.items()})
+    pass_min_r: dict = field(default_factory=dict)    # overrides of UPSTREAM_V3_RULE
+    pass_max_mae: dict = field(default_factory=dict)  # (None: no MAE bound for that attribute)
+    test_random: int = 30
+    amp: bool = False
+    v1_weights: str | None = None
+    property_cnn: str | None = None
+    gender_cnn: str | None = None
+    scores: str | None = None
+    compat: str | None = None
+    no_progress: bool = False
+    hyper: Hyperparameters = field(default_factory=Hyperparameters)
+
+    @property
+    def upstream(self) -> bool:
+        return self.compat == 'upstream'
+
+    @property
+    def schedule(self) -> str:
+        return 'upstream' if self.upstream else DEFAULT_SCHEDULE
+
+    def rule(self) -> PassRule:
+        try:
+            return UPSTREAM_V3_RULE.with_thresholds(self.pass_min_r, self.pass_max_mae)
+        except ValueError as exc:
+            raise PipelineError(f'--pass-min-r / --pass-max-mae: {exc}') from None
+
+    def check(self) -> None:
+        """One line per option a user can get wrong (before anything is read or written)."""
+        for option, value, low in (('--epochs', self.epochs, 1), ('--batch-size', self.batch_size, 1),
+                                   ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0),
+                                   ('--test-z', self.test_z, 1), ('--test-random', self.test_random, 0)):
+            if value < low:
+                raise PipelineError(f'{option} must be at least {low}, got {value}')
+        if self.patience is not None and self.patience < 1:
+            raise PipelineError(f'--patience must be at least 1, got {self.patience}')
+        if self.test_z > self.hyper.history_size:
+            raise PipelineError(f'--test-z {self.test_z}: the test draws its z from the last '
+                                f'{self.hyper.history_size} batches of an epoch; use at most that')
+        self.rule()
+
+    def options(self, rule: PassRule) -> dict:
+        """The resolved options as plain JSON types (what training_options.json and the record hold)."""
+        options = asdict(self)
+        options['hyper']['betas'] = list(options['hyper']['betas'])
+        options['pass_rule'] = {a: [t.min_r, t.max_mae] for a, t in rule.thresholds.items()}
+        options['trainer'] = f'stylegan_fine_tuning_{VERSION}'
+        return options
+
+
+# --- one step ---
+def set_trainable(generator: torch.nn.Module, encoder: torch.nn.Module, frozen: tuple[torch.nn.Module, ...]) -> None:
+    for name, parameter in generator.named_parameters():
+        parameter.requires_grad_(name.startswith('mapping.'))
+    encoder.requires_grad_(True)
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+@dataclass
+class StepLosses:
+    total_loss: float
+    property_loss: float
+    gender_loss: float
+    mu_loss: float
+    logvar_loss: float
+
+
+class CVAETrainer:
+    """The generator, the encoder, the two frozen CNNs, the optimiser and the step; holds no data, writes nothing."""
+
+    def __init__(self, generator: StyleGANGeneratorForV3, encoder: CVAEEncoder, property_cnn: PropertyScoreCNN,
+                 gender_cnn: torch.nn.Module, settings: V3Settings, device: torch.device):
+        self.settings, self.hyper, self.device = settings, settings.hyper, torch.device(device)
+        self.generator = generator.to(self.device).train()  # train mode only moving-averages w_avg (no mixing)
+        self.encoder = encoder.to(self.device).train()
+        # R2: frozen nets in eval mode; upstream left them in train mode (dropout on)
+        self.property_cnn = property_cnn.to(self.device).train(settings.upstream)
+        self.gender_cnn = gender_cnn.to(self.device).train(settings.upstream)
+        set_trainable(self.generator, self.encoder, (self.property_cnn, self.gender_cnn))
+        mapping = [p for n, p in self.generator.named_parameters() if n.startswith('mapping.')]
+        self.base_lrs = [self.hyper.generator_lr, self.hyper.encoder_lr]
+        self.optimizer = torch.optim.AdamW([{'params': mapping, 'lr': self.base_lrs[0]},
+                                            {'params': list(self.encoder.parameters()), 'lr': self.base_lrs[1]}],
+                                           betas=self.hyper.betas, weight_decay=self.hyper.weight_decay)
+        self.amp = MixedPrecision(settings.amp, self.device, (AMP_NAME,))
+        self.history = MuLogvarHistory(self.hyper.history_size)
+        self.lrs = list(self.base_lrs)
+        self.where = ''
+        self.last_checkpoint = 'no checkpoint had been written yet'
+
+    def set_epoch(self, epoch: int) -> list[float]:
+        self.lrs = set_epoch_lr(self.optimizer, self.base_lrs, epoch, self.hyper.lr_period, self.settings.schedule)
+        return self.lrs
+
+    def gender_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The gender CNN was trained on [0, 1] images (R2 / §13 row 16); upstream fed the raw [-1, 1] output."""
+        return images if self.settings.upstream else (images + 1) / 2
+
+    def property_scores(self, images: torch.Tensor) -> torch.Tensor:
+        return self.property_cnn(images)
+
+    def gender_scores(self, images: torch.Tensor) -> torch.Tensor:
+        return self.gender_cnn(self.gender_input(images))
+
+    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The four loss terms and their weighted sum, with the batch's mu and logvar."""
+        with self.amp.autocast():
+            mu, logvar = self.encoder(images, labels)
+        mu, logvar = mu.float(), logvar.float()
+        eps = torch.randn(mu.shape).to(self.device)  # the CPU RNG, whatever the device (as the v1 trainer's z)
+        z = reparameterize(mu, logvar, eps)
+        with self.amp.autocast():
+            generated = self.generator(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
+                                       randomize_noise=False)['image']
+            scores = self.property_scores(generated).float()
+            gender = self.gender_scores(generated).float()
+        terms = {'property_loss': F.mse_loss(scores[:, SUPERVISED], labels[:, SUPERVISED]),
+                 'gender_loss': F.mse_loss(gender, torch.ones_like(gender)),
+                 'mu_loss': mu.square().mean(),
+                 'logvar_loss': logvar.square().mean()}
+        terms['total_loss'] = (terms['property_loss'] + terms['gender_loss'] + self.hyper.mu_weight * terms['mu_loss']
+                               + self.hyper.logvar_weight * terms['logvar_loss'])
+        return terms, mu, logvar
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        terms, mu, logvar = self.losses(images, labels)
+        check_finite(self.where, self.last_checkpoint, loss=terms['total_loss'])
+        self.amp.step(AMP_NAME, terms['total_loss'], self.optimizer)
+        self.history.add(mu, logvar)
+        return StepLosses(**{name: float(value.detach()) for name, value in terms.items()})
+
+    def epoch_test(self, epoch: int, settings: EpochTestSettings, outputs: V3Outputs | None,
+                   progress: bool = False) -> EpochTestResult:
+        folder = outputs.epoch_test(epoch) if outputs is not None else None
+        return run_epoch_test(self.generator, self.property_scores, self.gender_scores, self.history, epoch, settings,
+                              folder, progress)
+
+    def record(self, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None,
+               extra: dict) -> ResumeRecord:
+        return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
+                            data_order=order if batch else None, rng=capture_rng_state(),
+                            models={G_NAME: cpu_state_dict(self.generator), E_NAME: cpu_state_dict(self.encoder)},
+                            optimizers={AMP_NAME: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
+                            extra={**extra, 'history': self.history.state_dict()})
+
+    def load_record(self, record: ResumeRecord) -> None:
+        try:
+            self.optimizer.load_state_dict(record.optimizers[AMP_NAME])
+        except (KeyError, ValueError) as exc:
+            raise PipelineError(f'the resume record\'s optimiser state does not fit the models: {exc}') from None
+        self.amp.load_state_dict(record.scalers)
+        if 'history' in record.extra:
+            self.history.load_state_dict(record.extra['history'])
+
+
+# --- the run ---
+@dataclass
+class EpochSummary:
+    epoch: int
+    mean_loss: float
+    passing_z: int
+    best_z: int | None
+
+
+@dataclass
+class V3Result:
+    status: str                  # 'finished', 'interrupted' or 'already finished'
+    epoch: int                   # epochs finished (or in progress when interrupted)
+    batch: int
+    step: int
+    outputs: tuple[Path, ...]    # the final generator and encoder
+    run_folder: Path
+    epochs: list[EpochSummary] = field(default_factory=list)
+    checkpoints: tuple[Path, ...] = ()   # per-epoch files of passing epochs
+    stopped_early: bool = False
+    restored: tuple[Path, ...] = ()
+    signal: str | None = None
+
+
+class EpochOutputs:
+    """The published-name files of passing epochs: checked before the run, written under the no-overwrite rule,
+    and never onto a data file shipped beside the code."""
+
+    def __init__(self, outputs: V3Outputs, owned: OwnedFiles):
+        self.outputs, self.owned = outputs, owned
+
+    @staticmethod
+    def _refuse_shipped(path: Path, epoch: int) -> None:
+        if shipped_with_code(path):
+            raise PipelineError(f'{path} ships with the code and is never overwritten, not even with --overwrite '
+                                f'(epoch {epoch} of this run would write there if one of its test z passes); '
+                                'choose another --root or --outdir')
+
+    def check(self, epochs: range, overwrite: bool) -> None:
+        paths = []
+        for epoch in epochs:
+            for path in self.outputs.epoch_files(epoch):
+                self._refuse_shipped(path, epoch)
+                paths.append(path)
+        self.owned.check(paths, overwrite)
+
+    def write(self, epoch: int, result: EpochTestResult, generator_state: dict,
+              encoder_state: dict) -> tuple[Path, ...]:
+        if result.best is None:
+            return ()
+        gen, enc, z_csv = self.outputs.epoch_files(epoch)
+        for path in (gen, enc, z_csv):
+            self._refuse_shipped(path, epoch)
+        self.owned.torch_save(gen, generator_state)
+        self.owned.torch_save(enc, encoder_state)
+        self.owned.write_bytes(z_csv, z_csv_bytes(result.best_z))
+        return gen, enc, z_csv
+
+
+def _relative(layout: Layout, path: str | Path | None) -> str | None:
+    return None if path is None else layout.relative(Path(path))
+
+
+def _early_stopped(files: TrainingRunFolder, options: dict, changeable) -> ResumeRecord | None:
+    """The record of a run that --patience already ended, if this call asks for that same run."""
+    if not files.resume_record.is_file():
+        return None
+    record = load_resume_record(files.resume_record)
+    if (record.extra.get('stopped_early') and record.epoch <= options['epochs']
+            and not option_differences(record.options, options, changeable)):
+        return record
+    return None
+
+
+def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path | None = None,
+                 property_cnn: str | Path | None = None, gender_cnn: str | Path | None = None,
+                 scores_path: str | Path | None = None, outdir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False) -> V3Result:
+    """Train (or continue, or confirm finished) the v3 run of ``layout`` / ``outdir``; see the module docstring.
+
+    Everything a user can get wrong is checked before anything is written: the options, the run folder, the
+    published and shipped files the run could write, the scores CSV and every image, the three weights files.
+    """
+    settings = replace(settings, v1_weights=_relative(layout, v1_weights),
+                       property_cnn=_relative(layout, property_cnn), gender_cnn=_relative(layout, gender_cnn),
+                       scores=_relative(layout, scores_path))
+    settings.check()
+    rule = settings.rule()
+    device = torch.device(settings.device)
+    scores_csv = scores_csv_path(layout, scores_path)
+    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_RESOLUTION, IMAGE_RESOLUTION),
+                                          what='v3 labels (property CNN scores CSV)')
+    property_path = fetch_input('property_cnn', layout, property_cnn)
+    gender_path = fetch_input('gender_cnn', layout, gender_cnn)
+    property_model = load_property_cnn(property_path, device)
+    gender_model = load_gender_cnn(gender_path, device)
+
+    files = layout.training_run(VERSION, outdir)
+    outputs = V3Outputs(files)
+    options = settings.options(rule)
+    options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint()}
+    # The frozen CNNs are read again on every resume: a different file would make it another run.
+    options['inputs'] = {'property_cnn_sha256': sha256_of(property_path), 'gender_cnn_sha256': sha256_of(gender_path)}
+    run = TrainingRun(files, options, {outputs.final_generator: G_NAME, outputs.final_encoder: E_NAME}, LOG_COLUMNS)
+    finals = tuple(run.outputs)
+
+    stopped = _early_stopped(files, options, run.changeable)
+    if stopped is not None:
+        restored = tuple(p for p in finals if not p.exists())
+        for path in restored:
+            run.owned.torch_save(path, stopped.models[run.outputs[path]])
+        return V3Result('already finished', stopped.epoch, 0, stopped.step, finals, files.folder,
+                        _summaries(stopped), stopped_early=True, restored=restored)
+    plan = run.plan(resume=resume, overwrite=overwrite)
+    if plan.finished:
+        record = plan.record
+        return V3Result('already finished', record.epoch, record.batch, record.step, finals, files.folder,
+                        _summaries(record), restored=plan.restored)
+    epoch_outputs = EpochOutputs(outputs, run.owned)
+    epoch_outputs.check(range(0 if plan.record is None else plan.record.epoch, settings.epochs), overwrite)
+
+    dataset.verify(workers=settings.workers, progress=not settings.no_progress)
+    provenance = {'scores_csv': scores_csv.name, 'images': len(dataset), 'torch': torch.__version__,
+                  'property_cnn_file': property_path.name, 'gender_cnn_file': gender_path.name}
+    if plan.record is None:
+        v1_path = fetch_input('v1_weights', layout, v1_weights)
+        generator, encoder = build_v3_models(v1_path, settings.seed)
+        provenance.update(v1_file=v1_path.name, v1_sha256=sha256_of(v1_path))
+    else:
+        generator, encoder = v3_models_from_state(plan.record.models.get(G_NAME) or {},
+                                                  plan.record.models.get(E_NAME) or {}, files.resume_record)
+    trainer = CVAETrainer(generator, encoder, property_model, gender_model, settings, device)
+    if plan.record is not None:
+        trainer.load_record(plan.record)
+    run.start(plan, provenance)
+    return _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
+
+
+def _summaries(record: ResumeRecord) -> list[EpochSummary]:
+    return [EpochSummary(**row) for row in record.extra.get('epochs', [])]
+
+
+def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: ScoredImageDataset,
+           settings: V3Settings, outputs: V3Outputs, epoch_outputs: EpochOutputs) -> V3Result:
+    record = plan.record
+    epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
+    order = record.data_order if record is not None and record.batch else None
+    extra = {'loss_sum': 0.0, 'loss_count': 0, 'best_loss': None, 'best_epoch': None, 'epochs': [],
+             'checkpoints': []}
+    if record is None:
+        seed_everything(settings.seed)
+    else:
+        extra.update({k: record.extra[k] for k in extra if k in record.extra})
+        restore_rng_state(record.rng)
+        trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
+    test_settings = EpochTestSettings(num_z=settings.test_z, grid={k: tuple(v) for k, v in settings.test_grid.items()},
+                                      rule=settings.rule(), num_random=settings.test_random,
+                                      batch_size=TEST_BATCH_FACTOR * settings.batch_size, seed=settings.seed)
+    per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, 1))
+    bar = tqdm(total=(settings.epochs - epoch) * per_epoch - batch, desc='v3 fine-tuning', unit='step',
+               disable=settings.no_progress)
+    meter = Throughput(trainer.device)
+    finals = tuple(run.outputs)
+
+    def result(status, done_epoch, done_batch, **kwargs):
+        return V3Result(status, done_epoch, done_batch, step, finals, run.files.folder,
+                        [EpochSummary(**row) for row in extra['epochs']],
+                        tuple(Path(run.files.outdir) / p for p in extra['checkpoints']), **kwargs)
+
+    def checkpoint(next_epoch, next_batch, current_order, final=False):
+        state = trainer.record(run.options, next_epoch, next_batch, step, current_order, dict(extra))
+        if final:
+            run.checkpoint(state)  # the final generator and encoder, the log, the record
+        else:
+            run.log.flush()
+            save_resume_record(run.files.resume_record, state)
+        trainer.last_checkpoint = f'the checkpoint of epoch {next_epoch}, batch {next_batch} (step {step}) is kept'
+
+    try:
+        with GracefulStop() as stop:
+            while epoch < settings.epochs:
+                if order is None:
+                    order = epoch_order(settings.seed, epoch, len(dataset))
+                batches = epoch_batches(order, settings.batch_size, 1)  # no minibatch-stddev: keep every batch
+                lrs = trainer.set_epoch(epoch)
+                loader = DataLoader(dataset, batch_sampler=batches[batch:], num_workers=settings.workers,
+                                    pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
+                                    worker_init_fn=ignore_sigint_in_worker)
+                meter.restart()
+                for idx, items in enumerate(loader, start=batch):
+                    trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    losses = trainer.step(items['image'], items['label'])
+                    step += 1
+                    extra['loss_sum'] += losses.total_loss
+                    extra['loss_count'] += 1
+                    row = {'epoch': epoch, 'idx': idx, **asdict(losses), 'lr_generator': lrs[0],
+                           'lr_encoder': lrs[1], 'images_per_s': round(meter.tick(len(items['index'])), 2),
+                           'peak_gpu_mem_mb': meter.peak_memory_mb()}
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f'{losses.total_loss:.3f}', img_s=f'{meter.smoothed:.1f}')
+                    last = idx + 1 == len(batches)
+                    stop_early = False
+                    if last:
+                        summary, stop_early = _end_epoch(epoch, trainer, test_settings, outputs, epoch_outputs,
+                                                         extra, settings)
+                        row.update(epoch_mean_loss=summary.mean_loss, passing_z=summary.passing_z,
+                                   best_z=summary.best_z)
+                    run.log.append(row)
+                    if last:
+                        final = epoch + 1 == settings.epochs or stop_early
+                        if stop_early:
+                            extra['stopped_early'] = True
+                        checkpoint(epoch + 1, 0, None, final=final)
+                        if stop_early:
+                            return result('finished', epoch + 1, 0, stopped_early=True)
+                    elif (settings.checkpoint_every and step % settings.checkpoint_every == 0) or stop.requested:
+                        checkpoint(epoch, idx + 1, order)
+                    if stop.requested:
+                        done = (epoch + 1, 0) if last else (epoch, idx + 1)
+                        return result('interrupted', *done, signal=stop.requested)
+                    if last or settings.checkpoint_every:
+                        meter.restart()
+                epoch, batch, order = epoch + 1, 0, None
+    except NonFiniteLoss:
+        run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
+        raise
+    except PipelineError as exc:
+        # An image that broke after the check, raised in a DataLoader worker, arrives wrapped in several lines.
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1:
+            raise PipelineError(lines[-1].split('PipelineError: ', 1)[-1]) from None
+        raise
+    finally:
+        bar.close()
+    return result('finished', epoch, 0)
+
+
+def _end_epoch(epoch: int, trainer: CVAETrainer, test_settings: EpochTestSettings, outputs: V3Outputs,
+               epoch_outputs: EpochOutputs, extra: dict, settings: V3Settings) -> tuple[EpochSummary, bool]:
+    """The per-epoch test, the passing epoch's files, the epoch's summary and the patience rule."""
+    test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
+    written = epoch_outputs.write(epoch, test, cpu_state_dict(trainer.generator), cpu_state_dict(trainer.encoder))
+    extra['checkpoints'] = extra['checkpoints'] + [p.name for p in written]
+    mean_loss = extra['loss_sum'] / max(extra['loss_count'], 1)
+    summary = EpochSummary(epoch, mean_loss, test.num_passed, test.best)
+    extra['epochs'] = extra['epochs'] + [asdict(summary)]
+    if extra['best_loss'] is None or mean_loss < extra['best_loss']:
+        extra['best_loss'], extra['best_epoch'] = mean_loss, epoch
+    extra['loss_sum'], extra['loss_count'] = 0.0, 0
+    trainer.history.clear()
+    stop_early = settings.patience is not None and epoch - extra['best_epoch'] >= settings.patience
+    return summary, stop_early and epoch + 1 < settings.epochs
