@@ -49,7 +49,7 @@ def per_image_loop(generator, folder: Path, base_z, num: int, seed: int, variati
         for n in range(num):
             z = varied_latent(base_z, seed, n, variation)[None].to(device)
             image = generator(z, label, trunc_psi=1.0, trunc_layers=0, randomize_noise=False)['image']
-            cv2.imwrite(str(folder / f'{n:06d}.jpg'), to_uint8(image)[0][:, :, ::-1])
+            cv2.imwrite(str(GenerationFolder(folder).image(n)), to_uint8(image)[0][:, :, ::-1])
 
 
 def main() -> None:
@@ -97,9 +97,9 @@ def main() -> None:
                 best[path] = min(best.get(path, float('inf')), time.perf_counter() - start)
         worst = 0
         for n in range(args.images):
-            a = cv2.imread(str(scratch / 'loop_0' / f'{n:06d}.jpg')).astype(int)
+            a = cv2.imread(str(GenerationFolder(scratch / 'loop_0').image(n))).astype(int)
             for batch_size in args.batch_sizes:
-                b = cv2.imread(str(scratch / f'{batch_size}_0' / f'{n:06d}.jpg')).astype(int)
+                b = cv2.imread(str(GenerationFolder(scratch / f'{batch_size}_0').image(n))).astype(int)
                 worst = max(worst, int(np.abs(a - b).max()))
 
     baseline = args.images / best['loop']

@@ -10,7 +10,6 @@ generators' images in one folder.
 """
 from __future__ import annotations
 
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,14 +22,13 @@ from tqdm import tqdm
 from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout, image_name, parse_img_no
+from ohlora.layout import IMAGE_PATTERN, PUBLISHED_IMAGES_GLOB, Layout, image_name, parse_img_no
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_record,
                             write_z_record)
 from stylegan.postprocess import require_finite, to_uint8
 
 # Streams of item_generator: one independent RNG per purpose and image.
 Z_STREAM, MIX_DECISION_STREAM, MIX_Z_STREAM = 0, 1, 2
-IMAGE_PATTERN = re.compile(r'(\d{6})\.jpg')
 SAMPLED, PUBLISHED = 'sampled', 'published'
 
 
@@ -168,7 +166,7 @@ def import_published(layout: Layout) -> int:
     staging = fetch_dataset_images(OHLORA_ALL_IMAGES_DATASET, folder, 'the published 10,000 Oh-LoRA images')
     folder.mkdir(parents=True, exist_ok=True)
     moved = 0
-    for path in sorted(staging.rglob('*.jpg')):
+    for path in sorted(staging.rglob(PUBLISHED_IMAGES_GLOB)):
         number = parse_img_no(path.name)
         if number is not None and path.name == image_name(number) and number not in done:
             atomic.give_default_mode(path)  # the hub's files keep its temporaries' mode otherwise

@@ -11,8 +11,8 @@ samples folder made with another generator, property CNN or seed is refused.
 from __future__ import annotations
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES
 from stylegan_modified.direction_finding import (DEFAULT_CHUNK_SIZE, DEFAULT_NUM, FindRequest,
                                                  find_attribute_directions, summary_lines)
 from stylegan_modified.direction_fitting import DEFAULT_ATTRIBUTES, FitOptions

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ohlora.checkpoints import load_strict, read_checkpoint
+from ohlora.constants import LABEL_SIZE
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, PROPERTY_CNN_FILE, Layout
 from ohlora.weights import SOURCES, fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs
 from stylegan.genforce_layers import blur_kernel
@@ -28,12 +29,9 @@ from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_discriminator import DISCRIMINATOR_CLASSES
 from stylegan_modified.stylegan_generator import GENERATOR_CLASSES
 
-# (label size, embedding width) of each generator variant; v1 and v2 share one layout.
-GENERATOR_LABEL_SHAPES = {'v1': (7, 16), 'v2': (7, 16), 'v3': (7, 24), 'v4': (3, 16)}
-DISCRIMINATOR_LABEL_SIZES = {'v1': 7, 'v4': 3}
-GENERATOR_FILES = {'v1': 'stylegan_gen_fine_tuned_v1.pth', 'v2': 'stylegan_gen_fine_tuned_v2.pth',
-                   'v3': 'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth', 'v4': 'stylegan_gen_fine_tuned_v4.pth'}
-DISCRIMINATOR_FILES = {'v1': 'stylegan_dis_fine_tuned_v1.pth', 'v4': 'stylegan_dis_fine_tuned_v4.pth'}
+# (label size, embedding width) of each generator variant; v1 and v2 share one layout. v4 reads 3 values.
+GENERATOR_LABEL_SHAPES = {'v1': (LABEL_SIZE, 16), 'v2': (LABEL_SIZE, 16), 'v3': (LABEL_SIZE, 24), 'v4': (3, 16)}
+DISCRIMINATOR_LABEL_SIZES = {'v1': LABEL_SIZE, 'v4': 3}
 
 
 class WrongCheckpoint(PipelineError):
@@ -112,7 +110,7 @@ def describe_checkpoint(obj) -> tuple[str, str | None]:
             return f'a conditional StyleGAN discriminator with a {label_size}-value label', 'discriminator'
         return f'an Oh-LoRA {variant} discriminator ({label_size}-value label)', f'discriminator {variant}'
     if any(k.startswith('eyes_score_cnn.') for k in state_dict):
-        return 'the Oh-LoRA v2 property-score CNN (stylegan_gen_fine_tuned_v2_cnn.pth)', 'property cnn'
+        return f'the Oh-LoRA v2 property-score CNN ({PROPERTY_CNN_FILE})', 'property cnn'
     if 'fc2_mu.weight' in state_dict:
         return 'the Oh-LoRA v3 CVAE encoder', 'cvae encoder'
     fc1 = _shape(state_dict, 'fc1.0.weight')

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, AttributeDirections
 

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
 from ohlora.layout import DirectionSamplesFolder
 from ohlora.records import sha256_of
@@ -37,8 +38,8 @@ from stylegan_modified.w_space import WGenerator, broadcast_w
 log = logging.getLogger(__name__)
 
 CHUNK_FORMAT = 'ohlora-direction-samples-chunk'
+NUM_SCORES = len(PROPERTY_NAMES)  # the property CNN's outputs, in the standard order
 Z_RULE = f'z_i = randn(z_dim) from item_generator(seed, i, stream {Z_STREAM}) (stage 1\'s z of image i)'
-NUM_SCORES = 7
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 

@@ -48,15 +48,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
+from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
 from ohlora.records import sha256_of
 from ohlora.resume import ResumeRecord, capture_rng_state, restore_rng_state, seed_everything
 from ohlora.weights import fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs, unwrap_zoo_checkpoint
-from stylegan_modified.checkpoint import (DISCRIMINATOR_FILES, GENERATOR_FILES, describe_checkpoint,
-                                          infer_conditional_discriminator_kwargs, infer_conditional_generator_kwargs)
+from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_discriminator_kwargs,
+                                          infer_conditional_generator_kwargs)
 from stylegan_modified.datasets import (ScoredImageDataset, check_batch_size, epoch_batches, epoch_order,
                                         minibatch_std_group_size)
 from stylegan_modified.monitoring import MonitoringGrid
@@ -67,11 +68,11 @@ from stylegan_modified.training_control import (GracefulStop, MixedPrecision, No
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 
 VERSION = 'v1'
-IMAGE_RESOLUTION = 256
-LABEL_SIZE, LABEL_CONVERT_DIM = 7, 16
+LABEL_CONVERT_DIM = 16
 INITS = ('upstream', 'warm')
 INIT_STREAM = 51  # item_generator stream of the random init (dense0.weight, label_weight, layer14)
-ZOO_WHAT = 'GenForce StyleGAN zoo checkpoint (stylegan_celeba_partial256.pth)'
+ZOO_MODEL = Path(GENFORCE_ZOO_FILE).stem
+ZOO_WHAT = f'GenForce StyleGAN zoo checkpoint ({GENFORCE_ZOO_FILE})'
 LOG_COLUMNS = ('epoch', 'idx', 'd_loss', 'g_loss', 'g_train_count', 'real_scores_mean', 'fake_scores_mean',
                'real_fake_auroc', 'images_per_s', 'peak_gpu_mem_mb')
 G_NAME, D_NAME = 'generator', 'discriminator'
@@ -197,12 +198,12 @@ def build_models(zoo_path: str | Path, init: str = 'upstream', seed: int = 0) ->
         raise PipelineError(f'{path} is not a GenForce StyleGAN zoo checkpoint: {exc}') from None
     if g_kwargs['label_size'] or d_kwargs['label_size']:
         raise PipelineError(f'{path} holds a label-conditioned GenForce model; fine-tuning starts from an '
-                            'unconditional one (stylegan_celeba_partial256)')
+                            f'unconditional one ({ZOO_MODEL})')
     for name, kwargs in ((G_NAME, g_kwargs), (D_NAME, d_kwargs)):
-        if kwargs['resolution'] != IMAGE_RESOLUTION:
+        if kwargs['resolution'] != IMAGE_SIZE:
             raise PipelineError(f'{path}: its {name} is for {kwargs["resolution"]}x{kwargs["resolution"]} images; '
-                                f'v1 fine-tunes the {IMAGE_RESOLUTION}x{IMAGE_RESOLUTION} model '
-                                '(stylegan_celeba_partial256) on the 256x256 filtered images')
+                                f'v1 fine-tunes the {IMAGE_SIZE}x{IMAGE_SIZE} model ({ZOO_MODEL}) on the '
+                                f'{IMAGE_SIZE}x{IMAGE_SIZE} filtered images')
     for name, source, key in ((G_NAME, g_source, 'synthesis.lod'), (D_NAME, d_source, 'lod')):
         lod = source.get(key)
         if isinstance(lod, torch.Tensor) and lod.numel() == 1 and float(lod) != 0:
@@ -389,7 +390,7 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
     settings.check()
     device = torch.device(settings.device)
     scores_csv = Path(scores_path) if scores_path is not None else layout.property_scores_csv(1)
-    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_RESOLUTION, IMAGE_RESOLUTION))
+    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_SIZE, IMAGE_SIZE))
     files = layout.training_run(VERSION, outdir)
     outputs = {files.checkpoint(GENERATOR_FILES[VERSION]): G_NAME,
                files.checkpoint(DISCRIMINATOR_FILES[VERSION]): D_NAME}

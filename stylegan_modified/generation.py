@@ -13,7 +13,6 @@ settings skips the images already there, other settings are refused instead of m
 """
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, GenerationFolder
+from ohlora.layout import IMAGE_SUFFIX, GenerationFolder
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
                             write_record, write_z_record)
 from ohlora.tables import read_table
@@ -93,14 +93,9 @@ def render_labelled(generator, z: torch.Tensor, labels: torch.Tensor, img_nos: l
     return to_uint8(image)
 
 
-def image_pattern(files: GenerationFolder) -> re.Pattern:
-    sweep = files.sweep
-    return re.compile(r'(\d{6})\.jpg' if sweep is None else rf'(\d{{6}})_{re.escape(sweep)}_.+\.jpg')
-
-
 def existing_images(files: GenerationFolder) -> dict[str, int]:
     """{file name: image number} of the images of this kind already in the folder (regular files only)."""
-    return scan_outputs(files.folder, image_pattern(files), 'a stage-6 image').found
+    return scan_outputs(files.folder, files.image_pattern(), 'a stage-6 image').found
 
 
 def check_outputs(files: GenerationFolder) -> None:
@@ -173,7 +168,7 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
             if index == 0:
                 record()
             wanted = [(item, rgb) for item, rgb in zip(batch, images) if item in missing]
-            jpegs = list(pool.map(lambda pair: atomic.encode_image('.jpg', pair[1][:, :, ::-1]), wanted))
+            jpegs = list(pool.map(lambda pair: atomic.encode_image(IMAGE_SUFFIX, pair[1][:, :, ::-1]), wanted))
             for ((n, v), _), data in zip(wanted, jpegs):
                 atomic.write_bytes(files.image(n, v), data)
                 if sweep is not None:  # only a sweep's grid needs them again
@@ -195,6 +190,6 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
         others = ', '.join(f'{k} {values.get(k, 0.0):g}' for k in PROPERTY_NAMES if k != sweep)
         title = f'{settings.model}: {sweep} sweep, seed {settings.seed}; {others}'
         grid = sweep_grid(cells, rows, [_value_label(sweep, v) for v in columns], title)
-        write_if_changed(files.grid, atomic.encode_image('.png', grid))
+        write_if_changed(files.grid, atomic.encode_image(files.grid.suffix, grid))
         result.grid = files.grid
     return result

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import Layout
 
 # The label of upstream's final test (run_fine_tuned_generator.py): eyes open, mouth open, pose -1.2.
 UPSTREAM_LABEL = {'eyes': 1.8, 'hair_color': 0.0, 'hair_length': 0.0, 'mouth': 1.6, 'pose': -1.2,

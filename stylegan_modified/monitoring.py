@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import item_generator
-from ohlora.layout import PROPERTY_NAMES
 from stylegan.postprocess import to_uint8
 from stylegan_modified.sweep_grid import sweep_grid
 
