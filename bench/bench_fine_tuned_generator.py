@@ -2,7 +2,7 @@
 
 Both paths run in this process on one eval-mode conditional generator and write the same images into
 temporary folders. The baseline is the straightforward loop: one forward pass per image, then encode and
-write that JPEG before the next image. The optimised path is the library's ``generate`` (batched forward
+write that JPEG before the next image. The optimised path is the library's ``generate_images`` (batched forward
 passes under ``inference_mode``, JPEG encoding and atomic writes in threads while the next batch renders), timed
 at several batch sizes, and once more at the largest with the writes of each batch waited for before the next
 batch renders (``no overlap``: what stage 6 did before ohlora.image_writer). The decoded images of both paths are
@@ -36,7 +36,7 @@ from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import GenerationFolder
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
-from stylegan_modified.generation import GenerationSettings, generate, varied_latent
+from stylegan_modified.generation import GenerationSettings, generate_images, varied_latent
 from stylegan_modified.labels import UPSTREAM_LABEL, label_vector
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
 from bench_common import bench_parser, prepare_device, synchronize
@@ -84,8 +84,8 @@ def sweep_run(generator, folder: Path, base_z, num: int, batch_size: int) -> tup
                                   label={**UPSTREAM_LABEL, 'eyes': None}, sweep='eyes')
     tracemalloc.start()
     start = time.perf_counter()
-    generate(generator, GenerationFolder(folder, 'eyes'), settings, base_z, UPSTREAM_LABEL, num, batch_size, values,
-             progress=False)
+    generate_images(generator, GenerationFolder(folder, 'eyes'), settings, base_z, UPSTREAM_LABEL, num, batch_size,
+                    values, progress=False)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -121,8 +121,8 @@ def main() -> None:
         scratch = Path(scratch)
         per_image_loop(generator, scratch / 'warm', base_z, 2, 0, 0.3)  # warm-up: kernels, allocator
         for batch_size in args.batch_sizes:
-            generate(generator, GenerationFolder(scratch / f'warm{batch_size}'), settings, base_z, UPSTREAM_LABEL,
-                     min(args.images, 2 * batch_size), batch_size, progress=False)
+            generate_images(generator, GenerationFolder(scratch / f'warm{batch_size}'), settings, base_z,
+                            UPSTREAM_LABEL, min(args.images, 2 * batch_size), batch_size, progress=False)
         best = {}
         for attempt in range(args.repeat):  # paths timed in turns, so a load change hits them alike
             for path in ['loop', *args.batch_sizes, 'no overlap']:
@@ -134,8 +134,8 @@ def main() -> None:
                 else:
                     batch_size = args.batch_sizes[-1] if path == 'no overlap' else path
                     with writes_waited_per_batch() if path == 'no overlap' else contextlib.nullcontext():
-                        generate(generator, GenerationFolder(folder), settings, base_z, UPSTREAM_LABEL, args.images,
-                                 batch_size, progress=False)
+                        generate_images(generator, GenerationFolder(folder), settings, base_z, UPSTREAM_LABEL,
+                                        args.images, batch_size, progress=False)
                 synchronize(device)
                 best[path] = min(best.get(path, float('inf')), time.perf_counter() - start)
         worst = 0
@@ -158,8 +158,8 @@ def main() -> None:
     print(f'largest decoded pixel difference, batched vs per-image: {worst} (float rounding through JPEG)')
     if args.sweep_z:
         cells = args.sweep_z * 5
-        print(f'sweep, {args.sweep_z} z x 5 values, B={args.batch_sizes[-1]}: {cells / sweep_s:8.2f} img/s, peak traced '
-              f'memory {sweep_peak / 2 ** 20:7.1f} MiB (a {generator.resolution}px cell: '
+        print(f'sweep, {args.sweep_z} z x 5 values, B={args.batch_sizes[-1]}: {cells / sweep_s:8.2f} img/s, '
+              f'peak traced memory {sweep_peak / 2 ** 20:7.1f} MiB (a {generator.resolution}px cell: '
               f'{generator.resolution ** 2 * 3 / 2 ** 20:.2f} MiB decoded)')
 
 

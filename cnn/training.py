@@ -180,7 +180,7 @@ class FoldTrainer:
         outputs, labels = np.concatenate(outputs), np.concatenate(labels)
         return loss_sum / len(outputs), outputs, labels
 
-    def run(self, model_factory: Callable[[], nn.Module], fold: int, attempt: int,
+    def train_attempt(self, model_factory: Callable[[], nn.Module], fold: int, attempt: int,
             train_idx: np.ndarray, val_idx: np.ndarray) -> AttemptResult:
         config, item = self.config, fold * ATTEMPT_STRIDE + attempt
         init_seed = item_generator(config.seed, item, INIT_STREAM).initial_seed()
@@ -296,7 +296,7 @@ def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout,
         if fold in resumed:
             continue
         for attempt in range(config.max_attempts):
-            result = trainer.run(model_factory, fold, attempt, train_idx, val_idx)
+            result = trainer.train_attempt(model_factory, fold, attempt, train_idx, val_idx)
             record['attempts'].append(result.log_row())
             verdict = 'succeeded' if result.success else f'failed (> {trainer.success_bce})'
             logger.info('%s fold %d attempt %d: best validation BCE %.4f at epoch %d of %d, %s', spec.name, fold,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -82,6 +83,21 @@ def check_float(option: str, value: float, low: float = -FLOAT_LIMIT, high: floa
     if not low <= value <= high:
         raise PipelineError(f'{option} must be in [{low:g}, {high:g}], got {value:g}')
     return value
+
+
+def request_from(request_type, args: argparse.Namespace, **values):
+    """A script's library request (a dataclass) from its parsed options: each field takes the option of the same
+    name, ``progress`` is ``not --no-progress`` and a ``bool`` ``compat`` is ``--compat upstream``; ``values`` set
+    the other fields (options under another name, or derived)."""
+    fields = {field.name: field for field in dataclasses.fields(request_type)}
+    options = vars(args)
+    chosen = {name: options[name] for name in fields if name in options}
+    if 'progress' in fields:
+        chosen['progress'] = not options.get('no_progress', False)
+    if 'compat' in fields and fields['compat'].type in (bool, 'bool'):
+        chosen['compat'] = options.get('compat') == 'upstream'
+    chosen.update(values)
+    return request_type(**chosen)
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ script) installs ONE handler on the root logger that writes each message as one 
 * WARNING: ``warning: <message>``; ERROR and above: ``error: <message>`` (no tracebacks);
 * ``warnings.warn`` (e.g. a checkpoint with float64 tensors) arrives as ``warning: <message>`` too;
 * INFO and DEBUG (progress notes such as ``resuming an interrupted --retrain; ...``): only with ``verbose``
-  (the scripts' ``--verbose``), and only from this repository's code; other libraries show WARNING and above.
+  (the scripts' ``--verbose``), and only from this repository's packages; other libraries show WARNING and up.
 
 So by default stderr holds warnings and, last, at most one ``error:`` line; what a run did is its summary on
 stdout.
@@ -16,16 +16,15 @@ stdout.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
-from pathlib import Path
 
 from tqdm import tqdm
 
 from ohlora.layout import CODE_ROOT
 
-_OURS = str(CODE_ROOT) + os.sep
+# This repository's packages (the folders with an __init__.py): their loggers' notes are shown with --verbose.
+PACKAGES = frozenset(init.parent.name for init in CODE_ROOT.glob('*/__init__.py'))
 WARNINGS_LOGGER = 'ohlora.warnings'
 
 
@@ -43,11 +42,8 @@ class OneLineFormatter(logging.Formatter):
 
 
 def shown(record: logging.LogRecord) -> bool:
-    """Warnings and errors of any code; lower levels only from code in this repository (modules and scripts)."""
-    if record.levelno >= logging.WARNING:
-        return True
-    path = str(Path(record.pathname).resolve())
-    return path.startswith(_OURS) and 'site-packages' not in path  # not a virtual environment inside the repo
+    """Warnings and errors of any logger; lower levels only from the loggers of this repository's packages."""
+    return record.levelno >= logging.WARNING or record.name.split('.', 1)[0] in PACKAGES
 
 
 class TqdmHandler(logging.Handler):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ohlora.checkpoints import check_finite, read_checkpoint, state_dict_mismatch
+from ohlora.checkpoints import check_finite_weights, read_checkpoint, state_dict_mismatch
 from ohlora.constants import NUM_PARSING_CLASSES
 from ohlora.errors import PipelineError
 from ohlora.layout import FACEXFORMER_HUB_FILE
@@ -241,6 +241,6 @@ def facexformer_from_state_dict(state: dict, source: str | Path = 'the state_dic
         raise PipelineError(f'{source} does not fit the FaceXFormer model: {problem}')
     expected = model.state_dict()
     state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
-    check_finite(state, source, WHAT)
+    check_finite_weights(state, source, WHAT)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

@@ -129,7 +129,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
 
 
-def score_images(layout: Layout, algorithm: int, img_nos: list[int], *, workers: int = 1, chunk_size: int = 64,
+def score_parsed_images(layout: Layout, algorithm: int, img_nos: list[int], *, workers: int = 1, chunk_size: int = 64,
                  progress: bool = True, inputs: dict[int, ImageInputs] | None = None) -> list[ImageScores]:
     """Scores of ``img_nos`` in their order; chunks of images go to a process pool when ``workers`` > 1."""
     inputs = inputs if inputs is not None else image_inputs(layout, img_nos)
@@ -199,7 +199,7 @@ def inputs_digest(item: ImageInputs, algorithm: int) -> str | None:
 
 
 @dataclass
-class ScoringSummary:
+class Stage4Report:
     algorithm: int
     images: int
     scored: int
@@ -291,7 +291,7 @@ def unparsed_images(layout: Layout, parsed: list[int]) -> list[int]:
 
 def compute_property_scores(layout: Layout, algorithm: int, *, stats_file: str | Path | None = None,
                             workers: int = 1, chunk_size: int = 64, force: bool = False,
-                            progress: bool = True) -> ScoringSummary:
+                            progress: bool = True) -> Stage4Report:
     """Score every parsed image, normalise (with ``stats_file`` if given) and write the three outputs (each only
     when its content changes)."""
     if algorithm not in ALGORITHMS:
@@ -309,14 +309,14 @@ def compute_property_scores(layout: Layout, algorithm: int, *, stats_file: str |
     digests = {n: inputs_digest(inputs[n], algorithm) for n in img_nos}
     reused = {} if force else reusable_scores(previous_run(layout, algorithm), digests)
     to_score = [n for n in img_nos if n not in reused]
-    summary = ScoringSummary(algorithm, len(img_nos), len(to_score), len(reused), {}, statistics_from,
+    summary = Stage4Report(algorithm, len(img_nos), len(to_score), len(reused), {}, statistics_from,
                              unparsed=unparsed_images(layout, img_nos))
     if summary.unparsed:
         logger.warning('%d images of the folder stage 3 reads have no parsing map and are not in %s (first %06d); '
                        'is stage 3 finished?', len(summary.unparsed), layout.segmentation_skipped_csv.name,
                        summary.unparsed[0])
 
-    fresh = score_images(layout, algorithm, to_score, workers=workers, chunk_size=chunk_size, progress=progress,
+    fresh = score_parsed_images(layout, algorithm, to_score, workers=workers, chunk_size=chunk_size, progress=progress,
                          inputs=inputs)
     by_img = {**reused, **{s.img_no: s for s in fresh}}
     scores = [by_img[n] for n in img_nos]

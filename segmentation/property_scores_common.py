@@ -40,14 +40,20 @@ class ImageScores:
         return dict(zip(SCORE_COLUMNS, self.values))
 
 
+def _imread(path: Path, flags: int, missing: str, what: str) -> np.ndarray:
+    """``cv2.imread``, with one line when the file is missing (``missing``) or not an image."""
+    if not path.is_file():
+        raise PipelineError(f'{path}: {missing}')
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise PipelineError(f'{path} is not a readable image ({what})')
+    return image
+
+
 def read_parsing_map(path: str | Path) -> np.ndarray:
     """A stage-3 parsing map as a (224, 224) uint8 class map; a wrong size or a class above 10 is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f'{path}: no such parsing map (run stage 3 first)')
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise PipelineError(f'{path} is not a readable image (parsing map)')
+    image = _imread(path, cv2.IMREAD_UNCHANGED, 'no such parsing map (run stage 3 first)', 'parsing map')
     if image.ndim == 3 and image.shape[2] >= 3 and (image[..., :3] == image[..., :1]).all():
         image = image[..., 0]  # a grey map saved as colour: every channel holds the class id
     if image.ndim != 2 or image.dtype != np.uint8:
@@ -63,13 +69,7 @@ def read_parsing_map(path: str | Path) -> np.ndarray:
 
 def read_bgr(path: str | Path, what: str) -> np.ndarray:
     """A colour image as OpenCV decodes it: (H, W, 3) uint8 in BGR order (R15)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f'{path}: no such file (the {what})')
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise PipelineError(f'{path} is not a readable image (the {what})')
-    return image
+    return _imread(Path(path), cv2.IMREAD_COLOR, f'no such file (the {what})', f'the {what}')
 
 
 def channel_sums(colour: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import os
 from cnn.properties import GENDER, QUALITY
 from cnn.stage2 import Stage2Request, run_stage2
 from cnn.training import TrainingConfig
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
 
 EXAMPLES = '''
   # score images 0..9999 with the published CNNs (downloaded into cnn/models/ if absent) and filter them
@@ -61,12 +61,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    report = run_stage2(Stage2Request(
-        root=args.root, weights=args.weights, labels=args.labels, gender_threshold=args.gender_threshold,
-        quality_threshold=args.quality_threshold, retrain=args.retrain, max_epochs=args.max_epochs,
-        patience=args.patience, max_attempts=args.max_attempts, train_batch_size=args.train_batch_size,
-        workers=args.workers, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        compat=args.compat == 'upstream', progress=not args.no_progress))
+    report = run_stage2(request_from(Stage2Request, args))
     for line in report.lines():
         print(line)
 

@@ -11,7 +11,7 @@ are refused (float32 maths overflows long before the largest floats).
 """
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.weights import SOURCES
 from stylegan_modified.labels import UPSTREAM_LABEL, option_name
@@ -68,11 +68,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    report = run_stage6(Stage6Request(
-        root=args.root, model=args.model, weights=args.weights,
-        values={name: getattr(args, name) for name in PROPERTY_NAMES}, num=args.num, variation=args.variation,
-        z_csv=args.z_csv, outdir=args.outdir, sweep=args.sweep, sweep_values=args.values,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.no_progress))
+    report = run_stage6(request_from(Stage6Request, args,
+                                     attributes={name: getattr(args, name) for name in PROPERTY_NAMES}))
     for line in report.lines():
         print(line)
 

@@ -1,7 +1,7 @@
 """Stage 1: sample faces from GenForce's pretrained StyleGAN (celeba_partial-256x256), or import the published set."""
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, run
+from ohlora.cli import add_common_options, make_parser, request_from, run
 from stylegan.stage1 import Stage1Request, run_stage1
 
 EXAMPLES = '''
@@ -37,11 +37,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    report = run_stage1(Stage1Request(
-        root=args.root, num=args.num, weights=args.weights, generator_key=args.generator_key,
-        trunc_psi=args.trunc_psi, trunc_layers=args.trunc_layers, style_mixing_prob=args.style_mixing_prob,
-        published=args.published, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        compat=args.compat == 'upstream', progress=not args.no_progress))
+    report = run_stage1(request_from(Stage1Request, args))
     for line in report.lines():
         print(line)
 

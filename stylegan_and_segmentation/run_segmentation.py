@@ -9,7 +9,7 @@ Nothing here is random (--seed is only recorded), and the upstream fixes of this
 """
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, run
+from ohlora.cli import add_common_options, make_parser, request_from, run
 from segmentation.stage3 import Stage3Request, run_stage3
 
 EXAMPLES = '''
@@ -35,9 +35,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    report = run_stage3(Stage3Request(root=args.root, weights=args.weights, images=args.images,
-                                      batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                      progress=not args.no_progress))
+    report = run_stage3(request_from(Stage3Request, args))
     for line in report.lines():
         print(line)
 

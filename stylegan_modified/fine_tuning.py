@@ -308,7 +308,7 @@ class V1Trainer:
         self.where = ''                      # for messages: 'epoch E, batch B (step S)'
         self.last_checkpoint = 'no checkpoint had been written yet'
 
-    def generate(self, labels: torch.Tensor) -> torch.Tensor:
+    def generate_fakes(self, labels: torch.Tensor) -> torch.Tensor:
         """G(z, labels) as in upstream training: train mode, style mixing, random noise; z from the CPU RNG."""
         z = torch.randn(labels.shape[0], self.generator.z_space_dim).to(self.device)
         return self.generator(z, labels, w_moving_decay=self.hyper.w_moving_decay,
@@ -319,7 +319,7 @@ class V1Trainer:
         set_trainable(self.generator, False)
         set_trainable(self.discriminator, self.d_trainable)
         with torch.no_grad(), self.amp.autocast():
-            fakes = self.generate(labels)
+            fakes = self.generate_fakes(labels)
         reals = reals.detach().requires_grad_(True)
         real_logits = self.discriminator(reals, labels)  # float32 even with --amp: R1 needs it
         r1 = r1_penalty(real_logits, reals, self.hyper.r1_gamma)
@@ -334,7 +334,7 @@ class V1Trainer:
         set_trainable(self.discriminator, False)
         set_trainable(self.generator, generator_trainable)
         with self.amp.autocast():
-            g_loss = g_nonsaturating_loss(self.discriminator(self.generate(labels), labels).float())
+            g_loss = g_nonsaturating_loss(self.discriminator(self.generate_fakes(labels), labels).float())
         check_finite(self.where, self.last_checkpoint, g_loss=g_loss)
         self.amp.step(G_NAME, g_loss, self.g_optimizer)
         return float(g_loss.detach())
@@ -354,7 +354,7 @@ class V1Trainer:
                             optimizers={G_NAME: self.g_optimizer.state_dict(), D_NAME: self.d_optimizer.state_dict()},
                             scalers=self.amp.state_dict())
 
-    def load_record(self, record: ResumeRecord) -> None:
+    def restore_optimizers(self, record: ResumeRecord) -> None:
         try:
             self.g_optimizer.load_state_dict(record.optimizers[G_NAME])
             self.d_optimizer.load_state_dict(record.optimizers[D_NAME])
@@ -416,7 +416,7 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
 
     trainer = V1Trainer(generator, discriminator, settings, device)
     if plan.record is not None:
-        trainer.load_record(plan.record)
+        trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
     return _train(run, plan, trainer, dataset, settings, group)
 

@@ -93,7 +93,7 @@ def render_labelled(generator, z: torch.Tensor, labels: torch.Tensor, img_nos: l
     return to_uint8(image)
 
 
-def existing_images(files: GenerationFolder) -> dict[str, int]:
+def images_present(files: GenerationFolder) -> dict[str, int]:
     """{file name: image number} of the images of this kind already in the folder (regular files only)."""
     return scan_outputs(files.folder, files.image_pattern(), 'a stage-6 image').found
 
@@ -103,7 +103,7 @@ def check_outputs(files: GenerationFolder) -> None:
     image names (before anything runs)."""
     atomic.check_writable(files.folder)
     atomic.check_replaceable(files.settings_json, files.z_csv, *([files.grid] if files.sweep else []))
-    existing_images(files)
+    images_present(files)
 
 
 def read_settings(files: GenerationFolder) -> dict | None:
@@ -111,9 +111,9 @@ def read_settings(files: GenerationFolder) -> dict | None:
                        'delete it together with the images it describes, or choose another --outdir')
 
 
-def check_resumable(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
+def resumable_images(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
     """The images already there, after making sure they were made with ``settings`` (else one-line error)."""
-    existing = existing_images(files)
+    existing = images_present(files)
     refuse_other_settings(read_settings(files), settings.as_json(), outputs=len(existing), folder=files.folder,
                           record_path=files.settings_json, noun='images',
                           remedy='choose another --outdir or move them away')
@@ -132,7 +132,7 @@ def _value_label(attribute: str, value: float) -> str:
     return f'{attribute} = {value:g}'
 
 
-def generate(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
+def generate_images(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
              values: dict[str, float], num: int, batch_size: int, sweep_values: list[float] | None = None,
              progress: bool = True, names: dict | None = None) -> GenerationResult:
     """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
@@ -146,7 +146,7 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
         raise PipelineError('a sweep needs both an attribute and its values')
     check_outputs(files)
     columns = [None] if sweep is None else list(sweep_values)
-    existing = check_resumable(files, settings)
+    existing = resumable_images(files, settings)
     items = [(n, value) for n in range(num) for value in columns]  # row-major: the grid's reading order
     todo = [(n, v) for n, v in items if files.image_name(n, v) not in existing]
     img_nos = sorted(set(existing.values()) | {n for n, _ in items})

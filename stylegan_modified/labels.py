@@ -39,7 +39,7 @@ def option_name(attribute: str) -> str:
     return '--' + attribute.replace('_', '-')
 
 
-def check_finite(values: dict[str, float]) -> None:
+def check_finite_values(values: dict[str, float]) -> None:
     for attribute, value in values.items():
         if not math.isfinite(value):
             raise PipelineError(f'{option_name(attribute)} {value} is not a finite number')
@@ -51,7 +51,7 @@ def label_vector(values: dict[str, float]) -> np.ndarray:
     if unknown:
         raise PipelineError(f'unknown attribute(s) {", ".join(sorted(unknown))}; the label has '
                             f'{", ".join(PROPERTY_NAMES)}')
-    check_finite(values)
+    check_finite_values(values)
     return np.array([values.get(name, 0.0) for name in PROPERTY_NAMES], dtype=np.float32)
 
 

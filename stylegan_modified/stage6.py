@@ -18,7 +18,8 @@ from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import array_digest, weights_digest
 from ohlora.weights import fetch
 from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
-from stylegan_modified.generation import GenerationResult, GenerationSettings, check_outputs, generate, read_z_csv
+from stylegan_modified.generation import (GenerationResult, GenerationSettings, check_outputs, generate_images,
+                                          read_z_csv)
 from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
 
 logger = logging.getLogger(__name__)
@@ -30,18 +31,18 @@ DEFAULT_SWEEP_VALUES = '-2,-1,0,1,2'
 
 @dataclass(frozen=True)
 class Stage6Request:
-    """The options of ``run_fine_tuned_generator.py``; ``values`` are the attribute z-scores (missing: upstream's
-    final-test label), ``sweep_values`` the text of ``--values``."""
+    """The options of ``run_fine_tuned_generator.py``; ``attributes`` are the attribute z-scores (missing: upstream's
+    final-test label), ``values`` the text of ``--values`` (the sweep's values)."""
     root: str | Path | None = None
     model: str = 'v3'
     weights: str | Path | None = None
-    values: dict[str, float] = field(default_factory=lambda: dict(UPSTREAM_LABEL))
+    attributes: dict[str, float] = field(default_factory=lambda: dict(UPSTREAM_LABEL))
     num: int | None = None                  # None: 20, or 4 for a sweep
     variation: float = 0.3
     z_csv: str | Path | None = None         # default: Layout.test_z_csv
     outdir: str | Path | None = None
     sweep: str | None = None
-    sweep_values: str | None = None         # None: DEFAULT_SWEEP_VALUES
+    values: str | None = None               # None: DEFAULT_SWEEP_VALUES
     batch_size: int = 4
     seed: int = 0
     device: str | None = None
@@ -105,12 +106,12 @@ def warn_about_values(layout: Layout, request: Stage6Request, values: dict[str, 
 
 def run_stage6(request: Stage6Request) -> Stage6Report:
     """Render images 0..num-1 (each sweep value, for a sweep) that the output folder does not hold yet."""
-    values = {name: request.values.get(name, UPSTREAM_LABEL[name]) for name in PROPERTY_NAMES}
+    values = {name: request.attributes.get(name, UPSTREAM_LABEL[name]) for name in PROPERTY_NAMES}
     for name, value in values.items():  # all option checks come before any file is fetched, read or written
         check_float(option_name(name), value)
     if request.sweep is not None and request.sweep not in PROPERTY_NAMES:
         raise PipelineError(f'--sweep {request.sweep!r}: choose one of {", ".join(PROPERTY_NAMES)}')
-    columns = parse_sweep_values(request.sweep, request.sweep_values)
+    columns = parse_sweep_values(request.sweep, request.values)
     check_float('--variation', request.variation, 0.0)
     num = request.num or (DEFAULT_SWEEP_NUM if request.sweep else DEFAULT_NUM)
     if num > MAX_IMAGES:
@@ -130,6 +131,7 @@ def run_stage6(request: Stage6Request) -> Stage6Report:
     settings = GenerationSettings(model=request.model, weights_sha256=weights_digest(weights),
                                   z_sha256=array_digest(base_z), seed=request.seed, variation=request.variation,
                                   label=label, sweep=request.sweep)
-    result = generate(generator, files, settings, base_z, values, num, request.batch_size, columns,
-                      progress=request.progress, names={'weights_file': weights.name, 'z_file': Path(z_csv).name})
+    names = {'weights_file': weights.name, 'z_file': Path(z_csv).name}
+    result = generate_images(generator, files, settings, base_z, values, num, request.batch_size, columns,
+                             progress=request.progress, names=names)
     return Stage6Report(result)

@@ -122,7 +122,8 @@ def test_stats_from_another_run_normalise_a_single_image(tmp_path, property_scor
         property_scores.compute_property_scores(single, 2, progress=False)
     assert not single.property_scores_dir.exists()  # nothing written on error
 
-    summary = property_scores.compute_property_scores(single, 2, stats_file=first.property_scores_stats(2), progress=False)
+    summary = property_scores.compute_property_scores(single, 2, stats_file=first.property_scores_stats(2),
+                                                      progress=False)
     assert summary.statistics_from == 'file all_scores_v2_stats.json'
     ours = pd.read_csv(single.property_scores_csv(2))
     theirs = pd.read_csv(first.property_scores_csv(2))
@@ -134,9 +135,9 @@ def test_stats_from_another_run_normalise_a_single_image(tmp_path, property_scor
 
 def test_process_pool_gives_the_same_scores(tmp_path, property_scores_dir, monkeypatch):
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', ALL_CASES)
-    serial = property_scores.score_images(layout, 2, ALL_CASES, progress=False)
+    serial = property_scores.score_parsed_images(layout, 2, ALL_CASES, progress=False)
     monkeypatch.setattr(property_scores, 'MIN_IMAGES_PER_WORKER', 1)
-    pooled = property_scores.score_images(layout, 2, ALL_CASES, workers=2, chunk_size=10, progress=False)
+    pooled = property_scores.score_parsed_images(layout, 2, ALL_CASES, workers=2, chunk_size=10, progress=False)
     assert pooled == serial
 
 
@@ -175,4 +176,5 @@ def test_missing_original_for_algorithm_1(tmp_path, property_scores_dir):
     with pytest.raises(PipelineError,
                        match=r'000001.jpg: no such file \(the original image, whose colours algorithm 1 reads, of'):
         property_scores.compute_property_scores(layout, 1, progress=False)
-    assert property_scores.compute_property_scores(layout, 2, progress=False).images == 3  # algorithm 2 does not need it
+    # algorithm 2 does not need it
+    assert property_scores.compute_property_scores(layout, 2, progress=False).images == 3
