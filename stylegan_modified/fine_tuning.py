@@ -375,6 +375,19 @@ class FineTuningResult:
     restored: tuple[Path, ...] = ()
     signal: str | None = None
 
+    def lines(self) -> list[str]:
+        """What the script prints: on stderr when the run was interrupted (it then exits 130), else on stdout."""
+        names = ', '.join(str(p) for p in self.outputs)
+        if self.status == 'already finished':
+            restored = f'; restored the missing {", ".join(p.name for p in self.restored)}' if self.restored else ''
+            return [f'{self.run_folder} already holds a finished run of {self.epoch} epochs; nothing to '
+                    f'do{restored} (--resume --epochs N to extend it)']
+        if self.status == 'interrupted':
+            return [f'stopped by {self.signal} at epoch {self.epoch}, batch {self.batch} (step {self.step}); the '
+                    f'checkpoint is complete ({names}); continue with --resume']
+        return [f'fine-tuned {VERSION} for {self.epoch} epochs ({self.step} steps): {names}; log and snapshots in '
+                f'{self.run_folder}']
+
 
 def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str | Path | None = None,
               scores_path: str | Path | None = None, outdir: str | Path | None = None, resume: bool = False,
