@@ -1,7 +1,7 @@
 """A labelled image grid (rows = z, columns = values of one attribute), drawn with OpenCV so it is byte-stable."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -32,11 +32,12 @@ def _put(canvas: np.ndarray, text: str, x: int, y: int, width: int, centred: boo
     cv2.putText(canvas, text, (left, y), FONT, scale, INK, 1, cv2.LINE_AA)
 
 
-def sweep_grid(cell: Callable[[int, int], np.ndarray], row_labels: list[str], column_labels: list[str],
-               title: str) -> np.ndarray:
-    """The cells ``cell(row, column)`` (equal-size uint8 HxWx3 images, BGR or RGB alike) laid out with a title and
-    labels, in the cells' channel order. Each cell is asked for once, when it is placed, so a caller can decode
-    (or render) one at a time instead of holding them all."""
+def sweep_grid(cells: Callable[[int, int], np.ndarray] | Sequence[Sequence[np.ndarray]], row_labels: list[str],
+               column_labels: list[str], title: str) -> np.ndarray:
+    """The cells (equal-size uint8 HxWx3 images, BGR or RGB alike) laid out with a title and labels, in the cells'
+    channel order. ``cells`` is ``cells[row][column]``, or a function ``cells(row, column)`` that is asked for
+    each cell once, when it is placed, so a caller can decode (or render) one at a time instead of holding all."""
+    cell = cells if callable(cells) else (lambda r, c: cells[r][c])
     rows, cols = len(row_labels), len(column_labels)
     first = cell(0, 0)
     height, width = first.shape[:2]
