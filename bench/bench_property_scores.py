@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ohlora.constants import PARSING_SIZE
+from ohlora.layout import PARSING_MAP_GLOB, face_crop_name, image_name, parse_img_no, parsing_map_name
 from segmentation import property_scores_alg1 as alg1
 from segmentation import property_scores_alg2 as alg2
 from segmentation.property_scores_common import read_bgr, read_parsing_map
 
-N = 224
+N = PARSING_SIZE
 FIXTURES = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'ohlora' / 'property_scores' / 'fixtures'
 
 
@@ -143,10 +145,10 @@ def loop_alg2(pmap, face):
 
 def load_cases():
     cases = []
-    for map_path in sorted(FIXTURES.glob('parsing_*.png')):
-        n = int(map_path.stem.split('_')[1])
-        cases.append((n, read_parsing_map(map_path), alg1.read_colour(FIXTURES / f'{n:06d}.jpg'),
-                      read_bgr(FIXTURES / f'face_{n:06d}.png', 'face crop')))
+    for map_path in sorted(FIXTURES.glob(PARSING_MAP_GLOB)):
+        n = parse_img_no(map_path.name)
+        cases.append((n, read_parsing_map(map_path), alg1.read_colour(FIXTURES / image_name(n)),
+                      read_bgr(FIXTURES / face_crop_name(n), 'face crop')))
     return cases
 
 
@@ -173,9 +175,9 @@ def main():
 
     numbers = [case[0] for case in cases]
     decoders = {
-        2: lambda n: (read_parsing_map(FIXTURES / f'parsing_{n:06d}.png'), alg1.read_colour(FIXTURES / f'{n:06d}.jpg')),
-        3: lambda n: (read_parsing_map(FIXTURES / f'parsing_{n:06d}.png'),
-                      read_bgr(FIXTURES / f'face_{n:06d}.png', 'face crop')),
+        2: lambda n: (read_parsing_map(FIXTURES / parsing_map_name(n)), alg1.read_colour(FIXTURES / image_name(n))),
+        3: lambda n: (read_parsing_map(FIXTURES / parsing_map_name(n)),
+                      read_bgr(FIXTURES / face_crop_name(n), 'face crop')),
     }
     print(f'{len(cases)} fixture images (tests/data/ohlora/property_scores)')
     for name, fast, slow, colour_index in (('algorithm 1', alg1.compute_scores, loop_alg1, 2),

@@ -91,7 +91,7 @@ def main(argv=None):
         if args.weights:
             weights = Path(args.weights)
         else:
-            weights = write_synthetic_checkpoint(tmp / 'model.pt')
+            weights = write_synthetic_checkpoint(Layout(tmp / 'weights').facexformer_weights)
         staged, baseline = Layout(tmp / 'stage'), Layout(tmp / 'baseline')
         for img_no in range(args.images):
             atomic.write_image(staged.filtered_image(img_no), draw_face(img_no))

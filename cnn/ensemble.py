@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from cnn.models import MODEL_CLASSES
-from cnn.properties import FOLDS
 from ohlora.checkpoints import load_strict, read_checkpoint
+from ohlora.constants import CNN_PROPERTIES, NUM_FOLDS
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
-from ohlora.weights import fetch
+from ohlora.weights import cnn_key, fetch
 
 
 def model_description(prop: str, fold: int) -> str:
@@ -34,15 +34,15 @@ def load_model(prop: str, path: str | Path, device: torch.device | str = 'cpu',
 
 
 def published_weights(prop: str, layout: Layout, weights_dir: str | Path | None = None) -> list[Path]:
-    """The five fold files: from ``weights_dir`` if given, else ``cnn/models/`` (downloaded when absent)."""
+    """The fold files: from ``weights_dir`` if given, else ``Layout.cnn_models_dir`` (downloaded when absent)."""
     if weights_dir is None:
-        return [fetch(f'{prop}_model_{fold}', layout) for fold in range(FOLDS)]
+        return [fetch(cnn_key(prop, fold), layout) for fold in range(NUM_FOLDS)]
     folder = Path(weights_dir)
-    names = [layout.cnn_model(p, fold).name for p in ('gender', 'quality') for fold in range(FOLDS)]
+    names = [layout.cnn_model(p, fold).name for p in CNN_PROPERTIES for fold in range(NUM_FOLDS)]
     wanted = f'a folder holding {names[0]} … {names[-1]}, the ten fold files'
     if not folder.is_dir():
         raise PipelineError(f'--weights {folder}: no such folder (expected {wanted})')
-    paths = [folder / layout.cnn_model(prop, fold).name for fold in range(FOLDS)]
+    paths = [folder / layout.cnn_model(prop, fold).name for fold in range(NUM_FOLDS)]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise PipelineError(f'--weights {folder} has no {", ".join(missing)} (expected {wanted})')

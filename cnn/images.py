@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from ohlora.constants import IMAGE_SIZE
 from ohlora.errors import first_line
 from ohlora.records import sha256_bytes
 
-IMAGE_SIZE = (256, 256)  # what both published CNNs were trained on
+IMAGE_HW = (IMAGE_SIZE, IMAGE_SIZE)  # what both published CNNs were trained on
 DECODER_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision'
 
 
@@ -67,7 +68,7 @@ class ImageFiles(Dataset):
     """(img_no, path[, label]) items read lazily; a failed read yields a reason instead of pixels."""
 
     def __init__(self, img_nos: Sequence[int], paths: Sequence[Path], labels: np.ndarray | None = None,
-                 size: tuple[int, int] | None = IMAGE_SIZE):
+                 size: tuple[int, int] | None = IMAGE_HW):
         if len(img_nos) != len(paths) or (labels is not None and len(labels) != len(paths)):
             raise ValueError('img_nos, paths and labels must have the same length')
         self.img_nos = [int(n) for n in img_nos]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import Layout, image_name
 from ohlora.tables import read_table
 from stylegan.sampling import PUBLISHED, image_source
 
@@ -87,5 +87,5 @@ def applicable_labels(layout: Layout, labels_csv: str | Path | None, available: 
     missing = [int(n) for n in labels.img_nos if int(n) not in available]
     if missing:
         raise PipelineError(f'{labels.origin} labels {len(missing)} image(s) that are not in '
-                            f'{layout.synthesized_dir} (first: {missing[0]:06d}.jpg); {hint}')
+                            f'{layout.synthesized_dir} (first: {image_name(missing[0])}); {hint}')
     return labels

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ohlora.layout import NUM_FOLDS
-
 
 @dataclass(frozen=True)
 class PropertySpec:
@@ -23,5 +21,3 @@ QUALITY = PropertySpec('quality', success_bce=0.13, metric_threshold=0.9, strati
 
 # Upstream trains and scores quality first, then gender; the same order keeps logs comparable.
 PROPERTIES: dict[str, PropertySpec] = {'quality': QUALITY, 'gender': GENDER}
-
-FOLDS = NUM_FOLDS

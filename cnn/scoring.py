@@ -21,9 +21,9 @@ from torch import nn
 from tqdm import tqdm
 
 from cnn.ensemble import ensemble_outputs, final_scores, round4, set_dropout
-from cnn.images import IMAGE_SIZE, ImageFiles, image_loader, to_unit_range
-from cnn.properties import FOLDS
+from cnn.images import IMAGE_HW, ImageFiles, image_loader, to_unit_range
 from ohlora import atomic
+from ohlora.constants import NUM_FOLDS
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name
@@ -36,7 +36,7 @@ IMAGE_DIGEST = 'image_sha256'  # column of the partial rows: the content each ro
 
 
 def inference_columns(prop: str) -> list[str]:
-    return ['img_no', 'img_path', f'property_{prop}_final_score'] + [f'score_model_{k}' for k in range(FOLDS)]
+    return ['img_no', 'img_path', f'property_{prop}_final_score'] + [f'score_model_{k}' for k in range(NUM_FOLDS)]
 
 
 def partial_columns(prop: str) -> list[str]:
@@ -58,10 +58,8 @@ class ScoringResult:
     skipped: list[tuple[int, str]]    # (img_no, reason) of images that could not be scored
     scored_now: int                   # images scored in this run (the rest were reused)
     changed: int = 0                  # images scored before whose file has changed since: scored again
-
-
-def _read_record(layout: Layout) -> dict | None:
-    return load_record(layout.cnn_record('scoring'))
+    reused: int = 0                   # images whose scores of an earlier run were kept
+    replaced: Path | None = None      # folder of earlier final scores made with other models or settings
 
 
 def _read_rows(path: Path, columns: list[str]) -> pd.DataFrame | None:
@@ -97,21 +95,18 @@ def _file_digest(path: Path) -> str | None:
 
 
 def resume_rows(layout: Layout, props: list[str], settings: dict,
-                todo: set[int]) -> tuple[dict[str, pd.DataFrame], int]:
+                todo: set[int]) -> tuple[dict[str, pd.DataFrame], int, Path | None]:
     """Rows made with ``settings`` (finished CSVs the record vouches for, plus partial progress) for images still
     to score whose file holds the bytes that were scored, and how many scored images changed since; otherwise a
-    clean start."""
-    record = _read_record(layout)
+    clean start, and the folder of the earlier final CSVs it will replace (None when there are none)."""
+    record = load_record(layout.cnn_scoring_record)
     if record is None or record.get('settings') != settings:
         finals = [layout.cnn_inference_csv(p) for p in props if layout.cnn_inference_csv(p).exists()]
-        if finals:
-            print(f'earlier scores in {finals[0].parent} were made with other models or settings; scoring again '
-                  '(they are replaced when the new scores are complete)')
         # Partial rows go before the record names the new settings, so a crash never pairs old rows with them.
         for prop in props:
             layout.cnn_partial_scores(prop).unlink(missing_ok=True)
-        atomic.write_json(layout.cnn_record('scoring'), {'settings': settings})
-        return {prop: _empty(prop) for prop in props}, 0
+        atomic.write_json(layout.cnn_scoring_record, {'settings': settings})
+        return {prop: _empty(prop) for prop in props}, 0, finals[0].parent if finals else None
     vouched = record.get('outputs') or {}
     scored_from = record.get('images') if isinstance(record.get('images'), dict) else {}
     previous = {}
@@ -138,7 +133,7 @@ def resume_rows(layout: Layout, props: list[str], settings: dict,
         kept[prop] = frame[same]
     common = set.intersection(*(set(frame['img_no'].tolist()) for frame in kept.values())) if kept else set()
     return {prop: frame[frame['img_no'].isin(common)].reset_index(drop=True) for prop, frame in kept.items()}, \
-        len(changed)
+        len(changed), None
 
 
 def finish(layout: Layout, frames: dict[str, pd.DataFrame], settings: dict) -> None:
@@ -153,8 +148,8 @@ def finish(layout: Layout, frames: dict[str, pd.DataFrame], settings: dict) -> N
         images.update({str(int(n)): d for n, d in zip(frame['img_no'], frame[IMAGE_DIGEST])})
     images = dict(sorted(images.items(), key=lambda item: int(item[0])))
     record = {'settings': settings, 'outputs': digests, 'images': images}
-    if _read_record(layout) != record:
-        atomic.write_json(layout.cnn_record('scoring'), record)
+    if load_record(layout.cnn_scoring_record) != record:
+        atomic.write_json(layout.cnn_scoring_record, record)
     for prop in frames:  # only after the record: until then they are the only trusted copy of new rows
         layout.cnn_partial_scores(prop).unlink(missing_ok=True)
 
@@ -165,16 +160,14 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     """Score ``img_nos`` with every ensemble; ``dropout_seed`` switches on upstream's dropout-on scoring."""
     props = list(ensembles)
     todo = set(int(n) for n in img_nos)
-    frames, changed = resume_rows(layout, props, settings, todo)
+    frames, changed, replaced = resume_rows(layout, props, settings, todo)
     done = set(frames[props[0]]['img_no'].tolist()) if props else set()
     remaining = sorted(todo - done)
-    if remaining and done:
-        print(f'reusing {len(done)} scores of an earlier run; scoring the other {len(remaining)} images')
     for models in ensembles.values():
         set_dropout(models, dropout_seed is not None)
 
     image_dir = layout.relative(layout.synthesized_dir)
-    dataset = ImageFiles(remaining, [layout.synthesized_image(n) for n in remaining], size=IMAGE_SIZE)
+    dataset = ImageFiles(remaining, [layout.synthesized_image(n) for n in remaining], size=IMAGE_HW)
     pending: dict[str, list[dict]] = {prop: [] for prop in props}
     skipped: list[tuple[int, str]] = []
     since_save = 0
@@ -216,7 +209,7 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     if props and frames[props[0]].empty and skipped:
         raise PipelineError(f'none of the {len(skipped)} images could be scored (first: {skipped[0][1]})')
     finish(layout, frames, settings)
-    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed)
+    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed, len(done), replaced)
 
 
 def _merge(frames: dict[str, pd.DataFrame], pending: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:

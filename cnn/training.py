@@ -18,6 +18,7 @@ leaves a mixed ensemble behind.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -34,14 +35,17 @@ from torch import nn
 from torch.utils.data import SubsetRandomSampler
 from tqdm import tqdm
 
-from cnn.images import ImageFiles, image_loader, to_unit_range
+from cnn.images import IMAGE_HW, ImageFiles, image_loader, to_unit_range
 from cnn.properties import PropertySpec
 from ohlora import atomic
+from ohlora.constants import NUM_FOLDS
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.records import load_record, sha256_of
 from ohlora.schedules import check_schedule, cosine_lr
+
+logger = logging.getLogger(__name__)
 
 EPOCH_LOG_COLUMNS = ['epoch', 'val_loss', 'val_accuracy', 'tp', 'tn', 'fp', 'fn', 'val_recall', 'val_precision',
                      'val_f1_score', 'val_auroc']
@@ -53,7 +57,7 @@ ATTEMPT_STRIDE = 1000                 # attempt a of fold f draws from item inde
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    folds: int = 5
+    folds: int = NUM_FOLDS
     max_epochs: int = 200          # upstream had no cap; its longest fold ran 96 epochs (R8)
     patience: int = 20
     max_attempts: int = 5          # upstream: unbounded; every published fold passed on its logged attempt
@@ -83,7 +87,7 @@ class TrainingSamples:
     img_nos: np.ndarray
     paths: list[Path]
     labels: np.ndarray
-    image_size: tuple[int, int] | None = (256, 256)
+    image_size: tuple[int, int] | None = IMAGE_HW
 
     def fingerprint(self) -> str:
         """The labels and the images by content: a replaced image makes a rerun train again, not resume."""
@@ -176,7 +180,7 @@ class FoldTrainer:
         outputs, labels = np.concatenate(outputs), np.concatenate(labels)
         return loss_sum / len(outputs), outputs, labels
 
-    def run(self, model_factory: Callable[[], nn.Module], fold: int, attempt: int,
+    def train_attempt(self, model_factory: Callable[[], nn.Module], fold: int, attempt: int,
             train_idx: np.ndarray, val_idx: np.ndarray) -> AttemptResult:
         config, item = self.config, fold * ATTEMPT_STRIDE + attempt
         init_seed = item_generator(config.seed, item, INIT_STREAM).initial_seed()
@@ -226,11 +230,7 @@ class FoldTrainer:
                              time.perf_counter() - started, val_losses, rows, best_state)
 
 
-def _record_path(layout: Layout, prop: str) -> Path:
-    return layout.cnn_record(f'retrain_{prop}')
-
-
-def _read_record(path: Path) -> dict | None:
+def _read_retrain_record(path: Path) -> dict | None:
     record = load_record(path)
     if record is None or not isinstance(record.get('attempts', []), list) \
             or not isinstance(record.get('finished', {}), dict):
@@ -271,8 +271,8 @@ def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout,
     """Train all folds of ``spec`` (resuming finished ones), then install them into ``cnn/models/`` (or leave them
     staged for :func:`install_trained` when ``install_models`` is False)."""
     settings = training_settings(spec, samples, config, model_factory)
-    record_path = _record_path(layout, spec.name)
-    record = _read_record(record_path)
+    record_path = layout.cnn_retrain_record(spec.name)
+    record = _read_retrain_record(record_path)
     if record is not None and record.get('settings') == settings and record.get('installed'):
         if all(layout.cnn_model(spec.name, f).is_file() and sha256_of(layout.cnn_model(spec.name, f)) == digest
                for f, digest in enumerate(record['installed'])):
@@ -287,7 +287,7 @@ def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout,
     record['finished'] = {k: v for k, v in record['finished'].items() if _fold_ready(layout, spec.name, int(k), v)}
     resumed = sorted(int(k) for k in record['finished'])
     if resumed:
-        print(f'{spec.name}: resuming an interrupted --retrain; folds {resumed} are already trained')
+        logger.info('%s: resuming an interrupted --retrain; folds %s are already trained', spec.name, resumed)
 
     splits = fold_splits(samples.labels, config.folds, spec.stratified, config.seed)
     trainer = FoldTrainer(spec, samples, config, device, workers, progress)
@@ -296,11 +296,11 @@ def train_property(spec: PropertySpec, samples: TrainingSamples, layout: Layout,
         if fold in resumed:
             continue
         for attempt in range(config.max_attempts):
-            result = trainer.run(model_factory, fold, attempt, train_idx, val_idx)
+            result = trainer.train_attempt(model_factory, fold, attempt, train_idx, val_idx)
             record['attempts'].append(result.log_row())
             verdict = 'succeeded' if result.success else f'failed (> {trainer.success_bce})'
-            print(f'{spec.name} fold {fold} attempt {attempt + 1}: best validation BCE {result.min_val_loss:.4f} '
-                  f'at epoch {result.best_epoch} of {result.total_epochs}, {verdict}')
+            logger.info('%s fold %d attempt %d: best validation BCE %.4f at epoch %d of %d, %s', spec.name, fold,
+                        attempt + 1, result.min_val_loss, result.best_epoch, result.total_epochs, verdict)
             if result.success:
                 staged = layout.cnn_staged_model(spec.name, fold)
                 atomic.torch_save(staged, result.best_state)
@@ -341,8 +341,8 @@ def install(layout: Layout, prop: str, folds: int, record: dict, record_path: Pa
 
 def install_trained(layout: Layout, prop: str, folds: int) -> None:
     """Install the staged folds of a finished :func:`train_property` run (nothing if already installed)."""
-    record_path = _record_path(layout, prop)
-    record = _read_record(record_path)
+    record_path = layout.cnn_retrain_record(prop)
+    record = _read_retrain_record(record_path)
     if record is None or record.get('installed'):
         return
     if set(record.get('finished', {})) != {str(fold) for fold in range(folds)}:

@@ -53,7 +53,7 @@ def state_dict_mismatch(module: nn.Module, state_dict: dict) -> str | None:
     return '; '.join(parts) or None
 
 
-def check_finite(state_dict: dict, path: str | Path, what: str) -> None:
+def check_finite_weights(state_dict: dict, path: str | Path, what: str) -> None:
     """Refuse NaN or infinite weights in one line: they load fine and then give black or NaN outputs."""
     damaged = [k for k, v in state_dict.items()
                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -68,6 +68,6 @@ def load_strict(module: nn.Module, state_dict: dict, path: str | Path, what: str
     problem = state_dict_mismatch(module, state_dict)
     if problem:
         raise PipelineError(f'{path} does not fit the {what}: {problem}')
-    check_finite(state_dict, path, what)
+    check_finite_weights(state_dict, path, what)
     module.load_state_dict(state_dict, strict=True)
     return module

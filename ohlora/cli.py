@@ -1,13 +1,15 @@
-"""The conventions every stage script shares: common options, help with examples, one-line errors."""
+"""The conventions every stage script shares: common options, help with examples, one-line errors, one log handler."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
 from typing import Callable
 
 from ohlora.errors import PipelineError
+from ohlora.logs import setup_logging
 
 # argparse takes only '-1' or '-.5' for a negative value; '--values -1,0,1', '--eyes -1e3' and '--eyes -inf' would
 # read as unknown options ("expected one argument"). No option of ours starts with a digit, so anything that
@@ -47,9 +49,21 @@ def add_common_options(parser: argparse.ArgumentParser, *, batch_size: int | Non
     if seed:
         parser.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: 0)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    parser.add_argument('--verbose', action=VerboseAction, help='also log progress notes on stderr')
     if compat:
         parser.add_argument('--compat', choices=['upstream'], default=None,
                             help="'upstream' switches on this stage's upstream behaviours (see README)")
+
+
+class VerboseAction(argparse.Action):
+    """``--verbose``: switches the progress notes of :mod:`ohlora.logs` on as soon as it is parsed."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        setup_logging(verbose=True)
 
 
 def positive_int(text: str) -> int:
@@ -71,8 +85,25 @@ def check_float(option: str, value: float, low: float = -FLOAT_LIMIT, high: floa
     return value
 
 
+def request_from(request_type, args: argparse.Namespace, **values):
+    """A script's library request (a dataclass) from its parsed options: each field takes the option of the same
+    name, ``progress`` is ``not --no-progress`` and a ``bool`` ``compat`` is ``--compat upstream``; ``values`` set
+    the other fields (options under another name, or derived)."""
+    fields = {field.name: field for field in dataclasses.fields(request_type)}
+    options = vars(args)
+    chosen = {name: options[name] for name in fields if name in options}
+    if 'progress' in fields:
+        chosen['progress'] = not options.get('no_progress', False)
+    if 'compat' in fields and fields['compat'].type in (bool, 'bool'):
+        chosen['compat'] = options.get('compat') == 'upstream'
+    chosen.update(values)
+    return request_type(**chosen)
+
+
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a script's ``main``; a :class:`PipelineError` becomes ``error: …`` on stderr and exit status 2."""
+    """Run a script's ``main`` with the pipeline's log handler (:func:`ohlora.logs.setup_logging`: messages and
+    warnings one line each on stderr); a :class:`PipelineError` becomes ``error: …`` on stderr and exit status 2."""
+    setup_logging()
     try:
         main(argv)
     except PipelineError as exc:

@@ -4,29 +4,41 @@ Stage outputs live under a *root* (``--root``, default: the repository root, lik
 ``PROJECT_DIR_PATH``). Data that ships with the code (the hand labels, the test z vectors) resolves
 relative to the code, unless a file of the same name exists under the root, which then takes precedence.
 The upstream file names are kept so that upstream or published artefacts can be dropped in at any stage.
+
+Everything that names a file goes through here: :class:`Layout` paths, the name functions and patterns below
+(folder scans match them), and the published file names that :mod:`ohlora.weights` builds its sources from.
+Messages build their file names from these too, e.g. ``name_form(image_name(0))`` -> ``NNNNNN.jpg``.
+``tests/test_layout_ownership.py`` fails when code elsewhere spells a stage file or folder name.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-CODE_ROOT = Path(__file__).resolve().parents[1]
+# The shared constants live in ohlora.constants; these four are importable from here too for code written
+# before they moved (import them from ohlora.constants).
+from ohlora.constants import CNN_PROPERTIES, NUM_FOLDS, PROPERTY_NAMES, SCORE_COLUMNS  # noqa: F401
 
-PROPERTY_NAMES = ('eyes', 'hair_color', 'hair_length', 'mouth', 'pose', 'background_mean', 'background_std')
-SCORE_COLUMNS = tuple(f'{name}_score' for name in PROPERTY_NAMES)
-CNN_PROPERTIES = ('gender', 'quality')
-NUM_FOLDS = 5
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 HAND_LABELS_CSV = 'cnn/synthesize_results_quality_and_gender.csv'
 TEST_Z_CSV = 'stylegan_modified/test_z_vector_0005.csv'
 
-
+# --- numbered image files -----------------------------------------------------------------------------------
 IMAGE_NUMBER_DIGITS = 6
 MAX_IMAGES = 10 ** IMAGE_NUMBER_DIGITS  # image numbers 0..999999 have the six digits every name and scan expects
+IMAGE_SUFFIX = '.jpg'                   # generated images (stages 1, 6, the directions tool) are JPEGs
+INPUT_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')  # what stage 3 accepts as NNNNNN.<suffix> input images
+PUBLISHED_IMAGES_GLOB = '*' + IMAGE_SUFFIX        # the files of the published image datasets
+_NUMBER = r'(\d{6})'
 
 
 def image_name(img_no: int) -> str:
-    return f'{img_no:06d}.jpg'
+    return f'{img_no:06d}{IMAGE_SUFFIX}'
+
+
+IMAGE_PATTERN = re.compile(_NUMBER + re.escape(IMAGE_SUFFIX))  # group 1: the image number
 
 
 def parse_img_no(name: str) -> int | None:
@@ -34,6 +46,57 @@ def parse_img_no(name: str) -> int | None:
     stem = Path(name).stem
     digits = stem.rsplit('_', 1)[-1]
     return int(digits) if len(digits) == 6 and digits.isdigit() else None
+
+
+def is_input_image(path: Path) -> bool:
+    """An ``NNNNNN.jpg`` (or .jpeg/.png, any case) file name, as stage 3 reads them."""
+    img_no = parse_img_no(path.name)
+    return img_no is not None and path.suffix.lower() in INPUT_IMAGE_SUFFIXES and path.stem == f'{img_no:06d}'
+
+
+def name_form(name: str) -> str:
+    """A numbered file name as messages show its kind: ``'parsing_000000.png'`` -> ``'parsing_NNNNNN.png'``."""
+    return re.sub(r'\d{6}', 'N' * IMAGE_NUMBER_DIGITS, name, count=1)
+
+
+# --- stage 3 result names (in Layout.segmentation_dir) -----------------------------------------------------
+SEGMENTATION_SUFFIX = '.png'
+PLOT_SUFFIX = '.png'  # sweep grids, monitoring snapshots and evaluation plots
+
+
+def parsing_map_name(img_no: int) -> str:
+    return f'parsing_{img_no:06d}{SEGMENTATION_SUFFIX}'
+
+
+def parsing_visualization_name(img_no: int) -> str:
+    return f'parsing_visualization_{img_no:06d}{SEGMENTATION_SUFFIX}'
+
+
+def face_crop_name(img_no: int) -> str:
+    return f'face_{img_no:06d}{SEGMENTATION_SUFFIX}'
+
+
+# The three result files of an image (group 1: its number), and the glob of the parsing maps alone.
+SEGMENTATION_OUTPUT_PATTERN = re.compile(r'(?:parsing|parsing_visualization|face)_' + _NUMBER
+                                         + re.escape(SEGMENTATION_SUFFIX))
+PARSING_MAP_GLOB = 'parsing_*' + SEGMENTATION_SUFFIX
+
+
+# --- published weights (ohlora.weights builds its sources from these) --------------------------------------
+GENFORCE_ZOO_FILE = 'stylegan_celeba_partial256.pth'  # GenForce's model-zoo name of the stage-1 generator
+FACEXFORMER_HUB_FILE = 'ckpts/model.pt'                # the FaceXFormer checkpoint inside its Hugging Face repo
+# Oh-LoRA's published stage-5 files (in Layout.fine_tuned_dir), by variant; a training run writes its
+# checkpoints under the same names.
+GENERATOR_FILES = {'v1': 'stylegan_gen_fine_tuned_v1.pth', 'v2': 'stylegan_gen_fine_tuned_v2.pth',
+                   'v3': 'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth', 'v4': 'stylegan_gen_fine_tuned_v4.pth'}
+DISCRIMINATOR_FILES = {'v1': 'stylegan_dis_fine_tuned_v1.pth', 'v4': 'stylegan_dis_fine_tuned_v4.pth'}
+PROPERTY_CNN_FILE = 'stylegan_gen_fine_tuned_v2_cnn.pth'  # the v2 property-score CNN
+IDENTITY_WEIGHTS_FILE = '20180402-114759-vggface2.pt'      # facenet-pytorch's InceptionResnetV1 (VGGFace2)
+
+
+def cnn_model_name(prop: str, fold: int) -> str:
+    """A stage-2 fold model, e.g. ``gender_model_0.pt`` (also its name in the published CNN repository)."""
+    return f'{prop}_model_{fold}.pt'
 
 
 class Layout:
@@ -106,7 +169,7 @@ class Layout:
         return self.root / 'cnn' / 'models'
 
     def cnn_model(self, prop: str, fold: int) -> Path:
-        return self.cnn_models_dir / f'{prop}_model_{fold}.pt'
+        return self.cnn_models_dir / cnn_model_name(prop, fold)
 
     @property
     def cnn_log_dir(self) -> Path:
@@ -120,11 +183,20 @@ class Layout:
 
     def cnn_staged_model(self, prop: str, fold: int) -> Path:
         """A fold model of an unfinished --retrain; moved to cnn_model() once every fold has succeeded."""
-        return self.root / 'cnn' / 'models_in_training' / f'{prop}_model_{fold}.pt'
+        return self.root / 'cnn' / 'models_in_training' / cnn_model_name(prop, fold)
 
     def cnn_record(self, name: str) -> Path:
         """Settings of a retrain or scoring run, so that a rerun resumes or skips it (JSON)."""
         return self.root / 'cnn' / 'records' / f'{name}.json'
+
+    @property
+    def cnn_scoring_record(self) -> Path:
+        """Settings and input digests of the ensemble scoring (cnn/scoring.py)."""
+        return self.cnn_record('scoring')
+
+    def cnn_retrain_record(self, prop: str) -> Path:
+        """Settings and finished folds of a --retrain of one property (cnn/training.py)."""
+        return self.cnn_record(f'retrain_{prop}')
 
     def cnn_inference_csv(self, prop: str) -> Path:
         return self.root / 'cnn' / 'inference_result' / f'{prop}.csv'
@@ -158,13 +230,13 @@ class Layout:
         return self.root / 'segmentation' / 'segmentation_results'
 
     def parsing_map(self, img_no: int) -> Path:
-        return self.segmentation_dir / f'parsing_{img_no:06d}.png'
+        return self.segmentation_dir / parsing_map_name(img_no)
 
     def parsing_visualization(self, img_no: int) -> Path:
-        return self.segmentation_dir / f'parsing_visualization_{img_no:06d}.png'
+        return self.segmentation_dir / parsing_visualization_name(img_no)
 
     def face_crop(self, img_no: int) -> Path:
-        return self.segmentation_dir / f'face_{img_no:06d}.png'
+        return self.segmentation_dir / face_crop_name(img_no)
 
     @property
     def segmentation_skipped_csv(self) -> Path:
@@ -266,7 +338,7 @@ class Layout:
     @property
     def identity_weights(self) -> Path:
         """facenet-pytorch's InceptionResnetV1 VGGFace2 weights (the identity embedding of the evaluation)."""
-        return self.evaluation_dir / 'models' / '20180402-114759-vggface2.pt'
+        return self.evaluation_dir / 'models' / IDENTITY_WEIGHTS_FILE
 
     def attribute_control_dir(self, model: str, measure: str) -> Path:
         return self.evaluation_dir / 'attribute_control' / f'{model}_{measure}'
@@ -283,9 +355,8 @@ TRAIN_LOG_NAMES = {'v1': 'train_log.csv', 'v2_cnn': 'train_log_v2_cnn.csv', 'v2'
                    'v3': 'train_log_v3.csv'}
 # A trainer's second log: v2's property CNN logs the first validation outputs and labels of every epoch.
 VALIDATION_LOG_NAMES = {'v2_cnn': 'train_log_v2_cnn_val_log.csv'}
-# Stage-5 v2 published names: the property CNN (its best epoch) and the generator trained through it.
-PROPERTY_CNN_FILE = 'stylegan_gen_fine_tuned_v2_cnn.pth'
-V2_GENERATOR_FILE = 'stylegan_gen_fine_tuned_v2.pth'
+# The generator v2 trains through the property CNN (PROPERTY_CNN_FILE holds the CNN's best epoch).
+V2_GENERATOR_FILE = GENERATOR_FILES['v2']
 
 
 class TrainingRunFolder:
@@ -353,7 +424,15 @@ class GenerationFolder:
         return self.folder / f'sweep_{self.sweep}.png'
 
     def image_name(self, img_no: int, value: float | None = None) -> str:
-        return image_name(img_no) if self.sweep is None else f'{img_no:06d}_{self.sweep}_{float(value)!r}.jpg'
+        if self.sweep is None:
+            return image_name(img_no)
+        return f'{img_no:06d}_{self.sweep}_{float(value)!r}{IMAGE_SUFFIX}'
+
+    def image_pattern(self) -> re.Pattern:
+        """The names of this folder's images (group 1: the z number), as a folder scan matches them."""
+        if self.sweep is None:
+            return IMAGE_PATTERN
+        return re.compile(_NUMBER + f'_{re.escape(self.sweep)}_.+' + re.escape(IMAGE_SUFFIX))
 
     def image(self, img_no: int, value: float | None = None) -> Path:
         return self.folder / self.image_name(img_no, value)
@@ -416,7 +495,7 @@ class AttributeControlFolder:
         return self.scores_dir / f'z{z_index:06d}.csv'
 
     def sweep_grid(self, z_index: int) -> Path:
-        return self.folder / 'sweep_grids' / f'z{z_index:06d}.png'
+        return self.folder / 'sweep_grids' / f'z{z_index:06d}{PLOT_SUFFIX}'
 
     @property
     def per_image_csv(self) -> Path:
@@ -436,7 +515,7 @@ class AttributeControlFolder:
 
     def plot(self, name: str) -> Path:
         """``r_mae``, ``r_distribution``, ``leakage``."""
-        return self.folder / 'plots' / f'{name}.png'
+        return self.folder / 'plots' / f'{name}{PLOT_SUFFIX}'
 
 
 # --- stage 5 v3: per-epoch checkpoints, test z vectors and per-epoch test folders (PIPELINE.md §7.4) ---

@@ -91,14 +91,16 @@ def read_record(path: str | Path, what: str, remedy: str) -> dict | None:
     return record
 
 
-def _flat(value, prefix: str = '') -> dict:
-    """Nested dicts spread out with dotted keys ('label.eyes': 1.8), so a message names only what changed."""
+def flatten_settings(value, prefix: str = '') -> dict:
+    """Nested dicts spread out with dotted keys (``'label.eyes': 1.8``) and tuples as lists (as JSON reads them
+    back), so that a comparison names only what changed. Shared by the run records and the resume checks."""
     if not isinstance(value, dict):
-        return {prefix or 'settings': value}
+        return {prefix or 'settings': list(value) if isinstance(value, tuple) else value}
     flat = {}
     for key, item in value.items():
         name = f'{prefix}.{key}' if prefix else str(key)
-        flat.update(_flat(item, name) if isinstance(item, dict) and item else {name: item})
+        flat.update(flatten_settings(item, name) if isinstance(item, dict) and item
+                    else {name: list(item) if isinstance(item, tuple) else item})
     return flat
 
 
@@ -109,7 +111,7 @@ def _short(value) -> str:
 
 def differences(recorded, wanted: dict) -> list[str]:
     """``'key old -> new'`` for every setting that differs between a record and the wanted settings."""
-    before, after = _flat(recorded if recorded is not None else {}), _flat(wanted)
+    before, after = flatten_settings(recorded if recorded is not None else {}), flatten_settings(wanted)
     keys = [k for k in after if before.get(k, '<absent>') != after[k]]
     keys += [k for k in before if k not in after]
     return [f'{k} {_short(before.get(k))} -> {_short(after.get(k))}' for k in keys]

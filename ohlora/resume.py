@@ -42,6 +42,7 @@ import torch
 from ohlora import atomic
 from ohlora.checkpoints import read_checkpoint
 from ohlora.errors import PipelineError
+from ohlora.records import flatten_settings
 
 FORMAT = 'ohlora-resume-record'
 VERSION = 1
@@ -145,20 +146,10 @@ def load_resume_record(path: str | Path) -> ResumeRecord:
     return record
 
 
-def _flatten(options: dict, prefix: str = '') -> dict:
-    flat = {}
-    for key, value in options.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def option_differences(recorded: dict, current: dict, changeable=RESUMABLE_OPTIONS) -> list[str]:
     """``'name: recorded -> current'`` for every option other than ``changeable`` that differs (nested dicts
     are compared key by key, so the line names the innermost key)."""
-    before, after = _flatten(recorded), _flatten(current)
+    before, after = flatten_settings(recorded), flatten_settings(current)
     missing = object()
     lines = []
     for key in list(before) + [k for k in after if k not in before]:

@@ -26,8 +26,10 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from ohlora import atomic
+from ohlora.constants import CNN_PROPERTIES, NUM_FOLDS
 from ohlora.errors import PipelineError, WeightsUnavailable, first_line
-from ohlora.layout import Layout
+from ohlora.layout import (DISCRIMINATOR_FILES, FACEXFORMER_HUB_FILE, GENERATOR_FILES, GENFORCE_ZOO_FILE,
+                           IDENTITY_WEIGHTS_FILE, PROPERTY_CNN_FILE, PUBLISHED_IMAGES_GLOB, Layout, cnn_model_name)
 from ohlora.records import read_record, weights_digest
 
 OHLORA_CNN_REPO = 'daebakgazua/250408_OhLoRA_CNNs'
@@ -35,8 +37,7 @@ OHLORA_FINE_TUNED_REPO = 'daebakgazua/250408_OhLoRA_StyleGAN_FineTuned'
 OHLORA_ALL_IMAGES_DATASET = 'daebakgazua/250408_OhLoRA_all_generated_images'
 OHLORA_FILTERED_IMAGES_DATASET = 'daebakgazua/250408_OhLoRA_filtered_images'
 FACEXFORMER_REPO = 'kartiknarayan/facexformer'
-FACENET_VGGFACE2_URL = ('https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/'
-                        '20180402-114759-vggface2.pt')
+FACENET_VGGFACE2_URL = 'https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/' + IDENTITY_WEIGHTS_FILE
 GENFORCE_ZOO_URL = ('https://mycuhk-my.sharepoint.com/:u:/g/personal/1155082926_link_cuhk_edu_hk/'
                     'ET2etKNzMS9JmHj5j60fqMcBRJfQfYNvqUrujaIXxCvKDQ?e=QReLE6&download=1')
 
@@ -64,31 +65,35 @@ def _fine_tuned(name: str, description: str) -> WeightSource:
     return WeightSource(description, lambda layout: layout.fine_tuned(name), OHLORA_FINE_TUNED_REPO, name)
 
 
+def cnn_key(prop: str, fold: int) -> str:
+    """The :data:`SOURCES` key of a stage-2 fold model: its file name's stem, e.g. ``gender_model_0``."""
+    return Path(cnn_model_name(prop, fold)).stem
+
+
 def _cnn(prop: str, fold: int) -> WeightSource:
     return WeightSource(f'Oh-LoRA {prop} CNN, fold {fold}', lambda layout: layout.cnn_model(prop, fold),
-                        OHLORA_CNN_REPO, f'{prop}_model_{fold}.pt',
+                        OHLORA_CNN_REPO, cnn_model_name(prop, fold),
                         option='--weights DIR (a folder holding all ten fold files)')
 
 
 SOURCES: dict[str, WeightSource] = {
     'genforce_stylegan256': WeightSource(
-        'GenForce StyleGAN celeba_partial-256x256 (stylegan_celeba_partial256.pth)',
+        f'GenForce StyleGAN celeba_partial-256x256 ({GENFORCE_ZOO_FILE})',
         lambda layout: layout.original_generator_weights, url=GENFORCE_ZOO_URL,
         note='the GenForce zoo link is reported dead for some users (genforce/genforce#44); '
-             'if it fails, get stylegan_celeba_partial256.pth elsewhere'),
+             f'if it fails, get {GENFORCE_ZOO_FILE} elsewhere'),
     'facexformer': WeightSource(
-        'FaceXFormer checkpoint ckpts/model.pt (about 1.1 GB)',
-        lambda layout: layout.facexformer_weights, FACEXFORMER_REPO, 'ckpts/model.pt'),
-    'v1_generator': _fine_tuned('stylegan_gen_fine_tuned_v1.pth', 'Oh-LoRA fine-tuned StyleGAN v1 generator'),
-    'v1_discriminator': _fine_tuned('stylegan_dis_fine_tuned_v1.pth', 'Oh-LoRA fine-tuned StyleGAN v1 discriminator'),
-    'v2_property_cnn': _fine_tuned('stylegan_gen_fine_tuned_v2_cnn.pth', 'Oh-LoRA v2 property-score CNN'),
-    'v3_generator': _fine_tuned('stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth',
-                                'Oh-LoRA fine-tuned StyleGAN v3 generator (epoch 5)'),
-    'v4_generator': _fine_tuned('stylegan_gen_fine_tuned_v4.pth', 'Oh-LoRA fine-tuned StyleGAN v4 generator'),
-    'v4_discriminator': _fine_tuned('stylegan_dis_fine_tuned_v4.pth', 'Oh-LoRA fine-tuned StyleGAN v4 discriminator'),
-    **{f'{prop}_model_{fold}': _cnn(prop, fold) for prop in ('gender', 'quality') for fold in range(5)},
+        f'FaceXFormer checkpoint {FACEXFORMER_HUB_FILE} (about 1.1 GB)',
+        lambda layout: layout.facexformer_weights, FACEXFORMER_REPO, FACEXFORMER_HUB_FILE),
+    'v1_generator': _fine_tuned(GENERATOR_FILES['v1'], 'Oh-LoRA fine-tuned StyleGAN v1 generator'),
+    'v1_discriminator': _fine_tuned(DISCRIMINATOR_FILES['v1'], 'Oh-LoRA fine-tuned StyleGAN v1 discriminator'),
+    'v2_property_cnn': _fine_tuned(PROPERTY_CNN_FILE, 'Oh-LoRA v2 property-score CNN'),
+    'v3_generator': _fine_tuned(GENERATOR_FILES['v3'], 'Oh-LoRA fine-tuned StyleGAN v3 generator (epoch 5)'),
+    'v4_generator': _fine_tuned(GENERATOR_FILES['v4'], 'Oh-LoRA fine-tuned StyleGAN v4 generator'),
+    'v4_discriminator': _fine_tuned(DISCRIMINATOR_FILES['v4'], 'Oh-LoRA fine-tuned StyleGAN v4 discriminator'),
+    **{cnn_key(prop, fold): _cnn(prop, fold) for prop in CNN_PROPERTIES for fold in range(NUM_FOLDS)},
     'facenet_vggface2': WeightSource(
-        'facenet-pytorch InceptionResnetV1 VGGFace2 weights (20180402-114759-vggface2.pt, about 107 MB)',
+        f'facenet-pytorch InceptionResnetV1 VGGFace2 weights ({IDENTITY_WEIGHTS_FILE}, about 107 MB)',
         lambda layout: layout.identity_weights, url=FACENET_VGGFACE2_URL),
 }
 
@@ -220,27 +225,27 @@ def fetch(key: str, layout: Layout, override: str | Path | None = None) -> Path:
 
 
 def fetch_dataset_images(repo_id: str, dest_dir: Path, description: str) -> Path:
-    """Download the ``*.jpg`` files of a Hugging Face dataset into a staging folder beside ``dest_dir``.
+    """Download the images (``PUBLISHED_IMAGES_GLOB``) of a Hugging Face dataset into a staging folder beside
+    ``dest_dir``.
 
     Returns the staging folder; the caller moves the files into place and removes it. The hub skips files
     it already has there, so an interrupted import resumes.
     """
     origin = f'https://huggingface.co/datasets/{repo_id}'
+    by_hand = f'download the {PUBLISHED_IMAGES_GLOB} files by hand into {dest_dir}'
     if not downloads_allowed():
         raise WeightsUnavailable(f'{description} could not be downloaded from {origin} '
                                  '(downloads are switched off by OHLORA_NO_DOWNLOAD)')
-    staging = dest_dir.parent / f'.tmp-download-{dest_dir.name}'  # no pid: a later run resumes from it
+    staging = dest_dir.parent / f'{atomic.TMP_PREFIX}download-{dest_dir.name}'  # no pid: a later run resumes from it
     reason = offline_reason(f'{_hub_endpoint()}/datasets/{repo_id}')
     if reason is not None:
-        raise WeightsUnavailable(f'{description} could not be downloaded from {origin} ({reason}); download the '
-                                 f'.jpg files by hand into {dest_dir}')
+        raise WeightsUnavailable(f'{description} could not be downloaded from {origin} ({reason}); {by_hand}')
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id, repo_type='dataset', local_dir=staging, allow_patterns=['*.jpg'])
+        snapshot_download(repo_id, repo_type='dataset', local_dir=staging, allow_patterns=[PUBLISHED_IMAGES_GLOB])
     except Exception as exc:
         reason = first_line(exc)
         raise WeightsUnavailable(f'{description} could not be downloaded from {origin} '
-                                 f'({type(exc).__name__}: {reason}); download the .jpg files by hand '
-                                 f'into {dest_dir}') from None
+                                 f'({type(exc).__name__}: {reason}); {by_hand}') from None
     return staging

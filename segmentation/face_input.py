@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-INPUT_SIZE = 224
+from ohlora.constants import PARSING_SIZE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -20,7 +21,7 @@ _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 def resized_crop(image: Image.Image, crop_box: tuple[int, int, int, int]) -> np.ndarray:
     """Pillow crop (no padding, no squaring) then Pillow bicubic to 224x224 -> H×W×3 uint8 RGB."""
-    face = image.crop(crop_box).resize((INPUT_SIZE, INPUT_SIZE), Image.BICUBIC)
+    face = image.crop(crop_box).resize((PARSING_SIZE, PARSING_SIZE), Image.BICUBIC)
     return np.array(face, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 

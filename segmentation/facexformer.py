@@ -15,14 +15,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ohlora.checkpoints import check_finite, read_checkpoint, state_dict_mismatch
+from ohlora.checkpoints import check_finite_weights, read_checkpoint, state_dict_mismatch
+from ohlora.constants import NUM_PARSING_CLASSES
 from ohlora.errors import PipelineError
+from ohlora.layout import FACEXFORMER_HUB_FILE
 from segmentation.two_way_transformer import TwoWayTransformer
 
-INPUT_SIZE = 224
-NUM_CLASSES = 11
 CHECKPOINT_KEY = 'state_dict_backbone'
-WHAT = 'FaceXFormer checkpoint (Hugging Face kartiknarayan/facexformer, ckpts/model.pt)'
+WHAT = f'FaceXFormer checkpoint (Hugging Face kartiknarayan/facexformer, {FACEXFORMER_HUB_FILE})'
 
 EMBED_DIM = 256
 FUSED_SIZE = 56                      # stage-1 resolution for a 224 input: everything is fused at 56x56
@@ -102,7 +102,7 @@ class StageProjection(nn.Module):
 class FaceDecoder(nn.Module):
     """Task and mask tokens through the two-way transformer; the heads and the hypernetwork mask output."""
 
-    def __init__(self, transformer_dim: int = EMBED_DIM, num_mask_tokens: int = NUM_CLASSES):
+    def __init__(self, transformer_dim: int = EMBED_DIM, num_mask_tokens: int = NUM_PARSING_CLASSES):
         super().__init__()
         self.transformer = TwoWayTransformer(depth=2, embedding_dim=transformer_dim, num_heads=8, mlp_dim=2048)
         for name, _ in TASK_HEADS:
@@ -241,6 +241,6 @@ def facexformer_from_state_dict(state: dict, source: str | Path = 'the state_dic
         raise PipelineError(f'{source} does not fit the FaceXFormer model: {problem}')
     expected = model.state_dict()
     state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
-    check_finite(state, source, WHAT)
+    check_finite_weights(state, source, WHAT)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

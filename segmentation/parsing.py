@@ -17,7 +17,6 @@ chosen device (R7).
 from __future__ import annotations
 
 import io
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +31,14 @@ from tqdm import tqdm
 
 from ohlora import atomic
 from ohlora.errors import PipelineError, first_line
-from ohlora.layout import Layout, parse_img_no
+from ohlora.layout import (SEGMENTATION_OUTPUT_PATTERN, Layout, image_name, is_input_image, name_form,
+                           parse_img_no)
 from ohlora.records import load_record, scan_outputs, sha256_bytes, sha256_of
 from segmentation.face_detection import FaceBox, FaceDetector
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 SKIP_COLUMNS = ['img_no', 'reason']
 NO_FACE = 'no face detected'
-OUTPUT_PATTERN = re.compile(r'(?:parsing|parsing_visualization|face)_(\d{6})\.png')
 RECORD_EVERY = 256  # images between two saves of the per-image record (a killed run redoes at most these)
 
 # Visualisation colours (RGB) of the 11 LaPa classes, from upstream ``visualize_mask``.
@@ -94,18 +92,18 @@ def list_input_images(folder: Path, empty_reason: str | None = None) -> InputIma
     for path in sorted(folder.iterdir()):
         if path.name.startswith('.'):  # hidden files and our own .tmp- files
             continue
-        img_no = parse_img_no(path.name)
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES or img_no is None \
-                or path.stem != f'{img_no:06d}':
+        if not path.is_file() or not is_input_image(path):
             ignored.append(path.name)
             continue
+        img_no = parse_img_no(path.name)
         if img_no in images:
             raise PipelineError(f'{folder} holds two files for image {img_no}: {images[img_no].name} and '
                                 f'{path.name}; keep one')
         images[img_no] = path
     if not images:
         hint = f' (it holds {len(ignored)} other files, e.g. {ignored[0]})' if ignored else ''
-        raise PipelineError(f'{folder} holds no NNNNNN.jpg images{hint}; {empty_reason or "run stage 2 first"}')
+        raise PipelineError(f'{folder} holds no {name_form(image_name(0))} images{hint}; '
+                            f'{empty_reason or "run stage 2 first"}')
     return InputImages(sorted(images.items()), ignored)
 
 
@@ -147,7 +145,7 @@ def check_outputs(layout: Layout) -> None:
     """A folder or link under a result's name is a one-line error (a rerun could neither trust nor replace it)."""
     atomic.check_writable(layout.segmentation_dir)
     atomic.check_replaceable(layout.segmentation_skipped_csv, layout.segmentation_meta)
-    scan_outputs(layout.segmentation_dir, OUTPUT_PATTERN, 'a stage-3 result file')
+    scan_outputs(layout.segmentation_dir, SEGMENTATION_OUTPUT_PATTERN, 'a stage-3 result file')
 
 
 def plan_work(layout: Layout, inputs: InputImages, settings: dict) -> WorkPlan:

@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS
+from ohlora.constants import PARSING_SIZE, PROPERTY_NAMES, SCORE_COLUMNS
 from segmentation import property_scores_alg1 as alg1
 from segmentation import property_scores_alg2 as alg2
 from segmentation.face_detection import MARGIN_PERCENTAGE
-from segmentation.face_input import INPUT_SIZE, face_png_pixels, normalize, resized_crop
+from segmentation.face_input import face_png_pixels, normalize, resized_crop
 from segmentation.score_normalization import DECIMALS, ColumnStats, normalise_with_stats
 
 ALGORITHMS = {1: alg1, 2: alg2}
@@ -85,7 +85,7 @@ class ParsingMeasurer:
         else:
             for k, index in enumerate(found):
                 bgr = np.ascontiguousarray(images[index][..., ::-1])
-                colour = cv2.resize(bgr, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
+                colour = cv2.resize(bgr, (PARSING_SIZE, PARSING_SIZE), interpolation=cv2.INTER_LINEAR)
                 raw.append(alg1.compute_scores(index, class_maps[k], colour).values)
         frame = pd.DataFrame(raw, columns=list(SCORE_COLUMNS), dtype=np.float64)
         result[found] = normalise_with_stats(frame, self.stats)[list(SCORE_COLUMNS)].to_numpy(dtype=np.float64)

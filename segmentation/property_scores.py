@@ -17,6 +17,7 @@ changes (R14).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -30,14 +31,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS, Layout, image_name, parse_img_no
+from ohlora.layout import (PARSING_MAP_GLOB, Layout, image_name, is_input_image, name_form, parse_img_no,
+                           parsing_map_name)
 from ohlora.records import load_record, sha256_bytes, sha256_of, write_if_changed
 from segmentation import property_scores_alg1 as alg1
 from segmentation import property_scores_alg2 as alg2
 from segmentation.property_scores_common import ImageScores, check_colour, read_bgr, read_parsing_map
 from segmentation.score_normalization import (
     ColumnStats, normalise, normalise_with_stats, read_raw_scores, read_stats, stats_document)
+
+logger = logging.getLogger(__name__)
 
 ALGORITHMS = (1, 2)
 GUARDS = {1: alg1.GUARDS, 2: alg2.GUARDS}
@@ -124,7 +129,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
 
 
-def score_images(layout: Layout, algorithm: int, img_nos: list[int], *, workers: int = 1, chunk_size: int = 64,
+def score_parsed_images(layout: Layout, algorithm: int, img_nos: list[int], *, workers: int = 1, chunk_size: int = 64,
                  progress: bool = True, inputs: dict[int, ImageInputs] | None = None) -> list[ImageScores]:
     """Scores of ``img_nos`` in their order; chunks of images go to a process pool when ``workers`` > 1."""
     inputs = inputs if inputs is not None else image_inputs(layout, img_nos)
@@ -148,17 +153,17 @@ def score_images(layout: Layout, algorithm: int, img_nos: list[int], *, workers:
 
 
 def parsed_images(layout: Layout) -> list[int]:
-    """Sorted image numbers that stage 3 left a parsing map for (``parsing_NNNNNN.png``)."""
+    """Sorted image numbers that stage 3 left a parsing map for (``Layout.parsing_map``)."""
     folder = layout.segmentation_dir
     if not folder.is_dir():
         raise PipelineError(f'{folder}: no such folder (the stage-3 parsing results; run stage 3 first)')
     found = []
-    for path in folder.glob('parsing_*.png'):
+    for path in folder.glob(PARSING_MAP_GLOB):
         img_no = parse_img_no(path.name)
         if img_no is not None and layout.parsing_map(img_no).name == path.name and path.is_file():
             found.append(img_no)
     if not found:
-        raise PipelineError(f'{folder} holds no parsing_NNNNNN.png maps ({stage3_outcome(layout)})')
+        raise PipelineError(f'{folder} holds no {name_form(parsing_map_name(0))} maps ({stage3_outcome(layout)})')
     return sorted(found)
 
 
@@ -194,7 +199,7 @@ def inputs_digest(item: ImageInputs, algorithm: int) -> str | None:
 
 
 @dataclass
-class ScoringSummary:
+class Stage4Report:
     algorithm: int
     images: int
     scored: int
@@ -214,9 +219,6 @@ class ScoringSummary:
             if nos:
                 shown = ', '.join(f'{n:06d}' for n in nos[:10]) + (' …' if len(nos) > 10 else '')
                 out.append(f'  {name}: {shown}')
-        if self.unparsed:
-            out.append(f'warning: {len(self.unparsed)} images of the folder stage 3 reads have no parsing map and '
-                       f'are not in skipped.csv (first {self.unparsed[0]:06d}); is stage 3 finished?')
         out.append('up to date, nothing written' if self.up_to_date
                    else 'wrote ' + ', '.join(str(p) for p in self.written))
         return out
@@ -277,8 +279,7 @@ def unparsed_images(layout: Layout, parsed: list[int]) -> list[int]:
         folder = layout.resolve_from_root(record['images_dir'])
     if not folder.is_dir():
         return []
-    present = {parse_img_no(p.name) for p in folder.iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png')}
-    present.discard(None)
+    present = {parse_img_no(p.name) for p in folder.iterdir() if is_input_image(p)}
     skipped: set[int] = set()
     if layout.segmentation_skipped_csv.is_file():
         try:
@@ -288,8 +289,9 @@ def unparsed_images(layout: Layout, parsed: list[int]) -> list[int]:
     return sorted(present - set(parsed) - skipped)
 
 
-def run(layout: Layout, algorithm: int, *, stats_file: str | Path | None = None, workers: int = 1,
-        chunk_size: int = 64, force: bool = False, progress: bool = True) -> ScoringSummary:
+def compute_property_scores(layout: Layout, algorithm: int, *, stats_file: str | Path | None = None,
+                            workers: int = 1, chunk_size: int = 64, force: bool = False,
+                            progress: bool = True) -> Stage4Report:
     """Score every parsed image, normalise (with ``stats_file`` if given) and write the three outputs (each only
     when its content changes)."""
     if algorithm not in ALGORITHMS:
@@ -307,10 +309,14 @@ def run(layout: Layout, algorithm: int, *, stats_file: str | Path | None = None,
     digests = {n: inputs_digest(inputs[n], algorithm) for n in img_nos}
     reused = {} if force else reusable_scores(previous_run(layout, algorithm), digests)
     to_score = [n for n in img_nos if n not in reused]
-    summary = ScoringSummary(algorithm, len(img_nos), len(to_score), len(reused), {}, statistics_from,
+    summary = Stage4Report(algorithm, len(img_nos), len(to_score), len(reused), {}, statistics_from,
                              unparsed=unparsed_images(layout, img_nos))
+    if summary.unparsed:
+        logger.warning('%d images of the folder stage 3 reads have no parsing map and are not in %s (first %06d); '
+                       'is stage 3 finished?', len(summary.unparsed), layout.segmentation_skipped_csv.name,
+                       summary.unparsed[0])
 
-    fresh = score_images(layout, algorithm, to_score, workers=workers, chunk_size=chunk_size, progress=progress,
+    fresh = score_parsed_images(layout, algorithm, to_score, workers=workers, chunk_size=chunk_size, progress=progress,
                          inputs=inputs)
     by_img = {**reused, **{s.img_no: s for s in fresh}}
     scores = [by_img[n] for n in img_nos]

@@ -12,8 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ohlora.constants import PARSING_SIZE
 from segmentation.property_scores_common import (
-    ALG1_EYE_ROWS, BOTTOM_ROW, HAIR, HALF, INNER_MOUTH, LEFT_EYE, LOWER_LIP, MAP_SIZE, NOSE, QUARTER, RIGHT_EYE,
+    ALG1_EYE_ROWS, BOTTOM_ROW, HAIR, HALF, INNER_MOUTH, LEFT_EYE, LOWER_LIP, NOSE, QUARTER, RIGHT_EYE,
     THREE_QUARTERS, UPPER_LIP, ImageScores, background_mean_and_std, bounding_box, channel_sums, read_bgr,
     row_span, rows_with, sorted_channel_means)
 
@@ -30,7 +31,7 @@ GUARDS = (GUARD_HAIR_COLOR, GUARD_HAIR_LENGTH, GUARD_POSE)
 def read_colour(path: str | Path) -> np.ndarray:
     """The original image as algorithm 1 reads it: OpenCV BGR, bilinearly resized to the map size."""
     image = read_bgr(path, 'original image (algorithm 1 reads its colours)')
-    return cv2.resize(image, (MAP_SIZE, MAP_SIZE), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(image, (PARSING_SIZE, PARSING_SIZE), interpolation=cv2.INTER_LINEAR)
 
 
 def eyes_score(parsing_map: np.ndarray) -> float:

@@ -12,20 +12,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ohlora.constants import NUM_PARSING_CLASSES, PARSING_SIZE, SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS
 
-# The map geometry (PARSED_MAP_SIZE and its integer fractions, §6.1).
-MAP_SIZE = 224
-QUARTER = MAP_SIZE // 4            # 56: top of the eye areas; left edge of the right-eye area
-THREE_QUARTERS = 3 * MAP_SIZE // 4  # 168: bottom (exclusive) of the eye areas; right edge of the left-eye area
-HALF = MAP_SIZE // 2               # 112: the top half ends here; the bottom row splits here
-ALG1_EYE_ROWS = 3 * MAP_SIZE // 8  # 84: algorithm 1 scans only this many rows of each eye area (R16)
-BOTTOM_ROW = MAP_SIZE - 1          # 223
+# The map geometry (PARSED_MAP_SIZE, here PARSING_SIZE, and its integer fractions, §6.1).
+QUARTER = PARSING_SIZE // 4              # 56: top of the eye areas; left edge of the right-eye area
+THREE_QUARTERS = 3 * PARSING_SIZE // 4   # 168: bottom (exclusive) of the eye areas; right edge of the left-eye area
+HALF = PARSING_SIZE // 2                 # 112: the top half ends here; the bottom row splits here
+ALG1_EYE_ROWS = 3 * PARSING_SIZE // 8    # 84: algorithm 1 scans only this many rows of each eye area (R16)
+BOTTOM_ROW = PARSING_SIZE - 1            # 223
 
 # FaceXFormer / LaPa classes used by the scores (§5 class table).
 BACKGROUND, LEFT_EYE, RIGHT_EYE, NOSE, UPPER_LIP, INNER_MOUTH, LOWER_LIP, HAIR = 0, 4, 5, 6, 7, 8, 9, 10
-NUM_CLASSES = 11
 
 # Background special cases (§6.4).
 NO_BACKGROUND_MEAN = 192.0
@@ -42,36 +40,36 @@ class ImageScores:
         return dict(zip(SCORE_COLUMNS, self.values))
 
 
+def _imread(path: Path, flags: int, missing: str, what: str) -> np.ndarray:
+    """``cv2.imread``, with one line when the file is missing (``missing``) or not an image."""
+    if not path.is_file():
+        raise PipelineError(f'{path}: {missing}')
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise PipelineError(f'{path} is not a readable image ({what})')
+    return image
+
+
 def read_parsing_map(path: str | Path) -> np.ndarray:
     """A stage-3 parsing map as a (224, 224) uint8 class map; a wrong size or a class above 10 is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f'{path}: no such parsing map (run stage 3 first)')
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise PipelineError(f'{path} is not a readable image (parsing map)')
+    image = _imread(path, cv2.IMREAD_UNCHANGED, 'no such parsing map (run stage 3 first)', 'parsing map')
     if image.ndim == 3 and image.shape[2] >= 3 and (image[..., :3] == image[..., :1]).all():
         image = image[..., 0]  # a grey map saved as colour: every channel holds the class id
     if image.ndim != 2 or image.dtype != np.uint8:
         raise PipelineError(f'{path} is not a single-channel 8-bit class map (shape {image.shape}, {image.dtype})')
-    if image.shape != (MAP_SIZE, MAP_SIZE):
+    if image.shape != (PARSING_SIZE, PARSING_SIZE):
         raise PipelineError(f'{path} is {image.shape[1]}x{image.shape[0]}; a parsing map must be '
-                            f'{MAP_SIZE}x{MAP_SIZE}')
+                            f'{PARSING_SIZE}x{PARSING_SIZE}')
     top = int(image.max())
-    if top >= NUM_CLASSES:
-        raise PipelineError(f'{path} holds class {top}; parsing maps hold classes 0-{NUM_CLASSES - 1}')
+    if top >= NUM_PARSING_CLASSES:
+        raise PipelineError(f'{path} holds class {top}; parsing maps hold classes 0-{NUM_PARSING_CLASSES - 1}')
     return image
 
 
 def read_bgr(path: str | Path, what: str) -> np.ndarray:
     """A colour image as OpenCV decodes it: (H, W, 3) uint8 in BGR order (R15)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f'{path}: no such file (the {what})')
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise PipelineError(f'{path} is not a readable image (the {what})')
-    return image
+    return _imread(Path(path), cv2.IMREAD_COLOR, f'no such file (the {what})', f'the {what}')
 
 
 def channel_sums(colour: np.ndarray) -> np.ndarray:
@@ -134,7 +132,7 @@ def bounding_box(mask: np.ndarray) -> tuple[np.ndarray | None, int, int]:
 
 
 def check_colour(image: np.ndarray, path: str | Path, what: str) -> np.ndarray:
-    if image.shape != (MAP_SIZE, MAP_SIZE, 3):
+    if image.shape != (PARSING_SIZE, PARSING_SIZE, 3):
         raise PipelineError(f'{path} is {image.shape[1]}x{image.shape[0]}; the {what} must be '
-                            f'{MAP_SIZE}x{MAP_SIZE} (the parsing map frame)')
+                            f'{PARSING_SIZE}x{PARSING_SIZE} (the parsing map frame)')
     return image

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS
 
 DECIMALS = 4
 STD_DDOF = 1

@@ -10,9 +10,7 @@ generators' images in one folder.
 """
 from __future__ import annotations
 
-import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,14 +21,14 @@ from tqdm import tqdm
 from ohlora import atomic
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout, image_name, parse_img_no
+from ohlora.image_writer import BatchImageWriter
+from ohlora.layout import IMAGE_PATTERN, PUBLISHED_IMAGES_GLOB, Layout, image_name, parse_img_no
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_record,
                             write_z_record)
 from stylegan.postprocess import require_finite, to_uint8
 
 # Streams of item_generator: one independent RNG per purpose and image.
 Z_STREAM, MIX_DECISION_STREAM, MIX_Z_STREAM = 0, 1, 2
-IMAGE_PATTERN = re.compile(r'(\d{6})\.jpg')
 SAMPLED, PUBLISHED = 'sampled', 'published'
 
 
@@ -139,18 +137,14 @@ def sample_images(generator, layout: Layout, recipe: SamplingRecipe, num: int, b
         record()  # a finished rerun writes nothing (both records are written only if they change)
         return 0
     bar = tqdm(total=len(todo), desc='sampling', unit='img', disable=not progress)
-    # Encoding JPEGs releases the GIL, so a few threads overlap it with the next batch's forward pass.
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with BatchImageWriter(on_written=bar.update) as writer:  # JPEGs are written while the next batch renders
         for index, batch in enumerate(aligned_batches(list(range(num)), done, batch_size)):
             z = torch.stack([sampled_latent(recipe.seed, n, recipe.z_dim) for n in batch])
             images = render_sampled(generator, z, recipe, batch)
             if index == 0:
                 record()
-            pending = [pool.submit(atomic.write_image, layout.synthesized_image(n), rgb[:, :, ::-1])
-                       for n, rgb in zip(batch, images) if n not in done]
-            for future in pending:
-                future.result()
-            bar.update(len(pending))
+            writer.submit((layout.synthesized_image(n), rgb[:, :, ::-1]) for n, rgb in zip(batch, images)
+                          if n not in done)
     bar.close()
     return len(todo)
 
@@ -168,7 +162,7 @@ def import_published(layout: Layout) -> int:
     staging = fetch_dataset_images(OHLORA_ALL_IMAGES_DATASET, folder, 'the published 10,000 Oh-LoRA images')
     folder.mkdir(parents=True, exist_ok=True)
     moved = 0
-    for path in sorted(staging.rglob('*.jpg')):
+    for path in sorted(staging.rglob(PUBLISHED_IMAGES_GLOB)):
         number = parse_img_no(path.name)
         if number is not None and path.name == image_name(number) and number not in done:
             atomic.give_default_mode(path)  # the hub's files keep its temporaries' mode otherwise

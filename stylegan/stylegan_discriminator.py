@@ -131,8 +131,8 @@ class StyleGANDiscriminator(nn.Module):
         self.add_module(self.final_layer_name, DenseLayer(nf(INIT_RES // 2), max(label_size, 1),
                                                           use_wscale=use_wscale, gain=1.0, activate=False))
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, lod: float | None = None,
-                **unused_kwargs) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                lod: float | None = None) -> torch.Tensor:
         if self.label_size and (label is None or tuple(label.shape) != (image.shape[0], self.label_size)):
             got = None if label is None else list(label.shape)
             raise ValueError(f'label must have shape [{image.shape[0]}, {self.label_size}], got {got}')

@@ -323,8 +323,8 @@ class StyleGANGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None, lod: float | None = None,
                 w_moving_decay: float | None = 0.995, style_mixing_prob: float | None = 0.9,
-                trunc_psi: float | None = None, trunc_layers: int | None = None, randomize_noise: bool = False,
-                **unused_kwargs) -> dict:
+                trunc_psi: float | None = None, trunc_layers: int | None = None,
+                randomize_noise: bool = False) -> dict:
         mapping_results = self.mapping(z, label)
         w = mapping_results['w']
 

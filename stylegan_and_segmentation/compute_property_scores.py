@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.layout import Layout
-from segmentation.property_scores import default_workers
-from segmentation.property_scores import run as run_stage
+from segmentation.property_scores import compute_property_scores, default_workers
 
 EXAMPLES = """\
   # algorithm 2 (used by v2/v3): segmentation/property_score_results/all_scores_v2{,_raw}.csv + all_scores_v2_stats.json
@@ -44,8 +43,8 @@ def build_parser():
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     layout = Layout(args.root)
-    summary = run_stage(layout, args.algorithm, stats_file=args.stats, workers=args.workers,
-                        chunk_size=args.batch_size, force=args.force, progress=not args.no_progress)
+    summary = compute_property_scores(layout, args.algorithm, stats_file=args.stats, workers=args.workers,
+                                      chunk_size=args.batch_size, force=args.force, progress=not args.no_progress)
     for line in summary.lines():
         print(line)
 

@@ -14,9 +14,7 @@ behaviour to switch.
 """
 from __future__ import annotations
 
-import sys
-
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.weights import SOURCES
@@ -95,11 +93,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    result = run_evaluation(EvaluationOptions(**vars(args)),
-                            on_warning=lambda line: print(f'warning: {line}', file=sys.stderr))
-    print(f'{result.rendered} images rendered, {result.decoded} read back, {result.scored_z} z measured, '
-          f'{result.reused_z} z already measured; folder {result.folder.folder}')
-    for line in result.lines:
+    result = run_evaluation(request_from(EvaluationOptions, args))
+    for line in result.report_lines():
         print(line)
 
 

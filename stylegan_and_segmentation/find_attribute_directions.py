@@ -11,10 +11,10 @@ samples folder made with another generator, property CNN or seed is refused.
 from __future__ import annotations
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES
 from stylegan_modified.direction_finding import (DEFAULT_CHUNK_SIZE, DEFAULT_NUM, FindRequest,
-                                                 find_attribute_directions, summary_lines)
+                                                 find_attribute_directions)
 from stylegan_modified.direction_fitting import DEFAULT_ATTRIBUTES, FitOptions
 
 EXAMPLES = '''
@@ -101,7 +101,7 @@ def request_of(args) -> FindRequest:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     result = find_attribute_directions(request_of(args))
-    for line in summary_lines(result):
+    for line in result.lines():
         print(line)
 
 

@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import os
 
-from cnn.ensemble import load_ensemble, published_weights
-from cnn.filtering import (describe_removed, merge_scores, score_summary, select, sync_filtered,
-                           write_table_if_changed)
-from cnn.images import IMAGE_SIZE
-from cnn.labels import applicable_labels
-from cnn.models import MODEL_CLASSES
-from cnn.properties import FOLDS, GENDER, PROPERTIES, QUALITY
-from cnn.scoring import score_images, scoring_settings
-from cnn.training import TrainingConfig, TrainingSamples, train_all
-from ohlora.atomic import check_replaceable, check_writable
-from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.errors import PipelineError
-from ohlora.layout import Layout
-from stylegan.sampling import existing_images, image_source
+from cnn.properties import GENDER, QUALITY
+from cnn.stage2 import Stage2Request, run_stage2
+from cnn.training import TrainingConfig
+from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
 
 EXAMPLES = '''
   # score images 0..9999 with the published CNNs (downloaded into cnn/models/ if absent) and filter them
@@ -70,94 +59,11 @@ def build_parser():
     return parser
 
 
-def check_options(args) -> None:
-    for name in ('gender_threshold', 'quality_threshold'):  # scores are in [0, 1]: outside, keep all or none
-        check_float(f'--{name.replace("_", "-")}', getattr(args, name), 0.0, 1.0)
-    if args.retrain and args.weights is not None:
-        raise PipelineError('--weights and --retrain exclude each other: --retrain writes cnn/models/ itself')
-    if args.workers < 0:
-        raise PipelineError(f'--workers must be 0 or more, got {args.workers}')
-
-
-def output_folders(layout: Layout, retrain: bool) -> list:
-    folders = [layout.cnn_record('scoring').parent, layout.cnn_inference_csv('gender').parent,
-               layout.cnn_merged_csv.parent, layout.filtered_dir, layout.cnn_models_dir]
-    if retrain:
-        folders += [layout.cnn_staged_model('gender', 0).parent, layout.cnn_log_dir]
-    return folders
-
-
-def retrain(args, layout: Layout, labels, device, compat: bool) -> None:
-    if labels is None:
-        raise PipelineError('--retrain needs labels: import the published images with run_original_generator.py '
-                            '--published (the shipped hand labels belong to them) or pass --labels CSV')
-    config = TrainingConfig(max_epochs=args.max_epochs, patience=args.patience, max_attempts=args.max_attempts,
-                            train_batch_size=args.train_batch_size, eval_batch_size=args.batch_size,
-                            schedule='upstream' if compat else 'restarts', seed=args.seed, folds=FOLDS)
-    jobs = [(spec, TrainingSamples(labels.img_nos, [layout.synthesized_image(int(n)) for n in labels.img_nos],
-                                   labels.of(prop), IMAGE_SIZE), MODEL_CLASSES[prop])
-            for prop, spec in PROPERTIES.items()]
-    outcomes = train_all(jobs, layout, config, device, args.workers, progress=not args.no_progress)
-    for prop, outcome in outcomes.items():
-        if outcome.up_to_date:
-            print(f'{prop}: cnn/models already holds the models of this --retrain (same labels and settings)')
-        else:
-            print(f'{prop}: {FOLDS} fold models trained ({len(outcome.resumed)} resumed) and installed in '
-                  f'{layout.cnn_models_dir}; logs in {layout.cnn_log_dir}')
-        for img_no, reason in sorted(outcome.unreadable.items()):
-            print(f'warning: labelled image {img_no:06d} left out of training: {reason}')
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_options(args)
-    compat = args.compat == 'upstream'
-    layout = Layout(args.root)
-    check_writable(*output_folders(layout, args.retrain))
-    check_replaceable(layout.cnn_record('scoring'), layout.cnn_merged_csv,
-                      *[path for prop in PROPERTIES for path in (layout.cnn_inference_csv(prop),
-                                                                  layout.cnn_partial_scores(prop))])
-    available = existing_images(layout.synthesized_dir)
-    if not available:
-        source = image_source(layout)
-        if source is None:
-            raise PipelineError(f'{layout.synthesized_dir} holds no images; run run_original_generator.py first')
-        raise PipelineError(f'{layout.synthesized_dir} holds no images, although {layout.synthesized_meta} records '
-                            f'{source} images there: they were deleted; rerun run_original_generator.py')
-    existing_images(layout.filtered_dir)  # a filtered folder with foreign files fails now, not after scoring
-    labels = applicable_labels(layout, args.labels, available)
-    device = resolve_device(args.device)
-    disable_tf32()
-    if args.retrain:
-        retrain(args, layout, labels, device, compat)
-
-    weights = {prop: published_weights(prop, layout, args.weights) for prop in PROPERTIES}
-    ensembles = {prop: load_ensemble(prop, paths, device) for prop, paths in weights.items()}
-    labelled = set() if labels is None else set(int(n) for n in labels.img_nos)
-    to_score = sorted(available - labelled)
-    settings = scoring_settings(weights, compat, args.seed, args.batch_size)
-    print(f'{len(labelled)} images use labels ({labels.origin if labels else "none apply"}); '
-          f'{len(to_score)} are scored by the ensembles ({"dropout on, --compat upstream" if compat else "eval mode"})')
-    result = score_images(layout, ensembles, to_score, settings, device=device, batch_size=args.batch_size,
-                          workers=args.workers, dropout_seed=args.seed if compat else None,
-                          progress=not args.no_progress)
-    if result.changed:
-        print(f'{result.changed} images changed since they were scored (other bytes under the same name); '
-              'scored again')
-    for img_no, reason in result.skipped:
-        print(f'warning: image {img_no:06d} skipped: {reason}')
-
-    merged = merge_scores(layout, sorted(available), labels, result.frames)
-    write_table_if_changed(layout.cnn_merged_csv, merged)
-    keep = select(merged, args.gender_threshold, args.quality_threshold)
-    outcome = sync_filtered(layout, keep, progress=not args.no_progress)
-    print(score_summary(merged, args.gender_threshold, args.quality_threshold))
-    if outcome.removed:
-        print(f'removed {len(outcome.removed)} filtered images of an earlier run that these thresholds do not keep: '
-              f'{describe_removed(outcome.removed)}')
-    print(f'kept {outcome.kept} images in {layout.filtered_dir} ({outcome.linked} linked, {outcome.copied} copied, '
-          f'{outcome.unchanged} already there); scores in {layout.cnn_merged_csv}'
-          + (f'; {len(result.skipped)} unreadable images skipped' if result.skipped else ''))
+    report = run_stage2(request_from(Stage2Request, args))
+    for line in report.lines():
+        print(line)
 
 
 if __name__ == '__main__':

@@ -11,18 +11,12 @@ are refused (float32 maths overflows long before the largest floats).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from ohlora.cli import add_common_options, check_float, make_parser, positive_int, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.errors import PipelineError
-from ohlora.layout import MAX_IMAGES, PROPERTY_NAMES, Layout
-from ohlora.records import array_digest, weights_digest
-from ohlora.weights import SOURCES, fetch
-from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
-from stylegan_modified.generation import GenerationSettings, check_outputs, generate, read_z_csv
-from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
+from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
+from ohlora.constants import PROPERTY_NAMES
+from ohlora.weights import SOURCES
+from stylegan_modified.labels import UPSTREAM_LABEL, option_name
+from stylegan_modified.stage6 import (DEFAULT_NUM, DEFAULT_SWEEP_NUM, DEFAULT_SWEEP_VALUES, WEIGHT_SOURCES,
+                                      Stage6Request, run_stage6)
 
 EXAMPLES = '''
   # upstream's final test: 20 images into stylegan_modified/final_inference_test_v3/
@@ -36,10 +30,6 @@ EXAMPLES = '''
   # another z: a one-row CSV with the header 0,1,...,511
   python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
 '''
-
-WEIGHT_SOURCES = {'v1': 'v1_generator', 'v3': 'v3_generator'}
-DEFAULT_NUM, DEFAULT_SWEEP_NUM = 20, 4
-DEFAULT_SWEEP_VALUES = '-2,-1,0,1,2'
 
 
 def attribute_name(text: str) -> str:
@@ -76,66 +66,12 @@ def build_parser():
     return parser
 
 
-def sweep_values(args) -> list[float] | None:
-    if args.sweep is None:
-        if args.values is not None:
-            raise PipelineError('--values needs --sweep ATTR')
-        return None
-    text = DEFAULT_SWEEP_VALUES if args.values is None else args.values
-    try:
-        values = [float(part) + 0.0 for part in text.split(',') if part.strip()]  # + 0.0: -0.0 becomes 0.0
-    except ValueError:
-        raise PipelineError(f'--values {text!r} is not a comma-separated list of numbers') from None
-    if not values:
-        raise PipelineError('--values lists no value')
-    for value in values:
-        check_float('--values:', value)
-    if len(set(values)) != len(values):
-        raise PipelineError(f'--values {text!r} lists a value twice')
-    return values
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    values = {name: getattr(args, name) for name in PROPERTY_NAMES}
-    for name, value in values.items():  # all option checks come before any file is fetched, read or written
-        check_float(option_name(name), value)
-    columns = sweep_values(args)
-    check_float('--variation', args.variation, 0.0)
-    num = args.num or (DEFAULT_SWEEP_NUM if args.sweep else DEFAULT_NUM)
-    if num > MAX_IMAGES:
-        raise PipelineError(f'--num must be at most {MAX_IMAGES} (image names have six digits), got {num}')
-
-    layout = Layout(args.root)
-    files = layout.generation_folder(args.model, args.outdir, args.sweep)
-    check_outputs(files)
-    device = resolve_device(args.device)
-    disable_tf32()
-    weights = fetch(WEIGHT_SOURCES[args.model], layout, args.weights)
-    try:
-        generator = load_conditional_generator(weights, args.model, device)
-    except WrongCheckpoint as exc:
-        loads_as = {'generator v1': 'v1', 'generator v3': 'v3'}.get(exc.found)
-        hint = f'; it loads with --model {loads_as}' if loads_as else ''
-        raise PipelineError(f'{exc}{hint}') from None
-    z_csv = args.z_csv if args.z_csv is not None else layout.test_z_csv
-    base_z = read_z_csv(z_csv, generator.z_space_dim)
-
-    ranges, source, notes = score_ranges(layout, args.model)
-    lines = notes + label_warnings({k: v for k, v in values.items() if k != args.sweep}, args.model, ranges, source)
-    for value in columns or ():
-        lines += label_warnings({args.sweep: value}, args.model, ranges, source, via='--values')
-    for line in lines:
-        print(f'warning: {line}', file=sys.stderr)
-
-    label = {k: (None if k == args.sweep else v) for k, v in values.items()}
-    settings = GenerationSettings(model=args.model, weights_sha256=weights_digest(weights),
-                                  z_sha256=array_digest(base_z), seed=args.seed, variation=args.variation,
-                                  label=label, sweep=args.sweep)
-    result = generate(generator, files, settings, base_z, values, num, args.batch_size, columns,
-                      progress=not args.no_progress, names={'weights_file': weights.name, 'z_file': Path(z_csv).name})
-    print(f'wrote {result.written} images ({result.skipped} already there) into {result.folder}'
-          + (f'; grid: {result.grid}' if result.grid else ''))
+    report = run_stage6(request_from(Stage6Request, args,
+                                     attributes={name: getattr(args, name) for name in PROPERTY_NAMES}))
+    for line in report.lines():
+        print(line)
 
 
 if __name__ == '__main__':

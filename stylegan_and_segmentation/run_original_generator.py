@@ -1,14 +1,8 @@
 """Stage 1: sample faces from GenForce's pretrained StyleGAN (celeba_partial-256x256), or import the published set."""
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, check_float, make_parser, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.errors import PipelineError
-from ohlora.layout import MAX_IMAGES, Layout
-from ohlora.records import weights_digest
-from ohlora.weights import fetch
-from stylegan.checkpoint import load_generator
-from stylegan.sampling import SamplingRecipe, check_outputs, existing_images, import_published, sample_images
+from ohlora.cli import add_common_options, make_parser, request_from, run
+from stylegan.stage1 import Stage1Request, run_stage1
 
 EXAMPLES = '''
   # 10,000 images into stylegan/synthesize_results/ (downloads the GenForce zoo file if needed)
@@ -20,8 +14,6 @@ EXAMPLES = '''
   # upstream-like sampling: 90 % style mixing (drawn per image from the seed)
   python stylegan_and_segmentation/run_original_generator.py --compat upstream
 '''
-
-UPSTREAM_STYLE_MIXING_PROB = 0.9
 
 
 def build_parser():
@@ -45,39 +37,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    layout = Layout(args.root)
-    if args.published:
-        moved = import_published(layout)
-        print(f'imported {moved} published images into {layout.synthesized_dir}')
-        return
-    # Every option and the output folder are checked before the weights are fetched or loaded.
-    if not 1 <= args.num <= MAX_IMAGES:
-        raise PipelineError(f'--num must be in [1, {MAX_IMAGES}] (image names have six digits), got {args.num}')
-    check_float('--trunc-psi', args.trunc_psi)
-    if args.trunc_layers < 0:
-        raise PipelineError(f'--trunc-layers must be 0 or more, got {args.trunc_layers}')
-    mixing = args.style_mixing_prob
-    if mixing is None:
-        mixing = UPSTREAM_STYLE_MIXING_PROB if args.compat == 'upstream' else 0.0
-    check_float('--style-mixing-prob', mixing, 0.0, 1.0)
-    check_outputs(layout)
-    existing_images(layout.synthesized_dir)
-
-    device = resolve_device(args.device)
-    disable_tf32()
-    weights = fetch('genforce_stylegan256', layout, args.weights)
-    generator = load_generator(weights, key=args.generator_key, device=device)
-    if args.trunc_layers > generator.num_layers:
-        raise PipelineError(f'--trunc-layers {args.trunc_layers} exceeds the {generator.num_layers} layers of the '
-                            f'generator in {weights}')
-    recipe = SamplingRecipe(seed=args.seed, weights_sha256=weights_digest(weights),
-                            generator_key=args.generator_key, trunc_psi=args.trunc_psi,
-                            trunc_layers=args.trunc_layers, style_mixing_prob=mixing,
-                            z_dim=generator.z_space_dim, num_layers=generator.num_layers)
-    written = sample_images(generator, layout, recipe, args.num, args.batch_size, progress=not args.no_progress,
-                            weights_file=weights.name)
-    print(f'wrote {written} images ({args.num - written} already there) into {layout.synthesized_dir}; '
-          f'z record: {layout.synthesized_z_csv}')
+    report = run_stage1(request_from(Stage1Request, args))
+    for line in report.lines():
+        print(line)
 
 
 if __name__ == '__main__':

@@ -86,18 +86,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
         print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
         sys.exit(130)
-    names = ', '.join(str(p) for p in result.outputs)
-    if result.status == 'already finished':
-        restored = f'; restored the missing {", ".join(p.name for p in result.restored)}' if result.restored else ''
-        print(f'{result.run_folder} already holds a finished run of {result.epoch} epochs; nothing to do{restored} '
-              f'(--resume --epochs N to extend it)')
-    elif result.status == 'interrupted':
-        print(f'stopped by {result.signal} at epoch {result.epoch}, batch {result.batch} (step {result.step}); the '
-              f'checkpoint is complete ({names}); continue with --resume', file=sys.stderr)
+    interrupted = result.status == 'interrupted'
+    for line in result.lines():
+        print(line, file=sys.stderr if interrupted else sys.stdout)
+    if interrupted:
         sys.exit(130)
-    else:
-        print(f'fine-tuned v1 for {result.epoch} epochs ({result.step} steps): {names}; log and snapshots in '
-              f'{result.run_folder}')
 
 
 if __name__ == '__main__':

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import Layout
 from ohlora.records import sha256_of
 from ohlora.weights import fetch
 from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
@@ -68,7 +69,7 @@ class DirectionsControl:
     def edited_w(self, z: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, edited w), both [N, w_dim], for z [N, z_dim] and requested values [N, 7]."""
         if z.ndim != 2 or z.shape[1] != self.z_dim or values.shape[0] != z.shape[0]:
-            raise ValueError(f'z must have shape [N, {self.z_dim}] and values [N, 7] with the same N, got '
+            raise ValueError(f'z must have shape [N, {self.z_dim}] and values [N, {len(PROPERTY_NAMES)}] with the same N, got '
                              f'{list(z.shape)} and {list(values.shape)}')
         w = self.w_generator.w(z)
         return w, self.directions.edit(w, self.targets(values).to(w.device))

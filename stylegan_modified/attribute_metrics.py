@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ohlora.layout import PROPERTY_NAMES
+from ohlora.constants import PROPERTY_NAMES
 
 CONTROLLED_ATTRIBUTES = ('eyes', 'mouth', 'pose')  # the three attributes v3 trains and every test checks
 SCORE_DECIMALS = 4  # upstream rounds the property-CNN scores before comparing them

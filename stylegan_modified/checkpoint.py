@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ohlora.checkpoints import load_strict, read_checkpoint
+from ohlora.constants import LABEL_SIZE
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, PROPERTY_CNN_FILE, Layout
 from ohlora.weights import SOURCES, fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs
 from stylegan.genforce_layers import blur_kernel
@@ -28,12 +29,9 @@ from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_discriminator import DISCRIMINATOR_CLASSES
 from stylegan_modified.stylegan_generator import GENERATOR_CLASSES
 
-# (label size, embedding width) of each generator variant; v1 and v2 share one layout.
-GENERATOR_LABEL_SHAPES = {'v1': (7, 16), 'v2': (7, 16), 'v3': (7, 24), 'v4': (3, 16)}
-DISCRIMINATOR_LABEL_SIZES = {'v1': 7, 'v4': 3}
-GENERATOR_FILES = {'v1': 'stylegan_gen_fine_tuned_v1.pth', 'v2': 'stylegan_gen_fine_tuned_v2.pth',
-                   'v3': 'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth', 'v4': 'stylegan_gen_fine_tuned_v4.pth'}
-DISCRIMINATOR_FILES = {'v1': 'stylegan_dis_fine_tuned_v1.pth', 'v4': 'stylegan_dis_fine_tuned_v4.pth'}
+# (label size, embedding width) of each generator variant; v1 and v2 share one layout. v4 reads 3 values.
+GENERATOR_LABEL_SHAPES = {'v1': (LABEL_SIZE, 16), 'v2': (LABEL_SIZE, 16), 'v3': (LABEL_SIZE, 24), 'v4': (3, 16)}
+DISCRIMINATOR_LABEL_SIZES = {'v1': LABEL_SIZE, 'v4': 3}
 
 
 class WrongCheckpoint(PipelineError):
@@ -55,7 +53,7 @@ def _tensor_dict(obj) -> dict | None:
     return obj
 
 
-def _shape(state_dict: dict, key: str) -> tuple[int, ...] | None:
+def _optional_shape(state_dict: dict, key: str) -> tuple[int, ...] | None:
     value = state_dict.get(key)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
@@ -71,7 +69,7 @@ def generator_variant(label_shape: tuple[int, ...] | None) -> str | None:
 def discriminator_label_size(state_dict: dict) -> int | None:
     """Width of the label concatenated before ``layer{last}`` (0 for GenForce's D); None if not a D."""
     inputs = sum(1 for k in state_dict if k.startswith('input') and k.endswith('.weight'))
-    last, hidden = _shape(state_dict, f'layer{2 * inputs}.weight'), _shape(state_dict, f'layer{2 * inputs - 1}.weight')
+    last, hidden = _optional_shape(state_dict, f'layer{2 * inputs}.weight'), _optional_shape(state_dict, f'layer{2 * inputs - 1}.weight')
     if not inputs or last is None or hidden is None or len(last) != 2 or len(hidden) != 2:
         return None
     return last[1] - hidden[0] if last[0] == 1 else 0
@@ -91,10 +89,10 @@ def describe_checkpoint(obj) -> tuple[str, str | None]:
     if state_dict is None:
         return f'a dict of {len(obj)} entries that is no state_dict (e.g. {", ".join(map(str, list(obj)[:3]))})', None
 
-    label = _shape(state_dict, 'mapping.label_weight')
+    label = _optional_shape(state_dict, 'mapping.label_weight')
     if label is not None and len(label) == 2:
         variant = generator_variant(label)
-        z = (_shape(state_dict, 'mapping.dense0.weight') or (0, 0))[1] - label[1]
+        z = (_optional_shape(state_dict, 'mapping.dense0.weight') or (0, 0))[1] - label[1]
         size = '' if z == 512 else f', z width {z}'
         if variant is None:
             return (f'a conditional StyleGAN generator with label_weight {label[0]}x{label[1]}{size}, which is no '
@@ -112,10 +110,10 @@ def describe_checkpoint(obj) -> tuple[str, str | None]:
             return f'a conditional StyleGAN discriminator with a {label_size}-value label', 'discriminator'
         return f'an Oh-LoRA {variant} discriminator ({label_size}-value label)', f'discriminator {variant}'
     if any(k.startswith('eyes_score_cnn.') for k in state_dict):
-        return 'the Oh-LoRA v2 property-score CNN (stylegan_gen_fine_tuned_v2_cnn.pth)', 'property cnn'
+        return f'the Oh-LoRA v2 property-score CNN ({PROPERTY_CNN_FILE})', 'property cnn'
     if 'fc2_mu.weight' in state_dict:
         return 'the Oh-LoRA v3 CVAE encoder', 'cvae encoder'
-    fc1 = _shape(state_dict, 'fc1.0.weight')
+    fc1 = _optional_shape(state_dict, 'fc1.0.weight')
     if 'conv1.0.weight' in state_dict and fc1 is not None:
         kind = {9216: 'gender', 12288: 'quality'}.get(fc1[-1])
         return (f'an Oh-LoRA {kind} CNN' if kind else 'a CNN state_dict'), f'{kind} cnn'
@@ -129,8 +127,8 @@ def _wrong_file(path: Path, description: str, found: str | None, expected: str) 
 
 def infer_conditional_generator_kwargs(state_dict: dict) -> dict:
     """Constructor kwargs (GenForce's + ``label_size``, ``label_convert_dim``) reproducing the file's shapes."""
-    label = _shape(state_dict, 'mapping.label_weight')
-    dense0 = _shape(state_dict, 'mapping.dense0.weight')
+    label = _optional_shape(state_dict, 'mapping.label_weight')
+    dense0 = _optional_shape(state_dict, 'mapping.dense0.weight')
     if label is None or len(label) != 2 or dense0 is None or len(dense0) != 2 or dense0[1] <= label[1]:
         raise ValueError('it has no mapping.label_weight [L, E] with mapping.dense0.weight [*, z + E]')
     label_size, embedding_dim = label
@@ -252,7 +250,7 @@ def published_property_cnn(layout: Layout, device='cpu', override: str | Path | 
 
 def infer_cvae_encoder_kwargs(state_dict: dict) -> dict:
     """``latent_dim``, ``label_size`` and ``hidden_dim`` reproducing an encoder state_dict's shapes."""
-    fc1, mu = _shape(state_dict, 'fc1.0.weight'), _shape(state_dict, 'fc2_mu.weight')
+    fc1, mu = _optional_shape(state_dict, 'fc1.0.weight'), _optional_shape(state_dict, 'fc2_mu.weight')
     if fc1 is None or mu is None or len(fc1) != 2 or len(mu) != 2:
         raise ValueError('it has no fc1.0.weight and fc2_mu.weight matrices')
     hidden_dim, label_size = fc1[0], fc1[1] - flat_features()

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ohlora.layout import PROPERTY_NAMES
+from ohlora.constants import PROPERTY_NAMES
 
 __all__ = ['ControllableGenerator', 'ConditionalControl', 'TRAINED_ATTRIBUTES', 'SCORE_ALGORITHM']
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGE_SIZE = 256
+from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
+
 CHANNELS = (32, 64, 128, 128, 256)
 PARAMETERS = 9_877_600  # the upstream encoder (not published)
 
@@ -29,7 +30,7 @@ def flat_features(image_size: int = IMAGE_SIZE) -> int:
 
 
 class CVAEEncoder(nn.Module):
-    def __init__(self, latent_dim: int = 512, label_size: int = 7, hidden_dim: int = 512):
+    def __init__(self, latent_dim: int = 512, label_size: int = LABEL_SIZE, hidden_dim: int = 512):
         super().__init__()
         self.latent_dim, self.label_size = latent_dim, label_size
         previous = 3

@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cnn.images import decode_rgb
+from ohlora.constants import IMAGE_SIZE, SCORE_COLUMNS
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError, first_line
-from ohlora.layout import SCORE_COLUMNS, Layout
+from ohlora.layout import Layout
 from ohlora.tables import float32_matrix, read_table
 
 DATA_ORDER_STREAM = 50  # item_generator stream of the per-epoch permutation
@@ -44,7 +45,7 @@ class ScoredImageDataset(Dataset):
     """Images located by ``img_no`` (``image_path(img_no)``) with float32 labels from a scores CSV."""
 
     def __init__(self, scores_csv: str | Path, image_path: Callable[[int], Path],
-                 columns: Sequence[str] = SCORE_COLUMNS, image_size: tuple[int, int] = (256, 256),
+                 columns: Sequence[str] = SCORE_COLUMNS, image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
                  what: str = 'property scores CSV'):
         self.scores_csv = Path(scores_csv)
         self.columns = tuple(columns)

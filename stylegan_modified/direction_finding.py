@@ -6,7 +6,6 @@ depth is known, still before anything is written.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from stylegan_modified.direction_sampling import (PropertyCNNScorer, SampleSetti
                                                   sample_w_and_scores)
 from stylegan_modified.directions_file import AttributeDirections, write_directions
 from stylegan_modified.w_space import StyleGANW, parse_layers
-
-log = logging.getLogger(__name__)
 
 DEFAULT_NUM = 80_000
 DEFAULT_CHUNK_SIZE = 1_000
@@ -57,6 +54,15 @@ class FindResult:
     computed: int
     reused: int
 
+    def lines(self) -> list[str]:
+        """What the script prints: the fit quality per attribute, then where everything went."""
+        d = self.directions
+        head = (f'{d.method} directions for {", ".join(d.attributes)}'
+                + (f' (holding {", ".join(d.held_attributes)})' if d.held_attributes else '')
+                + f' from {d.num} samples ({self.computed} sampled now, {self.reused} reused from '
+                  f'{self.samples_folder})')
+        return [head, *('  ' + line for line in _quality_lines(d)), f'wrote {self.output} and {self.report}']
+
 
 def check_request(request: FindRequest) -> None:
     if request.generator not in BASE_GENERATORS:
@@ -88,7 +94,7 @@ def _quality_lines(directions: AttributeDirections) -> list[str]:
 
 
 def find_attribute_directions(request: FindRequest) -> FindResult:
-    """Sample, fit, write; returns what was written and the fit quality (also logged, one line per attribute)."""
+    """Sample, fit, write; returns what was written and the fit quality (:meth:`FindResult.lines`)."""
     check_request(request)
     layout = Layout(request.root)
     output = Path(request.output) if request.output is not None else layout.attribute_directions
@@ -122,17 +128,4 @@ def find_attribute_directions(request: FindRequest) -> FindResult:
                                'held_attributes': list(directions.held_attributes), 'num': directions.num,
                                'seed': directions.seed, 'options': directions.options,
                                'fit_quality': directions.fit_quality})
-    for line in _quality_lines(directions):
-        log.info('%s', line)
     return FindResult(directions, output, report, files.folder, samples.computed, samples.reused)
-
-
-def summary_lines(result: FindResult) -> list[str]:
-    """What the script prints: the fit quality per attribute, then where everything went."""
-    d = result.directions
-    head = (f'{d.method} directions for {", ".join(d.attributes)}'
-            + (f' (holding {", ".join(d.held_attributes)})' if d.held_attributes else '')
-            + f' from {d.num} samples ({result.computed} sampled now, {result.reused} reused from '
-              f'{result.samples_folder})')
-    return [head, *('  ' + line for line in _quality_lines(d)),
-            f'wrote {result.output} and {result.report}']

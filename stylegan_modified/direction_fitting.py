@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, AttributeDirections
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEFAULT_ATTRIBUTES = ('eyes', 'mouth', 'pose')
 
@@ -124,7 +124,7 @@ def fit_svm_normal(w: np.ndarray, scores: np.ndarray, fraction: float, c: float,
         warnings.simplefilter('always', ConvergenceWarning)
         svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=seed).fit(x, y)
     if any(issubclass(item.category, ConvergenceWarning) for item in caught):
-        log.warning('LinearSVC did not fully converge (%d samples); the direction may be less precise', len(y))
+        logger.warning('LinearSVC did not fully converge (%d samples); the direction may be less precise', len(y))
     normal = svm.coef_[0].astype(np.float64)
     norm = np.linalg.norm(normal)
     if not np.isfinite(norm) or norm == 0:

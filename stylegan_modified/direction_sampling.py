@@ -27,18 +27,19 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
 from ohlora.layout import DirectionSamplesFolder
-from ohlora.records import sha256_of
+from ohlora.records import differences, read_record, sha256_of
 from stylegan.postprocess import to_uint8
 from stylegan.sampling import Z_STREAM, sampled_latent
 from stylegan_modified.w_space import WGenerator, broadcast_w
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHUNK_FORMAT = 'ohlora-direction-samples-chunk'
+NUM_SCORES = len(PROPERTY_NAMES)  # the property CNN's outputs, in the standard order
 Z_RULE = f'z_i = randn(z_dim) from item_generator(seed, i, stream {Z_STREAM}) (stage 1\'s z of image i)'
-NUM_SCORES = 7
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -105,47 +106,21 @@ def chunk_plan(num: int, chunk_size: int) -> list[tuple[int, int, int]]:
     return [(k, k * chunk_size, min(chunk_size, num - k * chunk_size)) for k in range(math.ceil(num / chunk_size))]
 
 
-def _flatten(record: dict, prefix: str = '') -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
-
-
-def _read_settings(files: DirectionSamplesFolder) -> dict | None:
-    path = files.settings_json
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise PipelineError(f'{path} is not a samples record of the directions tool; delete the folder '
-                            f'{files.folder} or choose another --samples-dir')
-    return recorded
-
-
 def check_settings(files: DirectionSamplesFolder, settings: SampleSettings) -> bool:
     """True when the folder already records ``settings``; a folder of other settings is refused in one line."""
-    recorded = _read_settings(files)
+    recorded = read_record(files.settings_json, 'samples record of the directions tool',
+                           f'delete the folder {files.folder} or choose another --samples-dir')
     chunks = files.chunk_files()
     if recorded is None:
         if chunks:
             raise PipelineError(f'{files.folder} holds {len(chunks)} sample chunks but no {files.settings_json.name} '
                                 'says how they were made; delete them or choose another --samples-dir')
         return False
-    wanted = settings.as_json()
-    if recorded == wanted:
+    changed = differences(recorded, settings.as_json())
+    if not changed:
         return True
-    before, after = _flatten(recorded), _flatten(wanted)
-    changed = [k for k in after if before.get(k) != after[k]] + sorted(set(before) - set(after))
-    detail = ', '.join(f'{k} {before.get(k)!r} -> {after.get(k)!r}' for k in changed[:3])
-    raise PipelineError(f'{files.folder} holds samples made with other settings ({detail}); rerun with the same '
-                        'generator, property CNN and seed, or choose another --samples-dir')
+    raise PipelineError(f'{files.folder} holds samples made with other settings ({", ".join(changed[:3])}); rerun '
+                        'with the same generator, property CNN and seed, or choose another --samples-dir')
 
 
 def _load_chunk(path: Path, digest: str, start: int, count: int, w_dim: int) -> dict | None:
@@ -155,13 +130,13 @@ def _load_chunk(path: Path, digest: str, start: int, count: int, w_dim: int) -> 
     try:
         chunk = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # atomic writes make this rare (a disk error); recomputing is always safe
-        log.warning('%s is unreadable (%s); computing it again', path, type(exc).__name__)
+        logger.warning('%s is unreadable (%s); computing it again', path, type(exc).__name__)
         return None
     ok = (isinstance(chunk, dict) and chunk.get('format') == CHUNK_FORMAT and chunk.get('settings_sha256') == digest
           and chunk.get('start') == start and isinstance(chunk.get('w'), torch.Tensor)
           and isinstance(chunk.get('scores'), torch.Tensor))
     if not ok:
-        log.warning('%s is not a sample chunk of these settings; computing it again', path)
+        logger.warning('%s is not a sample chunk of these settings; computing it again', path)
         return None
     w, scores = chunk['w'], chunk['scores']
     if w.ndim != 2 or w.shape[1] != w_dim or tuple(scores.shape) != (w.shape[0], NUM_SCORES) or w.shape[0] < count:

@@ -33,8 +33,8 @@ import torch
 
 from ohlora import atomic
 from ohlora.checkpoints import read_checkpoint
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES
 
 FILE_FORMAT = 'ohlora-attribute-directions'
 FILE_VERSION = 1

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ohlora import atomic
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, AttributeControlFolder
+from ohlora.layout import IMAGE_SUFFIX, PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
 from ohlora.records import sha256_of
 from stylegan.postprocess import to_uint8
 from stylegan_modified import evaluation_plots as plots
@@ -73,6 +73,11 @@ class EvaluationResult:
     reused_z: int          # z whose scores an earlier run left
     summary: dict
     lines: list[str]
+
+    def report_lines(self) -> list[str]:
+        """What the script prints: the counts of this run, then the summary table lines."""
+        return [f'{self.rendered} images rendered, {self.decoded} read back, {self.scored_z} z measured, '
+                f'{self.reused_z} z already measured; folder {self.folder.folder}', *self.lines]
 
 
 # --- the settings record -------------------------------------------------------------------------------------
@@ -150,10 +155,7 @@ def check_resumable(folder: AttributeControlFolder, record: dict, z_digests: dic
 # --- images ----------------------------------------------------------------------------------------------------
 
 def _encode_jpeg(rgb: np.ndarray) -> bytes:
-    ok, data = cv2.imencode('.jpg', np.ascontiguousarray(rgb[:, :, ::-1]))
-    if not ok:
-        raise OSError('OpenCV could not encode a JPEG')
-    return data.tobytes()
+    return atomic.encode_image(IMAGE_SUFFIX, np.ascontiguousarray(rgb[:, :, ::-1]))
 
 
 def _decode(data: bytes) -> np.ndarray | None:
@@ -246,10 +248,7 @@ def sweep_grid_png(images: list[np.ndarray], grid: dict[str, tuple[float, ...]],
     full_title = f'{title}; rows: {row_names or "-"}; columns: {names[column_axis]}' + (f'; {fixed}' if fixed else '')
     column_labels = [f'{names[column_axis]} {v:g}' for v in grid[names[column_axis]]]
     canvas = sweep_grid(cells, row_labels, column_labels, full_title)
-    ok, data = cv2.imencode('.png', canvas)
-    if not ok:
-        raise OSError('OpenCV could not encode the sweep grid')
-    return data.tobytes()
+    return atomic.encode_image(PLOT_SUFFIX, canvas)
 
 
 def _write_if_changed(path: Path, data: bytes) -> bool:

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from ohlora.checkpoints import load_strict, read_checkpoint
 from ohlora.errors import PipelineError
+from ohlora.layout import IDENTITY_WEIGHTS_FILE
 from ohlora.records import sha256_of
 
 IDENTITY_BOX = (5 / 32, 1 / 4, 27 / 32, 15 / 16)  # x1, y1, x2, y2 as fractions of the width / height
 INPUT_SIZE = 160
-WHAT = 'facenet-pytorch InceptionResnetV1 state_dict (e.g. 20180402-114759-vggface2.pt)'
+WHAT = f'facenet-pytorch InceptionResnetV1 state_dict (e.g. {IDENTITY_WEIGHTS_FILE})'
 
 
 def identity_box(height: int, width: int) -> tuple[int, int, int, int]:

@@ -48,15 +48,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
+from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import Layout
+from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
 from ohlora.records import sha256_of
 from ohlora.resume import ResumeRecord, capture_rng_state, restore_rng_state, seed_everything
 from ohlora.weights import fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs, unwrap_zoo_checkpoint
-from stylegan_modified.checkpoint import (DISCRIMINATOR_FILES, GENERATOR_FILES, describe_checkpoint,
-                                          infer_conditional_discriminator_kwargs, infer_conditional_generator_kwargs)
+from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_discriminator_kwargs,
+                                          infer_conditional_generator_kwargs)
 from stylegan_modified.datasets import (ScoredImageDataset, check_batch_size, epoch_batches, epoch_order,
                                         minibatch_std_group_size)
 from stylegan_modified.monitoring import MonitoringGrid
@@ -67,11 +68,11 @@ from stylegan_modified.training_control import (GracefulStop, MixedPrecision, No
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 
 VERSION = 'v1'
-IMAGE_RESOLUTION = 256
-LABEL_SIZE, LABEL_CONVERT_DIM = 7, 16
+LABEL_CONVERT_DIM = 16
 INITS = ('upstream', 'warm')
 INIT_STREAM = 51  # item_generator stream of the random init (dense0.weight, label_weight, layer14)
-ZOO_WHAT = 'GenForce StyleGAN zoo checkpoint (stylegan_celeba_partial256.pth)'
+ZOO_MODEL = Path(GENFORCE_ZOO_FILE).stem
+ZOO_WHAT = f'GenForce StyleGAN zoo checkpoint ({GENFORCE_ZOO_FILE})'
 LOG_COLUMNS = ('epoch', 'idx', 'd_loss', 'g_loss', 'g_train_count', 'real_scores_mean', 'fake_scores_mean',
                'real_fake_auroc', 'images_per_s', 'peak_gpu_mem_mb')
 G_NAME, D_NAME = 'generator', 'discriminator'
@@ -197,12 +198,12 @@ def build_models(zoo_path: str | Path, init: str = 'upstream', seed: int = 0) ->
         raise PipelineError(f'{path} is not a GenForce StyleGAN zoo checkpoint: {exc}') from None
     if g_kwargs['label_size'] or d_kwargs['label_size']:
         raise PipelineError(f'{path} holds a label-conditioned GenForce model; fine-tuning starts from an '
-                            'unconditional one (stylegan_celeba_partial256)')
+                            f'unconditional one ({ZOO_MODEL})')
     for name, kwargs in ((G_NAME, g_kwargs), (D_NAME, d_kwargs)):
-        if kwargs['resolution'] != IMAGE_RESOLUTION:
+        if kwargs['resolution'] != IMAGE_SIZE:
             raise PipelineError(f'{path}: its {name} is for {kwargs["resolution"]}x{kwargs["resolution"]} images; '
-                                f'v1 fine-tunes the {IMAGE_RESOLUTION}x{IMAGE_RESOLUTION} model '
-                                '(stylegan_celeba_partial256) on the 256x256 filtered images')
+                                f'v1 fine-tunes the {IMAGE_SIZE}x{IMAGE_SIZE} model ({ZOO_MODEL}) on the '
+                                f'{IMAGE_SIZE}x{IMAGE_SIZE} filtered images')
     for name, source, key in ((G_NAME, g_source, 'synthesis.lod'), (D_NAME, d_source, 'lod')):
         lod = source.get(key)
         if isinstance(lod, torch.Tensor) and lod.numel() == 1 and float(lod) != 0:
@@ -307,7 +308,7 @@ class V1Trainer:
         self.where = ''                      # for messages: 'epoch E, batch B (step S)'
         self.last_checkpoint = 'no checkpoint had been written yet'
 
-    def generate(self, labels: torch.Tensor) -> torch.Tensor:
+    def generate_fakes(self, labels: torch.Tensor) -> torch.Tensor:
         """G(z, labels) as in upstream training: train mode, style mixing, random noise; z from the CPU RNG."""
         z = torch.randn(labels.shape[0], self.generator.z_space_dim).to(self.device)
         return self.generator(z, labels, w_moving_decay=self.hyper.w_moving_decay,
@@ -318,7 +319,7 @@ class V1Trainer:
         set_trainable(self.generator, False)
         set_trainable(self.discriminator, self.d_trainable)
         with torch.no_grad(), self.amp.autocast():
-            fakes = self.generate(labels)
+            fakes = self.generate_fakes(labels)
         reals = reals.detach().requires_grad_(True)
         real_logits = self.discriminator(reals, labels)  # float32 even with --amp: R1 needs it
         r1 = r1_penalty(real_logits, reals, self.hyper.r1_gamma)
@@ -333,7 +334,7 @@ class V1Trainer:
         set_trainable(self.discriminator, False)
         set_trainable(self.generator, generator_trainable)
         with self.amp.autocast():
-            g_loss = g_nonsaturating_loss(self.discriminator(self.generate(labels), labels).float())
+            g_loss = g_nonsaturating_loss(self.discriminator(self.generate_fakes(labels), labels).float())
         check_finite(self.where, self.last_checkpoint, g_loss=g_loss)
         self.amp.step(G_NAME, g_loss, self.g_optimizer)
         return float(g_loss.detach())
@@ -353,7 +354,7 @@ class V1Trainer:
                             optimizers={G_NAME: self.g_optimizer.state_dict(), D_NAME: self.d_optimizer.state_dict()},
                             scalers=self.amp.state_dict())
 
-    def load_record(self, record: ResumeRecord) -> None:
+    def restore_optimizers(self, record: ResumeRecord) -> None:
         try:
             self.g_optimizer.load_state_dict(record.optimizers[G_NAME])
             self.d_optimizer.load_state_dict(record.optimizers[D_NAME])
@@ -374,6 +375,19 @@ class FineTuningResult:
     restored: tuple[Path, ...] = ()
     signal: str | None = None
 
+    def lines(self) -> list[str]:
+        """What the script prints: on stderr when the run was interrupted (it then exits 130), else on stdout."""
+        names = ', '.join(str(p) for p in self.outputs)
+        if self.status == 'already finished':
+            restored = f'; restored the missing {", ".join(p.name for p in self.restored)}' if self.restored else ''
+            return [f'{self.run_folder} already holds a finished run of {self.epoch} epochs; nothing to '
+                    f'do{restored} (--resume --epochs N to extend it)']
+        if self.status == 'interrupted':
+            return [f'stopped by {self.signal} at epoch {self.epoch}, batch {self.batch} (step {self.step}); the '
+                    f'checkpoint is complete ({names}); continue with --resume']
+        return [f'fine-tuned {VERSION} for {self.epoch} epochs ({self.step} steps): {names}; log and snapshots in '
+                f'{self.run_folder}']
+
 
 def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str | Path | None = None,
               scores_path: str | Path | None = None, outdir: str | Path | None = None, resume: bool = False,
@@ -389,7 +403,7 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
     settings.check()
     device = torch.device(settings.device)
     scores_csv = Path(scores_path) if scores_path is not None else layout.property_scores_csv(1)
-    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_RESOLUTION, IMAGE_RESOLUTION))
+    dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_SIZE, IMAGE_SIZE))
     files = layout.training_run(VERSION, outdir)
     outputs = {files.checkpoint(GENERATOR_FILES[VERSION]): G_NAME,
                files.checkpoint(DISCRIMINATOR_FILES[VERSION]): D_NAME}
@@ -415,7 +429,7 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
 
     trainer = V1Trainer(generator, discriminator, settings, device)
     if plan.record is not None:
-        trainer.load_record(plan.record)
+        trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
     return _train(run, plan, trainer, dataset, settings, group)
 

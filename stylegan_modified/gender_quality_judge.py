@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from cnn.ensemble import ensemble_outputs, final_scores, load_ensemble, published_weights
-from cnn.images import IMAGE_SIZE, to_unit_range
+from cnn.images import IMAGE_HW, to_unit_range
 from cnn.properties import PROPERTIES
+from ohlora.constants import NUM_FOLDS
 from ohlora.errors import PipelineError, WeightsUnavailable
-from ohlora.layout import Layout
+from ohlora.layout import Layout, cnn_model_name
 from ohlora.records import sha256_of
 
 JUDGED = ('gender', 'quality')
@@ -24,7 +25,7 @@ SHARE_NAMES = {'gender': 'female', 'quality': 'good_quality'}
 
 
 class EnsembleJudge:
-    image_size = IMAGE_SIZE
+    image_size = IMAGE_HW
 
     def __init__(self, ensembles: dict[str, list[torch.nn.Module]], weights_sha256: dict[str, list[str]] | None = None):
         self.ensembles = ensembles
@@ -51,8 +52,8 @@ def load_judge(layout: Layout, weights_dir: str | Path | None,
     An explicit ``--cnn-weights DIR`` that lacks a file is an error, not a silent omission.
     """
     if weights_dir is not None and not Path(weights_dir).is_dir():
-        raise PipelineError(f'--cnn-weights {weights_dir}: no such folder (expected gender_model_0.pt … '
-                            'quality_model_4.pt)')
+        raise PipelineError(f'--cnn-weights {weights_dir}: no such folder (expected {cnn_model_name("gender", 0)} … '
+                            f'{cnn_model_name("quality", NUM_FOLDS - 1)})')
     paths = {}
     for prop in JUDGED:
         try:

@@ -13,8 +13,6 @@ settings skips the images already there, other settings are refused instead of m
 """
 from __future__ import annotations
 
-import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,9 +22,11 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, GenerationFolder
+from ohlora.image_writer import BatchImageWriter
+from ohlora.layout import GenerationFolder
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
                             write_record, write_z_record)
 from ohlora.tables import read_table
@@ -93,14 +93,9 @@ def render_labelled(generator, z: torch.Tensor, labels: torch.Tensor, img_nos: l
     return to_uint8(image)
 
 
-def image_pattern(files: GenerationFolder) -> re.Pattern:
-    sweep = files.sweep
-    return re.compile(r'(\d{6})\.jpg' if sweep is None else rf'(\d{{6}})_{re.escape(sweep)}_.+\.jpg')
-
-
-def existing_images(files: GenerationFolder) -> dict[str, int]:
+def images_present(files: GenerationFolder) -> dict[str, int]:
     """{file name: image number} of the images of this kind already in the folder (regular files only)."""
-    return scan_outputs(files.folder, image_pattern(files), 'a stage-6 image').found
+    return scan_outputs(files.folder, files.image_pattern(), 'a stage-6 image').found
 
 
 def check_outputs(files: GenerationFolder) -> None:
@@ -108,7 +103,7 @@ def check_outputs(files: GenerationFolder) -> None:
     image names (before anything runs)."""
     atomic.check_writable(files.folder)
     atomic.check_replaceable(files.settings_json, files.z_csv, *([files.grid] if files.sweep else []))
-    existing_images(files)
+    images_present(files)
 
 
 def read_settings(files: GenerationFolder) -> dict | None:
@@ -116,9 +111,9 @@ def read_settings(files: GenerationFolder) -> dict | None:
                        'delete it together with the images it describes, or choose another --outdir')
 
 
-def check_resumable(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
+def resumable_images(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
     """The images already there, after making sure they were made with ``settings`` (else one-line error)."""
-    existing = existing_images(files)
+    existing = images_present(files)
     refuse_other_settings(read_settings(files), settings.as_json(), outputs=len(existing), folder=files.folder,
                           record_path=files.settings_json, noun='images',
                           remedy='choose another --outdir or move them away')
@@ -137,7 +132,7 @@ def _value_label(attribute: str, value: float) -> str:
     return f'{attribute} = {value:g}'
 
 
-def generate(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
+def generate_images(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
              values: dict[str, float], num: int, batch_size: int, sweep_values: list[float] | None = None,
              progress: bool = True, names: dict | None = None) -> GenerationResult:
     """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
@@ -151,7 +146,7 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
         raise PipelineError('a sweep needs both an attribute and its values')
     check_outputs(files)
     columns = [None] if sweep is None else list(sweep_values)
-    existing = check_resumable(files, settings)
+    existing = resumable_images(files, settings)
     items = [(n, value) for n in range(num) for value in columns]  # row-major: the grid's reading order
     todo = [(n, v) for n, v in items if files.image_name(n, v) not in existing]
     img_nos = sorted(set(existing.values()) | {n for n, _ in items})
@@ -161,10 +156,9 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
         write_z_record(files.z_csv, img_nos, torch.stack([varied_latent(base_z, settings.seed, n, settings.variation)
                                                           for n in img_nos]).numpy())
 
-    encoded: dict[tuple[int, float | None], bytes] = {}
     missing = set(todo)
     bar = tqdm(total=len(todo), desc=f'generating ({settings.model})', unit='img', disable=not progress)
-    with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG encoding releases the GIL
+    with BatchImageWriter(on_written=bar.update) as writer:  # JPEGs are written while the next batch renders
         for index, batch in enumerate(aligned_batches(items, set(items) - missing, batch_size)):
             z = torch.stack([varied_latent(base_z, settings.seed, n, settings.variation) for n, _ in batch])
             labels = torch.from_numpy(np.stack([label_vector({**values, **({sweep: v} if sweep else {})})
@@ -172,29 +166,30 @@ def generate(generator, files: GenerationFolder, settings: GenerationSettings, b
             images = render_labelled(generator, z, labels, [n for n, _ in batch])
             if index == 0:
                 record()
-            wanted = [(item, rgb) for item, rgb in zip(batch, images) if item in missing]
-            jpegs = list(pool.map(lambda pair: atomic.encode_image('.jpg', pair[1][:, :, ::-1]), wanted))
-            for ((n, v), _), data in zip(wanted, jpegs):
-                atomic.write_bytes(files.image(n, v), data)
-                if sweep is not None:  # only a sweep's grid needs them again
-                    encoded[(n, v)] = data
-            bar.update(len(wanted))
+            writer.submit((files.image(n, v), rgb[:, :, ::-1]) for (n, v), rgb in zip(batch, images)
+                          if (n, v) in missing)
     bar.close()
     if not todo:
         record()  # a finished rerun writes nothing: both records are written only when they change
 
     result = GenerationResult(written=len(todo), skipped=len(items) - len(todo), folder=files.folder)
     if sweep is not None:
-        # Cells are the decoded JPEGs, so a resumed run composes exactly the grid of an uninterrupted one.
-        def cell(n, v):
-            data = encoded.get((n, v)) or files.image(n, v).read_bytes()
-            return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        # The cells are the JPEGs read back one at a time as the grid is drawn (nothing of the run is kept in
+        # memory), so a resumed run composes exactly the grid of an uninterrupted one.
+        def cell(row: int, column: int) -> np.ndarray:
+            path = files.image(row, columns[column])
+            try:
+                image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+            except OSError as exc:
+                raise PipelineError(f'cannot read {path} for the grid: {exc.strerror or exc}') from None
+            if image is None:
+                raise PipelineError(f'{path} is not a readable image; delete it and rerun to render it again')
+            return image
 
-        cells = [[cell(n, v) for v in columns] for n in range(num)]
         rows = ['z 0 (CSV)' if n == 0 else f'z {n}' for n in range(num)]
         others = ', '.join(f'{k} {values.get(k, 0.0):g}' for k in PROPERTY_NAMES if k != sweep)
         title = f'{settings.model}: {sweep} sweep, seed {settings.seed}; {others}'
-        grid = sweep_grid(cells, rows, [_value_label(sweep, v) for v in columns], title)
-        write_if_changed(files.grid, atomic.encode_image('.png', grid))
+        grid = sweep_grid(cell, rows, [_value_label(sweep, v) for v in columns], title)
+        write_if_changed(files.grid, atomic.encode_image(files.grid.suffix, grid))
         result.grid = files.grid
     return result

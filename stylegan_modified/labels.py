@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import Layout
 
 # The label of upstream's final test (run_fine_tuned_generator.py): eyes open, mouth open, pose -1.2.
 UPSTREAM_LABEL = {'eyes': 1.8, 'hair_color': 0.0, 'hair_length': 0.0, 'mouth': 1.6, 'pose': -1.2,
@@ -38,7 +39,7 @@ def option_name(attribute: str) -> str:
     return '--' + attribute.replace('_', '-')
 
 
-def check_finite(values: dict[str, float]) -> None:
+def check_finite_values(values: dict[str, float]) -> None:
     for attribute, value in values.items():
         if not math.isfinite(value):
             raise PipelineError(f'{option_name(attribute)} {value} is not a finite number')
@@ -50,7 +51,7 @@ def label_vector(values: dict[str, float]) -> np.ndarray:
     if unknown:
         raise PipelineError(f'unknown attribute(s) {", ".join(sorted(unknown))}; the label has '
                             f'{", ".join(PROPERTY_NAMES)}')
-    check_finite(values)
+    check_finite_values(values)
     return np.array([values.get(name, 0.0) for name in PROPERTY_NAMES], dtype=np.float32)
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import item_generator
-from ohlora.layout import PROPERTY_NAMES
 from stylegan.postprocess import to_uint8
 from stylegan_modified.sweep_grid import sweep_grid
 
@@ -74,8 +74,8 @@ class MonitoringGrid:
         finally:
             generator.train(was_training)
         images = np.concatenate(images)
-        cells = [[self._cell(images[r * cols + c]) for c in range(cols)] for r in range(rows)]
-        return sweep_grid(cells, [f'z {r}' for r in range(rows)], self.column_titles, title)
+        return sweep_grid(lambda r, c: self._cell(images[r * cols + c]), [f'z {r}' for r in range(rows)],
+                          self.column_titles, title)
 
     def _cell(self, rgb: np.ndarray) -> np.ndarray:
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from cnn.models import conv_block, hidden_block, pool
-from ohlora.layout import PROPERTY_NAMES
+from ohlora.constants import IMAGE_SIZE, PROPERTY_NAMES
 
-IMAGE_SIZE = 256
 SUB_HIDDEN = 256
 PARAMETERS = 11_516_807  # the published stylegan_gen_fine_tuned_v2_cnn.pth
 P = 'P'

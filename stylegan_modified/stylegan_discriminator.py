@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ohlora import constants
 from stylegan.genforce_layers import DenseLayer
 from stylegan.stylegan_discriminator import StyleGANDiscriminator as GenForceStyleGANDiscriminator
 
@@ -23,7 +24,7 @@ MINIBATCH_STD_GROUP_SIZE = 16
 class StyleGANDiscriminator(GenForceStyleGANDiscriminator):
     """v1 (``stylegan_dis_fine_tuned_v1.pth``): 7 labels, ``layer14.weight`` [1, 519] at full width."""
 
-    LABEL_SIZE = 7
+    LABEL_SIZE = constants.LABEL_SIZE
 
     def __init__(self, resolution: int = 256, image_channels: int = 3, label_size: int | None = None,
                  fused_scale='auto', use_wscale: bool = True,
@@ -42,8 +43,7 @@ class StyleGANDiscriminator(GenForceStyleGANDiscriminator):
         setattr(self, self.final_layer_name, DenseLayer(features + label_size, 1, use_wscale=use_wscale, gain=1.0,
                                                         activate=False))
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor, lod: float | None = None,
-                **unused_kwargs) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, label: torch.Tensor, lod: float | None = None) -> torch.Tensor:
         if label is None or tuple(label.shape) != (image.shape[0], self.label_size):
             got = None if label is None else list(label.shape)
             raise ValueError(f'label must have shape [{image.shape[0]}, {self.label_size}], got {got}')

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ohlora import constants
 from stylegan.stylegan_generator import MappingModule
 from stylegan.stylegan_generator import StyleGANGenerator as GenForceStyleGANGenerator
 
@@ -45,7 +46,7 @@ class ConditionalMappingModule(MappingModule):
 class ConditionalStyleGANGenerator(GenForceStyleGANGenerator):
     """Shared body of the Oh-LoRA generators: GenForce's constructor keywords plus ``label_convert_dim``."""
 
-    LABEL_SIZE = 7
+    LABEL_SIZE = constants.LABEL_SIZE
     LABEL_CONVERT_DIM = 16
     STYLE_MIXING_PROB = 0.0
 
@@ -76,8 +77,8 @@ class ConditionalStyleGANGenerator(GenForceStyleGANGenerator):
 
     def forward(self, z: torch.Tensor, label: torch.Tensor, lod: float | None = None,
                 w_moving_decay: float | None = 0.995, style_mixing_prob=_CLASS_DEFAULT,
-                trunc_psi: float | None = None, trunc_layers: int | None = None, randomize_noise: bool = False,
-                **unused_kwargs) -> dict:
+                trunc_psi: float | None = None, trunc_layers: int | None = None,
+                randomize_noise: bool = False) -> dict:
         if style_mixing_prob is _CLASS_DEFAULT:
             style_mixing_prob = self.STYLE_MIXING_PROB
         return super().forward(z, label, lod=lod, w_moving_decay=w_moving_decay,
@@ -87,17 +88,17 @@ class ConditionalStyleGANGenerator(GenForceStyleGANGenerator):
 
 class StyleGANGenerator(ConditionalStyleGANGenerator):
     """v1 (``stylegan_gen_fine_tuned_v1.pth``): 7 labels, embedding 16; mixes styles (p 0.9) in train mode."""
-    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = 7, 16, 0.9
+    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = constants.LABEL_SIZE, 16, 0.9
 
 
 class StyleGANGeneratorForV2(ConditionalStyleGANGenerator):
     """v2 (not published): the v1 layout, no style mixing."""
-    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = 7, 16, 0.0
+    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = constants.LABEL_SIZE, 16, 0.0
 
 
 class StyleGANGeneratorForV3(ConditionalStyleGANGenerator):
     """v3 (``stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth``, the one in use): 7 labels, embedding 24."""
-    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = 7, 24, 0.0
+    LABEL_SIZE, LABEL_CONVERT_DIM, STYLE_MIXING_PROB = constants.LABEL_SIZE, 24, 0.0
 
 
 class StyleGANGeneratorForV4(ConditionalStyleGANGenerator):

@@ -1,6 +1,8 @@
 """A labelled image grid (rows = z, columns = values of one attribute), drawn with OpenCV so it is byte-stable."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import cv2
 import numpy as np
 
@@ -30,11 +32,15 @@ def _put(canvas: np.ndarray, text: str, x: int, y: int, width: int, centred: boo
     cv2.putText(canvas, text, (left, y), FONT, scale, INK, 1, cv2.LINE_AA)
 
 
-def sweep_grid(cells: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str],
-               title: str) -> np.ndarray:
-    """Cells (equal-size uint8 HxWx3 images, BGR or RGB alike) laid out with a title and labels; same channel order."""
-    rows, cols = len(cells), len(cells[0])
-    height, width = cells[0][0].shape[:2]
+def sweep_grid(cells: Callable[[int, int], np.ndarray] | Sequence[Sequence[np.ndarray]], row_labels: list[str],
+               column_labels: list[str], title: str) -> np.ndarray:
+    """The cells (equal-size uint8 HxWx3 images, BGR or RGB alike) laid out with a title and labels, in the cells'
+    channel order. ``cells`` is ``cells[row][column]``, or a function ``cells(row, column)`` that is asked for
+    each cell once, when it is placed, so a caller can decode (or render) one at a time instead of holding all."""
+    cell = cells if callable(cells) else (lambda r, c: cells[r][c])
+    rows, cols = len(row_labels), len(column_labels)
+    first = cell(0, 0)
+    height, width = first.shape[:2]
     top = TITLE_H + HEADER_H
     canvas = np.full((top + rows * (height + GAP), LEFT + cols * (width + GAP), 3), PAPER, dtype=np.uint8)
     _put(canvas, title, 6, TITLE_H - 9, canvas.shape[1] - 12, centred=False)
@@ -45,5 +51,5 @@ def sweep_grid(cells: list[list[np.ndarray]], row_labels: list[str], column_labe
         _put(canvas, row_labels[r], 4, y + height // 2 + 5, LEFT - 8)
         for c in range(cols):
             x = LEFT + c * (width + GAP)
-            canvas[y:y + height, x:x + width] = cells[r][c]
+            canvas[y:y + height, x:x + width] = first if r == c == 0 else cell(r, c)
     return canvas

@@ -47,7 +47,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,17 +61,6 @@ from ohlora.resume import (RESUMABLE_OPTIONS, ResumeRecord, check_resume_options
                            option_differences, save_resume_record)
 
 WAY_OUT = 'choose another --root or --outdir'
-
-
-def check_writable(folder: Path) -> None:
-    """One line if ``folder`` cannot be created or written (checked on its nearest existing ancestor)."""
-    probe = Path(folder).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise PipelineError(f'cannot write into {folder}: {probe} is a file, not a folder')
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PipelineError(f'cannot write into {folder}: {probe} is not writable; {WAY_OUT}')
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:
@@ -175,7 +163,7 @@ class TrainingRun:
 
     # --- before anything is written ---
     def plan(self, resume: bool, overwrite: bool = False) -> RunPlan:
-        check_writable(self.files.outdir)
+        atomic.check_writable(self.files.outdir)
         folder, epochs = self.files.folder, self.options['epochs']
         record_path = self.files.resume_record
         if not record_path.is_file():

@@ -25,8 +25,8 @@ from cnn.ensemble import load_model
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError, WeightsUnavailable
-from ohlora.layout import Layout
-from ohlora.weights import SOURCES, fetch
+from ohlora.layout import Layout, cnn_model_name
+from ohlora.weights import SOURCES, cnn_key, fetch
 from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_generator_kwargs,
                                           infer_cvae_encoder_kwargs, load_conditional_generator)
 from stylegan_modified.cvae_encoder import IMAGE_SIZE, CVAEEncoder
@@ -35,7 +35,7 @@ from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
 LABEL_CONVERT_DIM = StyleGANGeneratorForV3.LABEL_CONVERT_DIM  # 24
 FRESH_KEYS = ('mapping.dense0.weight', 'mapping.label_weight')  # not taken from v1 (their shapes change)
 INIT_STREAM = 52  # item_generator stream of the random init (dense0.weight, label_weight, the encoder)
-GENDER_CNN_EXPECTED = 'Oh-LoRA gender CNN of fold 0 (gender_model_0.pt)'
+GENDER_CNN_EXPECTED = f'Oh-LoRA gender CNN of fold 0 ({cnn_model_name("gender", 0)})'
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ INPUTS = {
     'v1_weights': InputSpec('v1_generator', '--v1-weights', 'stage 5 v1 (run_stylegan_fine_tuning.py) makes it'),
     'property_cnn': InputSpec('v2_property_cnn', '--property-cnn',
                               'stage 5 v2 (run_stylegan_fine_tuning_v2.py) makes it'),
-    'gender_cnn': InputSpec('gender_model_0', '--gender-cnn', 'stage 2 (run_cnn.py) makes it'),
+    'gender_cnn': InputSpec(cnn_key('gender', 0), '--gender-cnn', 'stage 2 (run_cnn.py) makes it'),
 }
 SCORES_MADE_BY = 'run run_stylegan_fine_tuning_v2.py first (stage 5 v2 writes it)'
 

@@ -8,8 +8,9 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from direction_toys import FailingScorer, LinearScorer, LinearToy, PooledScorer, random_model
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, DirectionSamplesFolder
+from ohlora.layout import DirectionSamplesFolder
 from ohlora.records import sha256_of
 from stylegan.checkpoint import load_generator
 from stylegan_modified.attribute_directions import DirectionsControl, load_directions_control

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ohlora.layout import PROPERTY_NAMES
+from ohlora.constants import PROPERTY_NAMES
 from stylegan_modified.attribute_metrics import (CONTROLLED_ATTRIBUTES, SCORE_DECIMALS, STRICT_RULE, UPSTREAM_V3_RULE,
                                                  V3_TEST_GRID, AttributeMetrics, Threshold, best_passing, compare,
                                                  grid_labels, mean_absolute_error, mean_squared_error, pearson_r,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ohlora import atomic
+from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.layout import Layout
 from stylegan_modified.checkpoint import (WrongCheckpoint, infer_cvae_encoder_kwargs, load_conditional_generator,
                                           load_cvae_encoder, load_property_cnn, published_property_cnn)
 from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS
 from segmentation import property_scores_alg1 as alg1
 from segmentation import property_scores_alg2 as alg2
 from segmentation.property_scores_common import background_mean_and_std, channel_sums, read_bgr, read_parsing_map

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from ohlora.cli import run as run_cli
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS, Layout
+from ohlora.layout import Layout
 from segmentation import property_scores
 from script_runner import script_main
 from segmentation.score_normalization import read_raw_scores
@@ -40,7 +41,7 @@ def ok_cases(property_scores_dir, algorithm):
 @pytest.mark.parametrize('algorithm', [1, 2])
 def test_stage_writes_raw_normalised_and_stats(tmp_path, property_scores_dir, algorithm):
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', ALL_CASES)
-    summary = property_scores.run(layout, algorithm, progress=False)
+    summary = property_scores.compute_property_scores(layout, algorithm, progress=False)
     assert (summary.images, summary.scored, summary.reused) == (37, 37, 0)
     expected_guards = ({'hair_color_no_hair': [20, 25], 'hair_length_no_hair': [20, 25],
                         'pose_degenerate_nose': [21, 25, 35]} if algorithm == 1 else {'pose_equal_eye_x': [26]})
@@ -78,7 +79,7 @@ def test_stage_writes_raw_normalised_and_stats(tmp_path, property_scores_dir, al
 def test_stage_normalisation_matches_upstream_on_completed_rows(tmp_path, property_scores_dir, algorithm):
     cases = ok_cases(property_scores_dir, algorithm)
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', cases)
-    property_scores.run(layout, algorithm, progress=False)
+    property_scores.compute_property_scores(layout, algorithm, progress=False)
     ours = pd.read_csv(layout.property_scores_csv(algorithm))
     upstream = pd.read_csv(property_scores_dir / f'scores_alg{algorithm}_norm.csv')
     assert ours['img_no'].tolist() == upstream['img_no'].tolist()
@@ -87,12 +88,12 @@ def test_stage_normalisation_matches_upstream_on_completed_rows(tmp_path, proper
 
 def test_rerun_skips_then_rescores_only_changed_images(tmp_path, property_scores_dir):
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', range(12))
-    property_scores.run(layout, 2, progress=False)
+    property_scores.compute_property_scores(layout, 2, progress=False)
     outputs = [layout.property_scores_raw_csv(2), layout.property_scores_csv(2), layout.property_scores_stats(2)]
     before = [p.read_bytes() for p in outputs]
     stamps = [p.stat().st_mtime_ns for p in outputs]
 
-    again = property_scores.run(layout, 2, progress=False)
+    again = property_scores.compute_property_scores(layout, 2, progress=False)
     assert again.up_to_date and again.scored == 0
     assert [p.stat().st_mtime_ns for p in outputs] == stamps
 
@@ -104,9 +105,9 @@ def test_rerun_skips_then_rescores_only_changed_images(tmp_path, property_scores
         shutil.copy(fixtures / 'face_000031.png', root.face_crop(5))
     shutil.copy(fixtures / 'parsing_000030.png', layout.parsing_map(30))
     shutil.copy(fixtures / 'face_000030.png', layout.face_crop(30))
-    resumed = property_scores.run(layout, 2, progress=False)
+    resumed = property_scores.compute_property_scores(layout, 2, progress=False)
     assert (resumed.images, resumed.scored, resumed.reused) == (13, 2, 11)
-    fresh = property_scores.run(Layout(tmp_path / 'fresh'), 2, force=True, progress=False)
+    fresh = property_scores.compute_property_scores(Layout(tmp_path / 'fresh'), 2, force=True, progress=False)
     assert fresh.scored == 13
     assert layout.property_scores_csv(2).read_bytes() == \
         Layout(tmp_path / 'fresh').property_scores_csv(2).read_bytes()
@@ -115,13 +116,14 @@ def test_rerun_skips_then_rescores_only_changed_images(tmp_path, property_scores
 
 def test_stats_from_another_run_normalise_a_single_image(tmp_path, property_scores_dir):
     first = make_root(tmp_path / 'first', property_scores_dir / 'fixtures', range(20))
-    property_scores.run(first, 2, progress=False)
+    property_scores.compute_property_scores(first, 2, progress=False)
     single = make_root(tmp_path / 'single', property_scores_dir / 'fixtures', [7])
     with pytest.raises(PipelineError, match='at least 2'):
-        property_scores.run(single, 2, progress=False)
+        property_scores.compute_property_scores(single, 2, progress=False)
     assert not single.property_scores_dir.exists()  # nothing written on error
 
-    summary = property_scores.run(single, 2, stats_file=first.property_scores_stats(2), progress=False)
+    summary = property_scores.compute_property_scores(single, 2, stats_file=first.property_scores_stats(2),
+                                                      progress=False)
     assert summary.statistics_from == 'file all_scores_v2_stats.json'
     ours = pd.read_csv(single.property_scores_csv(2))
     theirs = pd.read_csv(first.property_scores_csv(2))
@@ -133,9 +135,9 @@ def test_stats_from_another_run_normalise_a_single_image(tmp_path, property_scor
 
 def test_process_pool_gives_the_same_scores(tmp_path, property_scores_dir, monkeypatch):
     layout = make_root(tmp_path, property_scores_dir / 'fixtures', ALL_CASES)
-    serial = property_scores.score_images(layout, 2, ALL_CASES, progress=False)
+    serial = property_scores.score_parsed_images(layout, 2, ALL_CASES, progress=False)
     monkeypatch.setattr(property_scores, 'MIN_IMAGES_PER_WORKER', 1)
-    pooled = property_scores.score_images(layout, 2, ALL_CASES, workers=2, chunk_size=10, progress=False)
+    pooled = property_scores.score_parsed_images(layout, 2, ALL_CASES, workers=2, chunk_size=10, progress=False)
     assert pooled == serial
 
 
@@ -173,5 +175,6 @@ def test_missing_original_for_algorithm_1(tmp_path, property_scores_dir):
     layout.filtered_image(1).unlink()
     with pytest.raises(PipelineError,
                        match=r'000001.jpg: no such file \(the original image, whose colours algorithm 1 reads, of'):
-        property_scores.run(layout, 1, progress=False)
-    assert property_scores.run(layout, 2, progress=False).images == 3  # algorithm 2 does not need it
+        property_scores.compute_property_scores(layout, 1, progress=False)
+    # algorithm 2 does not need it
+    assert property_scores.compute_property_scores(layout, 2, progress=False).images == 3

@@ -11,8 +11,9 @@ from PIL import Image
 
 from cnn.training import TrainingSamples
 from ohlora import atomic
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS, Layout
+from ohlora.layout import Layout
 from rerun_helpers import assert_refused, snapshot
 from script_runner import run_script
 from segmentation import property_scores
@@ -191,7 +192,7 @@ def test_stage4_odd_roots_and_stage3_outcomes_are_one_line(tmp_path, fixtures, c
 def test_stage4_uses_the_images_stage3_parsed(tmp_path, fixtures):
     """After stage 3 with --images DIR, img_path and algorithm 1's colours come from DIR, not the filtered folder."""
     reference = make_root(tmp_path / 'reference', fixtures, range(6))
-    property_scores.run(reference, 1, progress=False)
+    property_scores.compute_property_scores(reference, 1, progress=False)
 
     layout = make_root(tmp_path / 'root', fixtures, range(6))
     elsewhere = tmp_path / 'elsewhere'
@@ -200,7 +201,7 @@ def test_stage4_uses_the_images_stage3_parsed(tmp_path, fixtures):
     for n in range(6):
         record.add(n, elsewhere / f'{n:06d}.jpg', 'digest')
     record.save()
-    property_scores.run(layout, 1, progress=False)
+    property_scores.compute_property_scores(layout, 1, progress=False)
     ours = pd.read_csv(layout.property_scores_csv(1))
     assert ours['img_path'].tolist() == [f'../elsewhere/{n:06d}.jpg' for n in range(6)]
     theirs = pd.read_csv(reference.property_scores_csv(1))
@@ -208,17 +209,17 @@ def test_stage4_uses_the_images_stage3_parsed(tmp_path, fixtures):
     assert all((layout.root / path).is_file() for path in ours['img_path'])
     with pytest.raises(PipelineError, match=r'elsewhere/000002.jpg: no such file'):
         (elsewhere / '000002.jpg').unlink()
-        property_scores.run(layout, 1, progress=False, force=True)
+        property_scores.compute_property_scores(layout, 1, progress=False, force=True)
 
 
 def test_stage4_reruns_write_nothing_and_touching_is_not_changing(tmp_path, fixtures):
     layout = make_root(tmp_path, fixtures, range(6))
-    property_scores.run(layout, 2, progress=False)
+    property_scores.compute_property_scores(layout, 2, progress=False)
     before = snapshot(layout.property_scores_dir)
     stamps = [p.stat().st_mtime_ns for p in layout.property_scores_dir.iterdir()]
     for n in range(6):
         layout.parsing_map(n).touch()
-    again = property_scores.run(layout, 2, progress=False)
+    again = property_scores.compute_property_scores(layout, 2, progress=False)
     assert again.up_to_date and again.reused == 6 and again.scored == 0
     assert snapshot(layout.property_scores_dir) == before
     assert [p.stat().st_mtime_ns for p in layout.property_scores_dir.iterdir()] == stamps

@@ -248,8 +248,9 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, weights_dir, capsys)
     layout = draw_root(tmp_path, COLOURS[2:5], labels=False)
     layout.synthesized_image(1).write_bytes(b'\xff\xd8 truncated jpeg')
     assert cli(tmp_path, weights_dir) == 0
-    out = capsys.readouterr().out
-    assert 'warning: image 000001 skipped: unreadable image 000001.jpg' in out and '1 unreadable images skipped' in out
+    out, err = capsys.readouterr()
+    # warnings go to stderr (ohlora.logs), the summary to stdout
+    assert 'warning: image 000001 skipped: unreadable image 000001.jpg' in err and '1 unreadable images skipped' in out
     assert pd.read_csv(layout.cnn_merged_csv)['img_no'].tolist() == [0, 2]
     assert sorted(p.name for p in layout.filtered_dir.iterdir()) == ['000000.jpg']
 

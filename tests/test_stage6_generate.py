@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ohlora.layout import PROPERTY_NAMES, Layout
+from ohlora.constants import PROPERTY_NAMES
+from ohlora.layout import Layout
 from script_runner import files_of, run_script
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator

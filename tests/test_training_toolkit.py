@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ohlora import atomic
+from ohlora.constants import SCORE_COLUMNS
 from ohlora.errors import PipelineError
-from ohlora.layout import SCORE_COLUMNS, Layout
+from ohlora.layout import Layout
 from ohlora.owned_files import OwnedFiles
 from ohlora.resume import (ResumeRecord, capture_rng_state, check_resume_options, load_resume_record,
                            option_differences, restore_rng_state, save_resume_record, seed_everything)

@@ -1,0 +1,137 @@
+"""Stage 6 from end to end (``run_fine_tuned_generator.py``): check the options, load the generator and the base z,
+warn about attribute values it was not trained for, generate; return the report.
+
+All option checks come before any file is fetched, read or written; the attribute warnings (stderr, through
+:mod:`ohlora.logs`) before the first image is rendered.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ohlora.cli import check_float
+from ohlora.constants import PROPERTY_NAMES
+from ohlora.devices import disable_tf32, resolve_device
+from ohlora.errors import PipelineError
+from ohlora.layout import MAX_IMAGES, Layout
+from ohlora.records import array_digest, weights_digest
+from ohlora.weights import fetch
+from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
+from stylegan_modified.generation import (GenerationResult, GenerationSettings, check_outputs, generate_images,
+                                          read_z_csv)
+from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SOURCES = {'v1': 'v1_generator', 'v3': 'v3_generator'}  # ohlora.weights keys of the published generators
+DEFAULT_NUM, DEFAULT_SWEEP_NUM = 20, 4
+DEFAULT_SWEEP_VALUES = '-2,-1,0,1,2'
+
+
+@dataclass(frozen=True)
+class Stage6Request:
+    """The options of ``run_fine_tuned_generator.py``; ``attributes`` are the attribute z-scores (missing: upstream's
+    final-test label), ``values`` the text of ``--values`` (the sweep's values)."""
+    root: str | Path | None = None
+    model: str = 'v3'
+    weights: str | Path | None = None
+    attributes: dict[str, float] = field(default_factory=lambda: dict(UPSTREAM_LABEL))
+    num: int | None = None                  # None: 20, or 4 for a sweep
+    variation: float = 0.3
+    z_csv: str | Path | None = None         # default: Layout.test_z_csv
+    outdir: str | Path | None = None
+    sweep: str | None = None
+    values: str | None = None               # None: DEFAULT_SWEEP_VALUES
+    batch_size: int = 4
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Stage6Report:
+    result: GenerationResult
+
+    def lines(self) -> list[str]:
+        result = self.result
+        return [f'wrote {result.written} images ({result.skipped} already there) into {result.folder}'
+                + (f'; grid: {result.grid}' if result.grid else '')]
+
+
+def parse_sweep_values(sweep: str | None, text: str | None) -> list[float] | None:
+    """The values of ``--values`` for ``--sweep`` (None without a sweep); each finite, none twice."""
+    if sweep is None:
+        if text is not None:
+            raise PipelineError('--values needs --sweep ATTR')
+        return None
+    text = DEFAULT_SWEEP_VALUES if text is None else text
+    try:
+        values = [float(part) + 0.0 for part in text.split(',') if part.strip()]  # + 0.0: -0.0 becomes 0.0
+    except ValueError:
+        raise PipelineError(f'--values {text!r} is not a comma-separated list of numbers') from None
+    if not values:
+        raise PipelineError('--values lists no value')
+    for value in values:
+        check_float('--values:', value)
+    if len(set(values)) != len(values):
+        raise PipelineError(f'--values {text!r} lists a value twice')
+    return values
+
+
+def load_generator(layout: Layout, model: str, weights_override, device):
+    """The published (or given) ``model`` generator and its file; a file of the other model says how it loads."""
+    if model not in WEIGHT_SOURCES:
+        raise PipelineError(f'--model {model!r}: choose one of {", ".join(sorted(WEIGHT_SOURCES))}')
+    weights = fetch(WEIGHT_SOURCES[model], layout, weights_override)
+    try:
+        return load_conditional_generator(weights, model, device), weights
+    except WrongCheckpoint as exc:
+        loads_as = {'generator v1': 'v1', 'generator v3': 'v3'}.get(exc.found)
+        hint = f'; it loads with --model {loads_as}' if loads_as else ''
+        raise PipelineError(f'{exc}{hint}') from None
+
+
+def warn_about_values(layout: Layout, request: Stage6Request, values: dict[str, float],
+                      columns: list[float] | None) -> None:
+    """A warning per attribute value the model never learned or that lies outside its training range."""
+    ranges, source, notes = score_ranges(layout, request.model)
+    lines = notes + label_warnings({k: v for k, v in values.items() if k != request.sweep}, request.model, ranges,
+                                   source)
+    for value in columns or ():
+        lines += label_warnings({request.sweep: value}, request.model, ranges, source, via='--values')
+    for line in lines:
+        logger.warning('%s', line)
+
+
+def run_stage6(request: Stage6Request) -> Stage6Report:
+    """Render images 0..num-1 (each sweep value, for a sweep) that the output folder does not hold yet."""
+    values = {name: request.attributes.get(name, UPSTREAM_LABEL[name]) for name in PROPERTY_NAMES}
+    for name, value in values.items():  # all option checks come before any file is fetched, read or written
+        check_float(option_name(name), value)
+    if request.sweep is not None and request.sweep not in PROPERTY_NAMES:
+        raise PipelineError(f'--sweep {request.sweep!r}: choose one of {", ".join(PROPERTY_NAMES)}')
+    columns = parse_sweep_values(request.sweep, request.values)
+    check_float('--variation', request.variation, 0.0)
+    num = request.num or (DEFAULT_SWEEP_NUM if request.sweep else DEFAULT_NUM)
+    if num > MAX_IMAGES:
+        raise PipelineError(f'--num must be at most {MAX_IMAGES} (image names have six digits), got {num}')
+
+    layout = Layout(request.root)
+    files = layout.generation_folder(request.model, request.outdir, request.sweep)
+    check_outputs(files)
+    device = resolve_device(request.device)
+    disable_tf32()
+    generator, weights = load_generator(layout, request.model, request.weights, device)
+    z_csv = request.z_csv if request.z_csv is not None else layout.test_z_csv
+    base_z = read_z_csv(z_csv, generator.z_space_dim)
+    warn_about_values(layout, request, values, columns)
+
+    label = {k: (None if k == request.sweep else v) for k, v in values.items()}
+    settings = GenerationSettings(model=request.model, weights_sha256=weights_digest(weights),
+                                  z_sha256=array_digest(base_z), seed=request.seed, variation=request.variation,
+                                  label=label, sweep=request.sweep)
+    names = {'weights_file': weights.name, 'z_file': Path(z_csv).name}
+    result = generate_images(generator, files, settings, base_z, values, num, request.batch_size, columns,
+                             progress=request.progress, names=names)
+    return Stage6Report(result)
