@@ -19,7 +19,7 @@ from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.weights import SOURCES
 from stylegan_modified.attribute_measurers import MEASURES
-from stylegan_modified.evaluation_generators import GENERATORS
+from stylegan_modified.generator_registry import GENERATORS
 from stylegan_modified.evaluation_setup import DEFAULT_NUM, EvaluationOptions, run_evaluation
 
 EXAMPLES = '''
@@ -32,6 +32,8 @@ EXAMPLES = '''
   python stylegan_and_segmentation/evaluate_attribute_control.py --weights my_v3.pth --num 500 --outdir runs/my_v3
   # v1 (algorithm-1 labels, measured by parsing), a mouth-only grid
   python stylegan_and_segmentation/evaluate_attribute_control.py --model v1 --grid mouth=-1,0,1,2,3
+  # the attribute directions of find_attribute_directions.py (the GenForce base generator it names)
+  python stylegan_and_segmentation/evaluate_attribute_control.py --model directions
   # a custom grid: the first --grid varies slowest; an attribute with one value is held there
   python stylegan_and_segmentation/evaluate_attribute_control.py --grid eyes=-1.8,1.8 --grid pose=-1.2,0,1.2
 '''
@@ -52,7 +54,9 @@ def build_parser():
     parser.add_argument('--model', choices=list(GENERATORS), default='v3', help=f'generator (default v3). {models}')
     parser.add_argument('--weights', default=None, metavar='PATH',
                         help=f'generator file (default: the published file in {ROOT.fine_tuned_dir}, downloaded '
-                             'if absent; v2 needs it)')
+                             'if absent; v2: the file v2 training wrote; directions: the base generator)')
+    parser.add_argument('--directions', default=None, metavar='FILE',
+                        help=f'--model directions: the directions file (default: {ROOT.attribute_directions})')
     z = parser.add_argument_group('z vectors')
     z.add_argument('--num', type=positive_int, default=None,
                    help=f'random z ~ N(0, I), z_i drawn from (--seed, i) (default: {DEFAULT_NUM})')

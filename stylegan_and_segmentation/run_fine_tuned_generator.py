@@ -1,4 +1,5 @@
-"""Stage 6: generate Oh-LoRA images with chosen attribute values from the fine-tuned StyleGAN (v3 or v1).
+"""Stage 6: generate Oh-LoRA images with chosen attribute values from the fine-tuned StyleGAN (v3, v1, v2) or by
+moving w of a base StyleGAN along fitted attribute directions (--model directions, find_attribute_directions.py).
 
 By default this reproduces upstream's final test: the v3 generator (stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth,
 downloaded from Hugging Face if absent), z from stylegan_modified/test_z_vector_0005.csv, label eyes 1.8, mouth 1.6,
@@ -15,7 +16,7 @@ from ohlora.cli import add_common_options, make_parser, positive_int, request_fr
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.weights import SOURCES
 from stylegan_modified.labels import UPSTREAM_LABEL, option_name
-from stylegan_modified.stage6 import (DEFAULT_NUM, DEFAULT_SWEEP_NUM, DEFAULT_SWEEP_VALUES, WEIGHT_SOURCES,
+from stylegan_modified.stage6 import (DEFAULT_NUM, DEFAULT_SWEEP_NUM, DEFAULT_SWEEP_VALUES, MODELS,
                                       Stage6Request, run_stage6)
 
 EXAMPLES = '''
@@ -27,6 +28,8 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_fine_tuned_generator.py --sweep mouth --values -1,0,1,2,3
   # the v1 generator (all seven attributes were trained), a weights file you already have, own folder
   python stylegan_and_segmentation/run_fine_tuned_generator.py --model v1 --weights my/v1.pth --outdir out/v1
+  # the attribute directions (absolute targets: the predicted scores of the edited image equal these values)
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --model directions --eyes 1.0 --mouth 2.0 --pose 0.5
   # another z: a one-row CSV with the header 0,1,...,511
   python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
 '''
@@ -38,11 +41,16 @@ def attribute_name(text: str) -> str:
 
 def build_parser():
     parser = make_parser(__doc__, EXAMPLES)
-    parser.add_argument('--model', choices=sorted(WEIGHT_SOURCES), default='v3',
-                        help='fine-tuned generator (default: v3, the one upstream adopted)')
+    parser.add_argument('--model', choices=MODELS, default='v3',
+                        help='fine-tuned generator v1, v2 or v3 (default: v3, the one upstream adopted), or '
+                             'directions (a base generator moved along fitted attribute directions)')
     parser.add_argument('--weights', default=None, metavar='PATH',
                         help='generator state_dict (default: stylegan_modified/<published file>, downloaded from '
-                             f'{SOURCES["v3_generator"].hf_repo} if absent)')
+                             f'{SOURCES["v3_generator"].hf_repo} if absent; v2: the file v2 training wrote); with '
+                             '--model directions the base generator the directions were fitted on')
+    parser.add_argument('--directions', default=None, metavar='FILE',
+                        help='--model directions: the directions file (default: '
+                             'stylegan_modified/attribute_directions.pt, made by find_attribute_directions.py)')
     attributes = parser.add_argument_group('attribute values (z-scores; defaults: the upstream final test)')
     for name in PROPERTY_NAMES:
         note = '' if name in ('eyes', 'mouth', 'pose') else '; not learned by v3'

@@ -21,7 +21,7 @@ import torch
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
-from ohlora.records import sha256_of
+from ohlora.records import weights_digest
 from ohlora.weights import fetch
 from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
 from stylegan_modified.w_space import WGenerator, as_w_generator, broadcast_w, parse_layers
@@ -39,7 +39,8 @@ class DirectionsControl:
     name = 'directions'
     score_algorithm = 2  # the property CNN's (stage-4 algorithm 2) z-score space
 
-    def __init__(self, generator, directions: AttributeDirections, layers=None):
+    def __init__(self, generator, directions: AttributeDirections, layers=None, base_weights: Path | None = None):
+        self.base_weights = base_weights  # the base generator's file, when loaded from one
         label = directions.generator.get('label')
         self.w_generator: WGenerator = as_w_generator(generator, label)
         self.directions = directions
@@ -116,7 +117,7 @@ def load_directions_control(directions_path: str | Path, base_weights_path: str 
     if kind not in BASE_GENERATORS:
         raise PipelineError(f'{directions_path} names an unknown base generator {kind!r}')
     path = fetch(BASE_GENERATORS[kind], layout or Layout(), base_weights_path)
-    if sha256_of(path) != record['sha256']:
+    if weights_digest(path) != record['sha256']:
         raise PipelineError(f'{path} is not the base generator {directions_path} was fitted on (SHA-256 differs from '
                             f'that of {record["file"]}, {record.get("bytes")} bytes); pass that file with --weights')
-    return DirectionsControl(load_base_generator(kind, path, device), directions, layers)
+    return DirectionsControl(load_base_generator(kind, path, device), directions, layers, base_weights=Path(path))

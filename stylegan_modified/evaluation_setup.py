@@ -15,7 +15,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError, WeightsUnavailable
 from ohlora.layout import Layout
 from stylegan_modified.attribute_measurers import MEASURES, fetch_as, parsing_measurer, property_cnn_measurer
-from stylegan_modified.evaluation_generators import GENERATORS, load_generator
+from stylegan_modified.generator_registry import GENERATORS, load_generator
 from stylegan_modified.evaluation_inputs import grid_warnings, parse_grid, read_z_rows, seeded_z
 from stylegan_modified.evaluation_run import EvaluationInputs, EvaluationResult, evaluate
 from stylegan_modified.face_identity import load_face_embedder
@@ -32,6 +32,7 @@ class EvaluationOptions:
     """The script's options (``vars(args)``); None means the documented default."""
     model: str = 'v3'
     weights: str | None = None
+    directions: str | None = None
     num: int | None = None
     z_csv: str | None = None
     grid: list[str] | None = None
@@ -106,7 +107,7 @@ def run_evaluation(options: EvaluationOptions, on_warning: Callable[[str], None]
     device = resolve_device(options.device)
     disable_tf32()
 
-    loaded = load_generator(options.model, layout, options.weights, device)
+    loaded = load_generator(options.model, layout, options.weights, device, options.directions)
     generator = loaded.generator
     if options.z_csv is not None:
         z, z_source = read_z_rows(options.z_csv, generator.z_dim), f'file {Path(options.z_csv).name}'

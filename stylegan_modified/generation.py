@@ -31,6 +31,7 @@ from ohlora.records import (aligned_batches, read_record, refuse_other_settings,
                             write_record, write_z_record)
 from ohlora.tables import read_table
 from stylegan.postprocess import require_finite, to_uint8
+from stylegan_modified.controllable import ControllableGenerator
 from stylegan_modified.labels import label_vector
 from stylegan_modified.sweep_grid import sweep_grid
 
@@ -49,9 +50,13 @@ class GenerationSettings:
     label: dict = field(default_factory=dict)   # for a sweep, the swept attribute is None (it varies)
     sweep: str | None = None
     z_rule: str = Z_RULE
+    directions_sha256: str | None = None        # --model directions: the directions file, by content
 
     def as_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if record['directions_sha256'] is None:  # the conditional models' records stay as they were
+            del record['directions_sha256']
+        return record
 
 
 def read_z_csv(path: str | Path, z_dim: int) -> np.ndarray:
@@ -85,10 +90,11 @@ def varied_latent(base_z: np.ndarray, seed: int, img_no: int, variation: float) 
 
 
 @torch.inference_mode()
-def render_labelled(generator, z: torch.Tensor, labels: torch.Tensor, img_nos: list[int]) -> np.ndarray:
-    """uint8 NHWC RGB images of G(z, label) with upstream's inference settings (no truncation, stored noise)."""
-    device = next(generator.parameters()).device
-    image = generator(z.to(device), labels.to(device), trunc_psi=1.0, trunc_layers=0, randomize_noise=False)['image']
+def render_labelled(generator: ControllableGenerator, z: torch.Tensor, labels: torch.Tensor,
+                    img_nos: list[int]) -> np.ndarray:
+    """uint8 NHWC RGB images for z and the requested values (for the conditional generators: G(z, label) with
+    upstream's inference settings, no truncation and the stored noise)."""
+    image = generator.images(z, labels)
     require_finite(image, img_nos, 'check the weights file and the attribute values')
     return to_uint8(image)
 
@@ -132,9 +138,10 @@ def _value_label(attribute: str, value: float) -> str:
     return f'{attribute} = {value:g}'
 
 
-def generate_images(generator, files: GenerationFolder, settings: GenerationSettings, base_z: np.ndarray,
-             values: dict[str, float], num: int, batch_size: int, sweep_values: list[float] | None = None,
-             progress: bool = True, names: dict | None = None) -> GenerationResult:
+def generate_images(generator: ControllableGenerator, files: GenerationFolder, settings: GenerationSettings,
+                    base_z: np.ndarray, values: dict[str, float], num: int, batch_size: int,
+                    sweep_values: list[float] | None = None, progress: bool = True,
+                    names: dict | None = None) -> GenerationResult:
     """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
 
     ``names`` (e.g. the weights and z file names) go into the settings record for the reader; they decide nothing.

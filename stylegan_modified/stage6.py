@@ -16,15 +16,14 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import array_digest, weights_digest
-from ohlora.weights import fetch
-from stylegan_modified.checkpoint import WrongCheckpoint, load_conditional_generator
+from stylegan_modified.generator_registry import GENERATORS, load_generator
 from stylegan_modified.generation import (GenerationResult, GenerationSettings, check_outputs, generate_images,
                                           read_z_csv)
 from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SOURCES = {'v1': 'v1_generator', 'v3': 'v3_generator'}  # ohlora.weights keys of the published generators
+MODELS = tuple(GENERATORS)  # v1, v2, v3 and the attribute directions (stylegan_modified/generator_registry.py)
 DEFAULT_NUM, DEFAULT_SWEEP_NUM = 20, 4
 DEFAULT_SWEEP_VALUES = '-2,-1,0,1,2'
 
@@ -35,7 +34,8 @@ class Stage6Request:
     final-test label), ``values`` the text of ``--values`` (the sweep's values)."""
     root: str | Path | None = None
     model: str = 'v3'
-    weights: str | Path | None = None
+    weights: str | Path | None = None       # the generator; for 'directions' the base generator
+    directions: str | Path | None = None    # --model directions: the directions file (default: Layout's)
     attributes: dict[str, float] = field(default_factory=lambda: dict(UPSTREAM_LABEL))
     num: int | None = None                  # None: 20, or 4 for a sweep
     variation: float = 0.3
@@ -79,27 +79,14 @@ def parse_sweep_values(sweep: str | None, text: str | None) -> list[float] | Non
     return values
 
 
-def load_generator(layout: Layout, model: str, weights_override, device):
-    """The published (or given) ``model`` generator and its file; a file of the other model says how it loads."""
-    if model not in WEIGHT_SOURCES:
-        raise PipelineError(f'--model {model!r}: choose one of {", ".join(sorted(WEIGHT_SOURCES))}')
-    weights = fetch(WEIGHT_SOURCES[model], layout, weights_override)
-    try:
-        return load_conditional_generator(weights, model, device), weights
-    except WrongCheckpoint as exc:
-        loads_as = {'generator v1': 'v1', 'generator v3': 'v3'}.get(exc.found)
-        hint = f'; it loads with --model {loads_as}' if loads_as else ''
-        raise PipelineError(f'{exc}{hint}') from None
-
-
-def warn_about_values(layout: Layout, request: Stage6Request, values: dict[str, float],
+def warn_about_values(layout: Layout, request: Stage6Request, trained: tuple[str, ...], values: dict[str, float],
                       columns: list[float] | None) -> None:
     """A warning per attribute value the model never learned or that lies outside its training range."""
     ranges, source, notes = score_ranges(layout, request.model)
-    lines = notes + label_warnings({k: v for k, v in values.items() if k != request.sweep}, request.model, ranges,
-                                   source)
+    lines = notes + label_warnings({k: v for k, v in values.items() if k != request.sweep}, request.model, trained,
+                                   ranges, source)
     for value in columns or ():
-        lines += label_warnings({request.sweep: value}, request.model, ranges, source, via='--values')
+        lines += label_warnings({request.sweep: value}, request.model, trained, ranges, source, via='--values')
     for line in lines:
         logger.warning('%s', line)
 
@@ -122,16 +109,19 @@ def run_stage6(request: Stage6Request) -> Stage6Report:
     check_outputs(files)
     device = resolve_device(request.device)
     disable_tf32()
-    generator, weights = load_generator(layout, request.model, request.weights, device)
+    loaded = load_generator(request.model, layout, request.weights, device, request.directions)
+    generator, weights, directions = loaded.generator, loaded.weights, loaded.directions
     z_csv = request.z_csv if request.z_csv is not None else layout.test_z_csv
-    base_z = read_z_csv(z_csv, generator.z_space_dim)
-    warn_about_values(layout, request, values, columns)
+    base_z = read_z_csv(z_csv, generator.z_dim)
+    warn_about_values(layout, request, generator.trained_attributes, values, columns)
 
     label = {k: (None if k == request.sweep else v) for k, v in values.items()}
     settings = GenerationSettings(model=request.model, weights_sha256=weights_digest(weights),
                                   z_sha256=array_digest(base_z), seed=request.seed, variation=request.variation,
-                                  label=label, sweep=request.sweep)
-    names = {'weights_file': weights.name, 'z_file': Path(z_csv).name}
+                                  label=label, sweep=request.sweep,
+                                  directions_sha256=None if directions is None else weights_digest(directions))
+    names = {'weights_file': weights.name, 'z_file': Path(z_csv).name,
+             **({'directions_file': directions.name} if directions is not None else {})}
     result = generate_images(generator, files, settings, base_z, values, num, request.batch_size, columns,
                              progress=request.progress, names=names)
     return Stage6Report(result)

@@ -18,10 +18,10 @@ from segmentation.face_input import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.parsing_measurer import ParsingMeasurer
 from segmentation.score_normalization import ColumnStats
 from stylegan.postprocess import to_uint8
-from stylegan_modified import evaluation_generators
+from stylegan_modified import generator_registry
 from stylegan_modified.attribute_metrics import V3_TEST_GRID
 from stylegan_modified.evaluation_figures import compute_figures
-from stylegan_modified.evaluation_generators import GeneratorEntry, LoadedGenerator
+from stylegan_modified.generator_registry import GeneratorEntry, LoadedGenerator
 from stylegan_modified.evaluation_inputs import parse_grid, read_z_rows, requested_values, seeded_z
 from stylegan_modified.evaluation_run import EvaluationInputs, evaluate
 from stylegan_modified.face_identity import FaceEmbedder, identity_scores, load_face_embedder, new_inception_resnet
@@ -496,7 +496,7 @@ def test_script_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_files, c
           match='is an Oh-LoRA v3 generator (label_weight 7x24, z width 32), not the Oh-LoRA v1')
     fails(*base[2:], '--weights', tiny_files / 'v1_generator.pth', match='it loads with --model v1 (or v2)')
     fails(*base, '--model', 'v2', '--weights', tiny_files / 'v3_generator.pth', match='not the Oh-LoRA v2 generator')
-    fails('--model', 'v2', '--root', root, match='--model v2 needs --weights PATH')
+    fails('--model', 'v2', '--root', root, match='train the v2 generator with run_stylegan_fine_tuning_v2.py --train-generator')
     fails(*base, '--measure', 'parsing', '--property-cnn', 'x.pth', match='--property-cnn only applies')
     fails(*base[:2], *base[4:], '--measure', 'parsing', match='all_scores_v2_stats.json: no such statistics file')
     fails(*base[:2], *base[4:], '--measure', 'parsing', '--stats', tmp_path / 'none.json',
@@ -523,8 +523,8 @@ def test_script_warns_about_untrained_attributes_and_plugs_in_new_generators(tmp
     assert (f'left out: identity: the face-embedding weights are not at {identity_file} and cannot be downloaded '
             'here; pass --identity-weights PATH\n') in captured.out  # offline: one line, the rest runs
 
-    monkeypatch.setitem(evaluation_generators.GENERATORS, 'pixels', GeneratorEntry(
-        lambda layout, weights, device: LoadedGenerator(PixelGenerator(size=256), ()), 'test stand-in'))
+    monkeypatch.setitem(generator_registry.GENERATORS, 'pixels', GeneratorEntry(
+        lambda layout, weights, device, directions=None: LoadedGenerator(PixelGenerator(size=256), ()), 'test stand-in'))
     root = tmp_path / 'b'
     assert run_script(SCRIPT, '--model', 'pixels', '--property-cnn', tiny_files / 'property_cnn.pth', '--root', root,
                       '--no-progress', '--num', 1, '--grid', 'mouth=0,1', '--device', 'cpu') == 0
@@ -586,8 +586,8 @@ def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys
     import segmentation.facexformer
 
     generator = DrawnFaces()
-    monkeypatch.setitem(evaluation_generators.GENERATORS, 'drawn', GeneratorEntry(
-        lambda layout, weights, device: LoadedGenerator(generator, ()), 'drawn faces'))
+    monkeypatch.setitem(generator_registry.GENERATORS, 'drawn', GeneratorEntry(
+        lambda layout, weights, device, directions=None: LoadedGenerator(generator, ()), 'drawn faces'))
     monkeypatch.setattr(segmentation.facexformer, 'load_facexformer', lambda path, device: ColourParser())
     monkeypatch.setattr(segmentation.face_detection, 'FaceDetector', FixedBox)
     layout = Layout(tmp_path / 'root')
@@ -634,8 +634,8 @@ def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, caps
             canvas[:, 20:244, 16:240] = face
             return torch.from_numpy(canvas).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-    monkeypatch.setitem(evaluation_generators.GENERATORS, 'pasted', GeneratorEntry(
-        lambda layout, weights, device: LoadedGenerator(Pasted(), ()), 'pasted drawn face'))
+    monkeypatch.setitem(generator_registry.GENERATORS, 'pasted', GeneratorEntry(
+        lambda layout, weights, device, directions=None: LoadedGenerator(Pasted(), ()), 'pasted drawn face'))
     layout = Layout(tmp_path / 'root')
     layout.property_scores_dir.mkdir(parents=True)
     write_stats(layout.property_scores_stats(1), {c: ColumnStats(0.0, 1.0, 2) for c in SCORE_COLUMNS}, algorithm=1)

@@ -155,3 +155,77 @@ def test_bad_files_are_one_line_and_write_nothing(inputs, tmp_path, capsys, stan
     err = capsys.readouterr().err
     assert 'holds samples made with other settings (seed 0 -> 1)' in err and err.count('\n') == 1
     assert files_of(root) == before
+
+
+def test_stage6_renders_with_the_directions_and_hits_the_requested_scores(inputs, tmp_path, stand_in, capsys):
+    """run_fine_tuned_generator.py --model directions: the images are the edited w's, the record keys on the
+    directions file and the base weights, and a base generator other than the one fitted on is refused."""
+    import numpy as np
+    import pandas as pd
+    from ohlora.layout import Layout
+    from stylegan_modified.generation import read_z_csv, varied_latent
+
+    root = tmp_path / 'root'
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '60', '--chunk-size', '30', '--batch-size', '10')) == 0
+    directions_file = Layout(root).attribute_directions
+    z = np.random.default_rng(3).standard_normal(64)
+    pd.DataFrame([z], columns=[str(k) for k in range(64)]).to_csv(tmp_path / 'z.csv', index=False)
+    stage6 = ['--model', 'directions', '--weights', inputs['genforce'], '--z-csv', tmp_path / 'z.csv', '--root', root,
+              '--device', 'cpu', '--no-progress', '--num', '2', '--eyes', '0.5', '--mouth', '-0.25', '--pose', '1.0']
+    assert run_script('run_fine_tuned_generator.py', *stage6) == 0
+    capsys.readouterr()
+    folder = Layout(root).final_inference_dir('directions')
+    record = json.loads((folder / 'generation_settings.json').read_text())
+    settings = record['settings']
+    assert settings['model'] == 'directions' and settings['directions_sha256'] == sha256_of(directions_file)
+    assert settings['weights_sha256'] == sha256_of(inputs['genforce'])
+    assert record['directions_file'] == directions_file.name
+
+    # The JPEGs are the control's images of the recorded z, and its edit puts the predicted scores on the targets.
+    control = load_directions_control(directions_file, inputs['genforce'], 'cpu')
+    values = torch.zeros(2, 7)
+    values[:, [0, 3, 4]] = torch.tensor([0.5, -0.25, 1.0])
+    latent = torch.stack([varied_latent(read_z_csv(tmp_path / 'z.csv', 64), 0, n, 0.3) for n in range(2)])
+    _, edited = control.edited_w(latent, values)
+    predicted = control.predicted_scores(edited)
+    for name, target in (('eyes', 0.5), ('mouth', -0.25), ('pose', 1.0)):
+        assert torch.allclose(predicted[name].float(), torch.full((2,), target), atol=1e-3)
+    import cv2
+    from stylegan.postprocess import to_uint8
+    expected = to_uint8(control.images(latent, values))
+    for n in range(2):  # the same pixels through the same JPEG encoder, up to float rounding between batch sizes
+        ok, jpeg = cv2.imencode('.jpg', np.ascontiguousarray(expected[n][:, :, ::-1]))
+        difference = np.abs(cv2.imread(str(folder / f'{n:06d}.jpg')).astype(int)
+                            - cv2.imdecode(jpeg, cv2.IMREAD_COLOR).astype(int))
+        assert difference.max() <= 8 and difference.mean() < 0.02
+
+    before = files_of(folder)
+    assert run_script('run_fine_tuned_generator.py', *stage6) == 0  # a rerun writes nothing
+    assert files_of(folder) == before
+    other = [a if a != inputs['genforce'] else inputs['v1'] for a in stage6]
+    assert run_script('run_fine_tuned_generator.py', *other, '--outdir', tmp_path / 'other') == 2
+    assert 'is not the base generator' in capsys.readouterr().err and not (tmp_path / 'other').exists()
+    missing = [*stage6, '--directions', tmp_path / 'none.pt', '--outdir', tmp_path / 'none']
+    assert run_script('run_fine_tuned_generator.py', *missing) == 2
+    assert 'no such directions file; make it with find_attribute_directions.py' in capsys.readouterr().err
+
+
+def test_the_evaluation_measures_the_directions(inputs, tmp_path, stand_in, capsys):
+    """evaluate_attribute_control.py --model directions: loaded through the shared registry, keyed on both files."""
+    from ohlora.layout import Layout
+
+    root = tmp_path / 'root'
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '40', '--chunk-size', '20', '--batch-size', '10')) == 0
+    evaluation = ['--model', 'directions', '--weights', inputs['genforce'], '--property-cnn', inputs['cnn'],
+                  '--root', root, '--device', 'cpu', '--no-progress', '--num', '1', '--grid', 'eyes=-1,1',
+                  '--grid', 'mouth=0', '--grid', 'pose=0', '--no-identity', '--no-shares']
+    assert run_script('evaluate_attribute_control.py', *evaluation) == 0
+    capsys.readouterr()
+    folder = Layout(root).attribute_control_dir('directions', 'property-cnn')
+    summary = json.loads((folder / 'summary.json').read_text())
+    assert summary['run']['model'] == 'directions' and summary['run']['measure'] == 'property-cnn'
+    record = json.loads((folder / 'evaluation_settings.json').read_text())
+    text = json.dumps(record)
+    assert sha256_of(Layout(root).attribute_directions) in text and sha256_of(inputs['genforce']) in text
+    assert run_script('evaluate_attribute_control.py', *evaluation, '--directions', tmp_path / 'none.pt') == 2
+    assert 'no such directions file' in capsys.readouterr().err

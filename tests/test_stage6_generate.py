@@ -149,20 +149,29 @@ def test_warnings_for_unlearned_attributes_and_out_of_range_values(tmp_path, tin
     assert run_script(SCRIPT, *base_args(tiny_inputs, root, '--num', 1, '--hair-color', 0.5, '--eyes', 9)) == 0
     err = capsys.readouterr().err
     assert 'warning: --hair-color 0.5: v3 was never trained on hair_color' in err
-    assert 'warning: --eyes 9 is outside -5.071 to 2.8509' in err and 'published algorithm-2' in err
+    # v3 was trained on the property CNN's scores (all_scores_v2_cnn.csv), whose range is wider than stage 4's
+    assert 'warning: --eyes 9 is outside -6.3564 to 3.4492' in err and 'published property-CNN' in err
 
-    # With the stage-4 statistics of this root, their range is the one to respect.
-    stats = Layout(root).property_scores_stats(2)
-    stats.parent.mkdir(parents=True)
-    columns = {f'{name}_score': {'mean': 0, 'std': 1, 'n': 9, 'min': -1.0, 'max': 1.0} for name in UPSTREAM_LABEL}
-    columns['pose_score'].update(min=-2.0, max=2.0)
-    stats.write_text(json.dumps({'columns': columns}))
+    # With the property-CNN scores of this root (v2 wrote them; v3 trains on them), their range is the one to respect.
+    cnn_scores = Layout(root).property_cnn_scores_csv
+    cnn_scores.parent.mkdir(parents=True)
+    rows = pd.DataFrame({f'{name}_score': [-1.0, 1.0] for name in UPSTREAM_LABEL})
+    rows['pose_score'] = [-2.0, 2.0]
+    rows.insert(0, 'img_no', [4, 5])
+    rows.to_csv(cnn_scores, index=False)
     assert run_script(SCRIPT, *base_args(tiny_inputs, tmp_path / 'w2', '--num', 1)) == 0
-    assert 'warning' not in capsys.readouterr().err  # that root has no stats: the defaults are in range
+    assert 'warning' not in capsys.readouterr().err  # that root has no scores: the defaults are in range
     assert run_script(SCRIPT, *base_args(tiny_inputs, root, '--num', 1, '--outdir', tmp_path / 'o')) == 0
     err = capsys.readouterr().err
-    assert 'warning: --eyes 1.8 is outside -1 to 1' in err and 'all_scores_v2_stats.json' in err
+    assert 'warning: --eyes 1.8 is outside -1 to 1' in err and 'all_scores_v2_cnn.csv' in err
     assert '--mouth 1.6 is outside' in err and '--pose' not in err
+
+    # v1's labels are stage-4 algorithm-1 scores: the root's statistics file gives their range.
+    stats = Layout(tmp_path / 'v1').property_scores_stats(1)
+    stats.parent.mkdir(parents=True)
+    columns = {f'{name}_score': {'mean': 0, 'std': 1, 'n': 9, 'min': -30.0, 'max': 30.0} for name in UPSTREAM_LABEL}
+    columns['pose_score'].update(min=-3.8144, max=7.293)
+    stats.write_text(json.dumps({'columns': columns}))
 
     # v1 learned all seven attributes; a sweep warns about its own values.
     assert run_script(SCRIPT, '--model', 'v1', *base_args(tiny_inputs, tmp_path / 'v1', '--num', 1, '--hair-color',
@@ -170,6 +179,7 @@ def test_warnings_for_unlearned_attributes_and_out_of_range_values(tmp_path, tin
                                                           '--values=0,20')) == 0
     err = capsys.readouterr().err
     assert 'never trained' not in err and 'pose 20 in --values is outside -3.8144 to 7.293' in err
+    assert 'all_scores_stats.json of this root' in err
     assert (Layout(tmp_path / 'v1').final_inference_dir('v1') / 'sweep_pose' / 'sweep_pose.png').is_file()
 
 
@@ -234,10 +244,11 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path, tiny_inputs, capsy
     fails('--root', root, '--no-progress', '--model', 'v1', base=False, match='--weights PATH')
 
 
-@pytest.mark.parametrize('algorithm', [1, 2])
+@pytest.mark.parametrize('algorithm', [1, 2, 'cnn'])
 def test_published_score_ranges_are_those_of_the_published_scores(reference_dir, algorithm):
     """The fallback ranges are min / max of the upstream's published normalised scores (tests/data copies)."""
-    published = Layout(reference_dir / 'ohlora' / 'data').property_scores_csv(algorithm)
+    data = Layout(reference_dir / 'ohlora' / 'data')
+    published = data.property_cnn_scores_csv if algorithm == 'cnn' else data.property_scores_csv(algorithm)
     scores = pd.read_csv(published)
     assert len(scores) == 4703
     derived = {name: (scores[f'{name}_score'].min(), scores[f'{name}_score'].max()) for name in PROPERTY_NAMES}
@@ -265,3 +276,17 @@ def test_full_size_v3_file_runs_with_the_shipped_z(tmp_path):
     assert [decoded(folder / f'{n:06d}.jpg').shape for n in range(2)] == [(256, 256, 3)] * 2
     record = json.loads((folder / 'generation_settings.json').read_text())
     assert record['z_file'] == 'test_z_vector_0005.csv' and len(pd.read_csv(folder / 'z_vectors.csv').columns) == 513
+
+
+def test_v2_generator_renders_from_its_trained_file_only(tmp_path, tiny_inputs, capsys):
+    """v2's generator is not published: --model v2 reads the file v2 training wrote (v1's layout) or --weights."""
+    root = tmp_path / 'root'
+    argv = ['--model', 'v2', '--z-csv', tiny_inputs['z_csv'], '--root', root, '--device', 'cpu', '--no-progress',
+            '--num', '1']
+    assert run_script(SCRIPT, *argv) == 2
+    assert 'train the v2 generator with run_stylegan_fine_tuning_v2.py --train-generator' in capsys.readouterr().err
+    assert not root.exists()
+    assert run_script(SCRIPT, *argv, '--weights', tiny_inputs['v1']) == 0
+    assert (Layout(root).final_inference_dir('v2') / '000000.jpg').is_file()
+    assert run_script(SCRIPT, '--model', 'v3', *argv[2:], '--weights', tiny_inputs['v1'], '--outdir', tmp_path / 'x') == 2
+    assert 'it loads with --model v1 (or v2)' in capsys.readouterr().err
