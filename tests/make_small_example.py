@@ -93,6 +93,12 @@ class SmallExample:
         return self.folder / 'facexformer_synthetic.pt'
 
 
+def fail(message: str):
+    """One ``error:`` line and exit status 2, as the stage scripts do."""
+    print(f'error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
 def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -156,7 +162,7 @@ def use_portraits(example: SmallExample, root: str | Path) -> list[int]:
     written = sorted(n for n in map(parse_img_no, (p.name for p in layout.synthesized_dir.glob('*.jpg')))
                      if n is not None)
     if written != list(range(NUM_IMAGES)):
-        raise SystemExit(f'error: {layout.synthesized_dir} holds images {written}; run stage 1 with --num '
+        fail(f'{layout.synthesized_dir} holds images {written}; run stage 1 with --num '
                          f'{NUM_IMAGES} first')
     for img_no in written:
         shutil.copyfile(example.portraits / image_name(img_no), layout.synthesized_image(img_no))
@@ -167,9 +173,12 @@ def use_known_maps(example: SmallExample, root: str | Path) -> list[int]:
     """Replace every parsing map (and its face crop) that stage 3 wrote under ``root`` by the known one."""
     layout = Layout(root)
     parsed = [n for n in range(NUM_IMAGES) if layout.parsing_map(n).is_file()]
+    if not parsed:
+        fail(f'{layout.segmentation_dir} holds no parsing maps; run stage 3 '
+                         '(run_segmentation.py) first')
     for img_no in parsed:
         if not example.known_map(img_no).is_file():
-            raise SystemExit(f'error: stage 3 parsed image {img_no}, which has no known map in {example.known_maps}')
+            fail(f'stage 3 parsed image {img_no}, which has no known map in {example.known_maps}')
         shutil.copyfile(example.known_map(img_no), layout.parsing_map(img_no))
         shutil.copyfile(example.known_face(img_no), layout.face_crop(img_no))
     return parsed
@@ -187,6 +196,9 @@ def main(argv=None) -> None:
                        help='after stage 3: replace the parsing maps and face crops it wrote under ROOT by the known ones')
     args = parser.parse_args(argv)
     example = SmallExample(Path(args.out))
+    if (args.use_portraits or args.use_known_maps) and not example.known_maps.is_dir():
+        fail(f'{example.folder} holds no small example inputs; run '
+                         f'python tests/make_small_example.py --out {example.folder} first')
     if args.use_portraits:
         print(f'replaced images {use_portraits(example, args.use_portraits)} by the portraits')
     elif args.use_known_maps:

@@ -594,3 +594,21 @@ def _page_commands(page: Path) -> list[str]:
 def test_the_small_example_page_lists_exactly_the_commands_of_the_test():
     page = CODE_ROOT / 'docs' / 'small-example.md'
     assert _page_commands(page) == [c.text() for c in pipeline_commands()]
+
+
+def test_the_stand_in_steps_refuse_a_root_the_stages_have_not_filled(tmp_path, capsys):
+    example = small.SmallExample(tmp_path / 'small_inputs')
+    small.write_portraits(example)
+    small.write_known_maps(example)
+    root = tmp_path / 'run'
+
+    def refused(*argv, match):
+        with pytest.raises(SystemExit) as exit_status:
+            small.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_status.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1 and match in err, err
+        assert not root.exists()
+
+    refused('--out', tmp_path / 'none', '--use-portraits', root, match='holds no small example inputs')
+    refused('--out', example.folder, '--use-portraits', root, match='run stage 1 with --num 8 first')
+    refused('--out', example.folder, '--use-known-maps', root, match='run stage 3 (run_segmentation.py) first')
