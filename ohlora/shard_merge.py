@@ -41,10 +41,10 @@ def merge_shards(request: MergeRequest) -> MergeReport:
         return MergeReport(stage, merge_stage1_shards(request.root))
     if stage == '2':
         from cnn.stage2 import merge_stage2_shards
-        return MergeReport(stage, merge_stage2_shards(request.root, progress=request.progress))
+        return MergeReport(stage, merge_stage2_shards(request.root, progress=request.progress).lines())
     if stage == '3':
         from segmentation.stage3 import merge_stage3_shards
-        return MergeReport(stage, merge_stage3_shards(request.root))
+        return MergeReport(stage, merge_stage3_shards(request.root).lines())
     if stage == '6':
         from stylegan_modified.stage6 import merge_stage6_shards
         return MergeReport(stage, merge_stage6_shards(request.root, request.model, request.outdir, request.sweep))

@@ -23,6 +23,7 @@ FaceXFormer batch then differs from one process, so a map can differ at near-tie
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,8 @@ def prepare(detector: FaceDetector, img_no: int, path: Path) -> PreparedFace | S
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow's messages quote the full path; the CSV must not hold absolute paths (R4).
         text = str(exc).replace(str(path), path.name).strip()
+        # Pillow names the in-memory buffer by its address, which differs between runs: name the file instead.
+        text = re.sub(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>', path.name, text)
         reason = f'unreadable image: {text.splitlines()[0][:120] if text else type(exc).__name__}'
         try:
             digest = sha256_of(path)
