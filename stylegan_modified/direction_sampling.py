@@ -156,7 +156,7 @@ def _load_chunk(path: Path, digest: str, start: int, count: int, w_dim: int) -> 
 def _ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'{atomic.TMP_PREFIX}probe'
+        probe = atomic.temporary_name(folder / 'probe')  # this process's own: shards probe the folder at once
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as exc:
@@ -175,15 +175,16 @@ def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int
                   image_paths: Callable[[int], Path] | None = None, bar=None,
                   amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """w [count, w_dim] and scores [count, 7] of images start..start+count-1, in batches from ``start``;
-    ``amp``: generator and scorer under bfloat16 autocast (w and the scores are kept as float32)."""
+    ``amp``: the synthesis and the scorer under bfloat16 autocast (w stays float32, the scores are kept so)."""
     ws, scores = [], []
     for offset in range(0, count, batch_size):
         numbers = range(start + offset, start + min(offset + batch_size, count))
         z = torch.stack([sampled_latent(seed, n, w_generator.z_dim) for n in numbers])
-        with torch.inference_mode(), autocast(w_generator.device, amp):
-            w = w_generator.w(z).float()
-            images = w_generator.images(broadcast_w(w, w_generator.num_layers)).float()
-            batch_scores = _check_scores(scorer(images).float(), len(numbers))
+        with torch.inference_mode():
+            w = w_generator.w(z)  # float32 under --amp too: w is what the fit is made of
+            with autocast(w_generator.device, amp):
+                images = w_generator.images(broadcast_w(w, w_generator.num_layers)).float()
+                batch_scores = _check_scores(scorer(images).float(), len(numbers))
         if image_paths is not None:
             for n, rgb in zip(numbers, to_uint8(images)):
                 atomic.write_image(image_paths(n), rgb[:, :, ::-1])

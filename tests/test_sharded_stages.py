@@ -3,6 +3,7 @@ merged root equals one process's byte for byte (stage 3 up to near-tie pixels of
 mixed settings, another split, a missing or unfinished shard are refused in one line and change nothing.
 """
 import json
+import os
 import shutil
 
 import numpy as np
@@ -319,3 +320,24 @@ def test_directions_sampling_split_merged_and_fitted_equals_one_process(tmp_path
                     for root in (tmp_path / 'whole', split))
     for key in ('weights', 'intercepts', 'directions'):
         assert torch.equal(getattr(whole, key), getattr(parts, key))
+
+
+def test_a_job_never_removes_the_temporaries_of_another_machine(tmp_path):
+    """Jobs on several machines write into one shared folder: a job removes the temporaries of dead processes of
+    its own machine only (another machine's process ids mean nothing here)."""
+    import subprocess
+    import sys
+
+    from ohlora.atomic import HOST_TAG, remove_stale_temporaries, temporary_name
+
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    other_host = 'f' * 8 if HOST_TAG != 'f' * 8 else '0' * 8
+    mine = tmp_path / f'.tmp-{dead.pid}h{HOST_TAG}-ab12.jpg'
+    legacy = tmp_path / f'.tmp-{dead.pid}-cd34.jpg'  # written before names held the host: this machine's
+    theirs = tmp_path / f'.tmp-{dead.pid}h{other_host}-ef56.jpg'
+    for path in (mine, legacy, theirs):
+        path.write_bytes(b'')
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([mine, legacy])
+    assert theirs.exists()
+    assert temporary_name(tmp_path / 'x.jpg').name.startswith(f'.tmp-{os.getpid()}h{HOST_TAG}-')
