@@ -30,7 +30,7 @@ EXAMPLES = '''
   # the hair colour as well, and keep the sampled images (JPEGs beside the samples)
   python stylegan_and_segmentation/find_attribute_directions.py --attributes eyes,mouth,pose,hair_color --save-images
   # 300,000 samples on 4 GPUs: every rank samples its chunks, rank 0 merges and fits
-  torchrun --standalone --nproc_per_node 4 stylegan_and_segmentation/find_attribute_directions.py --num 300000
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/find_attribute_directions.py --num 300000
   # or as 4 cluster jobs that only sample (job 2 of 4 here), then the merge, then the fit (reuses every sample)
   python stylegan_and_segmentation/find_attribute_directions.py --num 300000 --shard 2/4
   python stylegan_and_segmentation/merge_shards.py --stage directions

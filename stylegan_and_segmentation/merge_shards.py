@@ -9,8 +9,7 @@ Under torchrun rank 0 merges by itself; this step is for independent jobs.
 """
 from __future__ import annotations
 
-from ohlora.cli import make_parser, run
-from ohlora.logs import setup_logging
+from ohlora.cli import VerboseAction, make_parser, run
 from ohlora.shard_merge import STAGES, MergeRequest, merge_shards
 
 EXAMPLES = '''
@@ -36,14 +35,12 @@ def build_parser():
     parser.add_argument('--sweep', default=None, metavar='ATTR', help="stage 6: the shards' --sweep")
     parser.add_argument('--samples-dir', default=None, metavar='DIR', help="directions: the shards' --samples-dir")
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-    parser.add_argument('--verbose', action='store_true', help='also log progress notes on stderr')
+    parser.add_argument('--verbose', action=VerboseAction, help='also log progress notes on stderr')
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.verbose:
-        setup_logging(verbose=True)
     report = merge_shards(MergeRequest(stage=args.stage, root=args.root, model=args.model, outdir=args.outdir,
                                        sweep=args.sweep.replace('-', '_') if args.sweep else None,
                                        samples_dir=args.samples_dir, progress=not args.no_progress))

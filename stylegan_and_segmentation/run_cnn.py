@@ -26,7 +26,7 @@ EXAMPLES = '''
   # upstream behaviour: dropout on while scoring, upstream LR schedule when retraining
   python stylegan_and_segmentation/run_cnn.py --compat upstream
   # score on 4 GPUs (rank 0 then writes the CSVs and fills the filtered folder)
-  torchrun --standalone --nproc_per_node 4 stylegan_and_segmentation/run_cnn.py --workers 2
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/run_cnn.py --workers 2
   # or as job 0 of 4 cluster jobs (score only), then the merge writes, filters and links
   python stylegan_and_segmentation/run_cnn.py --shard 0/4
   python stylegan_and_segmentation/merge_shards.py --stage 2

@@ -33,7 +33,7 @@ EXAMPLES = '''
   # another z: a one-row CSV with the header 0,1,...,511
   python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
   # 1,000 images on 2 GPUs (rank 0 writes the records), or as job 0 of 2 cluster jobs and then the merge
-  torchrun --standalone --nproc_per_node 2 stylegan_and_segmentation/run_fine_tuned_generator.py --num 1000
+  torchrun --standalone --nproc_per_node 2 -- stylegan_and_segmentation/run_fine_tuned_generator.py --num 1000
   python stylegan_and_segmentation/run_fine_tuned_generator.py --num 1000 --shard 0/2
   python stylegan_and_segmentation/merge_shards.py --stage 6 --model v3
 '''

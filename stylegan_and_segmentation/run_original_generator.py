@@ -14,7 +14,7 @@ EXAMPLES = '''
   # upstream-like sampling: 90 % style mixing (drawn per image from the seed)
   python stylegan_and_segmentation/run_original_generator.py --compat upstream
   # 4 GPUs of one machine: each renders a quarter, rank 0 then writes the meta and the z record
-  torchrun --standalone --nproc_per_node 4 stylegan_and_segmentation/run_original_generator.py --num 100000
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/run_original_generator.py --num 100000
   # job 3 of 8 independent cluster jobs, then (once all 8 have finished) the merge
   python stylegan_and_segmentation/run_original_generator.py --num 100000 --shard 3/8
   python stylegan_and_segmentation/merge_shards.py --stage 1

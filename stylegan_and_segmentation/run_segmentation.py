@@ -20,7 +20,7 @@ EXAMPLES = '''
   # another folder of NNNNNN.jpg images, results under another root
   python stylegan_and_segmentation/run_segmentation.py --images my_faces/ --root runs/demo
   # 8 GPUs of one machine (rank 0 writes the record and skipped.csv), or job 1 of 8 and then the merge
-  torchrun --standalone --nproc_per_node 8 stylegan_and_segmentation/run_segmentation.py --batch-size 64
+  torchrun --standalone --nproc_per_node 8 -- stylegan_and_segmentation/run_segmentation.py --batch-size 64
   python stylegan_and_segmentation/run_segmentation.py --shard 1/8
   python stylegan_and_segmentation/merge_shards.py --stage 3
 '''
