@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 RECORD_FORMAT = 'ohlora-shard-record'
 T = TypeVar('T')
 
-__all__ = ['Sharding', 'ShardRecords', 'start', 'whole_run', 'check_shard_option']
+__all__ = ['Sharding', 'ShardRecords', 'start', 'check_shard_option']
 
 
 def check_shard_option(text: str | None) -> Shard:
@@ -91,11 +91,6 @@ class Sharding:
         if error is not None:
             raise PipelineError(error)
         return result
-
-
-def whole_run(device: torch.device) -> Sharding:
-    """The share of a single process: everything."""
-    return Sharding(DistContext(device=device), Shard())
 
 
 def start(device: torch.device, shard_text: str | None) -> Sharding:
