@@ -2,7 +2,8 @@
 RNG streams in the resume record. Two gloo processes on this CPU (tests/distributed_helpers.run_ranks), tiny models.
 
 One process session (two Python processes: starting them takes seconds) makes everything the tests below check:
-two v3 steps, and the v1 script's runs (fresh; stopped after an epoch and resumed; a refused batch size).
+two v3 steps, the v1 script's runs (fresh; stopped after an epoch and resumed; a refused batch size) and one v2
+run (the CNN, its scores, the generator through it).
 """
 import contextlib
 import io
@@ -32,7 +33,7 @@ from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.v3_inputs import build_v3_models, load_gender_cnn
 from test_training_toolkit import upstream_scores_csv, write_images
 
-V1_SCRIPT = 'run_stylegan_fine_tuning.py'
+V1_SCRIPT, V2_SCRIPT = 'run_stylegan_fine_tuning.py', 'run_stylegan_fine_tuning_v2.py'
 IMG_NOS = [4, 7, 11, 20]
 DETERMINISTIC_COLUMNS = [c for c in LOG_COLUMNS if c not in ('images_per_s', 'peak_gpu_mem_mb')]
 
@@ -144,6 +145,14 @@ def v1_args(root, zoo, *extra):
             '--snapshot-size', 32, '--device', 'cpu', '--no-progress', *extra]
 
 
+def v2_args(root, inputs):
+    """1 epoch of the CNN (3 training images: one step of 2, the odd one left out; 1 validation image, scored by
+    rank 0 alone), then 1 step group of 2 steps of the generator through it."""
+    return ['--root', root, '--batch-size', 2, '--eval-batch-size', 2, '--max-epochs', 1, '--train-generator',
+            '--v1-weights', inputs / 'v1.pth', '--max-groups', 1, '--steps-per-group', 2, '--gen-batch-size', 2,
+            '--workers', 0, '--device', 'cpu', '--no-progress']
+
+
 def _rank_session(rank, v3_folder, folder, zoo):
     """What rank ``rank`` of two does: two v3 steps; then the v1 script's runs as torchrun would start them, every
     file and folder it creates noted."""
@@ -167,7 +176,8 @@ def _rank_session(rank, v3_folder, folder, zoo):
             statuses = [run_script(V1_SCRIPT, *v1_args(folder / 'whole', zoo, '--epochs', 2, '--verbose')),
                         run_script(V1_SCRIPT, *v1_args(folder / 'split', zoo, '--epochs', 1)),
                         run_script(V1_SCRIPT, *v1_args(folder / 'split', zoo, '--epochs', 2, '--resume')),
-                        run_script(V1_SCRIPT, *v1_args(folder / 'uneven', zoo, '--epochs', 1, '--batch-size', 5))]
+                        run_script(V1_SCRIPT, *v1_args(folder / 'uneven', zoo, '--epochs', 1, '--batch-size', 5)),
+                        run_script(V2_SCRIPT, *v2_args(folder / 'v2', v3_folder))]
     finally:
         os.replace, os.mkdir = real_replace, real_mkdir
     (folder / f'rank{rank}.json').write_text(json.dumps({'statuses': statuses, 'created': created,
@@ -180,13 +190,14 @@ def v1_template(tmp_path_factory):
     layout = Layout(root)
     write_images(layout, IMG_NOS)
     upstream_scores_csv(layout.property_scores_csv(1), IMG_NOS)
+    upstream_scores_csv(layout.property_scores_csv(2), IMG_NOS, seed=2)
     return root
 
 
 @pytest.fixture(scope='module')
 def sessions(v3_inputs, v1_template, genforce, tmp_path_factory):
     folder = tmp_path_factory.mktemp('ddp_v1')
-    for name in ('whole', 'split'):
+    for name in ('whole', 'split', 'v2'):
         shutil.copytree(v1_template, folder / name)
     run_ranks(_rank_session, v3_inputs, folder, genforce[0])
     return folder
@@ -207,7 +218,7 @@ def v1_single(v1_template, genforce, tmp_path_factory):
 
 def test_the_v1_script_picks_up_torchrun_and_only_rank_0_writes(v1_ranks, v1_single):
     folder, ranks = v1_ranks
-    assert ranks[0]['statuses'] == ranks[1]['statuses'] == [0, 0, 0, 2]
+    assert ranks[0]['statuses'] == ranks[1]['statuses'] == [0, 0, 0, 2, 0]
     assert ranks[1]['created'] == [] and ranks[1]['stdout'] == ''  # rank 1 writes and prints nothing
     assert any(p.endswith('resume_record.pt') for p in ranks[0]['created'])
     # the same files as one process writes, none more (no per-rank files, no temporaries left)
@@ -248,3 +259,20 @@ def test_the_record_holds_both_ranks_rng_and_a_resumed_2_rank_run_equals_the_uni
     logs = [pd.read_csv(layout.training_run('v1').train_log)[DETERMINISTIC_COLUMNS] for layout in (whole, split)]
     pd.testing.assert_frame_equal(*logs)
     assert logs[0]['g_train_count'].between(1, 4).all()
+
+
+def test_v2_trains_the_cnn_and_the_generator_on_2_ranks_and_rank_0_scores(v1_ranks):
+    folder, ranks = v1_ranks
+    layout = Layout(folder / 'v2')
+    assert 'property CNN: 1 epochs (reached --max-epochs)' in ranks[0]['stdout']
+    assert 'scores of 4 images: wrote' in ranks[0]['stdout'] and 'v2 generator: 1 step groups' in ranks[0]['stdout']
+    assert layout.property_cnn_scores_csv.is_file() and layout.property_cnn_compare_csv.is_file()
+    for version, steps in (('v2_cnn', 1), ('v2', 2)):
+        files = layout.training_run(version)
+        record = load_resume_record(files.resume_record)
+        assert record.step == steps and len(record.rng['ranks']) == 2, version
+        assert json.loads(files.options_json.read_text())['options']['world_size'] == 2
+    # the one validation image (rank 0's share; rank 1 had none) is in the validation log
+    assert len(pd.read_csv(layout.training_run('v2_cnn').validation_log)) == 1
+    log = pd.read_csv(layout.training_run('v2').train_log)
+    assert log['step'].tolist() == [0, 1] and np.isfinite(log['loss']).all()
