@@ -2,14 +2,15 @@
 RNG streams in the resume record. Two gloo processes on this CPU (tests/distributed_helpers.run_ranks), tiny models.
 
 One process session (two Python processes: starting them takes seconds) makes everything the tests below check:
-two v3 steps, the v1 script's runs (fresh; stopped after an epoch and resumed; a refused batch size) and one v2
-run (the CNN, its scores, the generator through it).
+two v3 steps, the v1 script's runs (fresh; stopped after an epoch and resumed; a refused batch size; a SIGTERM
+that reaches rank 1 alone) and one v2 run (the CNN, its scores, the generator through it).
 """
 import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.cvae_training import CVAETrainer, V3Settings
 from stylegan_modified.datasets import check_batch_size, epoch_batches, rank_share
 from stylegan_modified.ddp import rows
-from stylegan_modified.fine_tuning import LOG_COLUMNS
+from stylegan_modified.fine_tuning import LOG_COLUMNS, V1Trainer
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.v3_inputs import build_v3_models, load_gender_cnn
 from test_training_toolkit import upstream_scores_csv, write_images
@@ -178,6 +179,19 @@ def _rank_session(rank, v3_folder, folder, zoo):
                         run_script(V1_SCRIPT, *v1_args(folder / 'split', zoo, '--epochs', 2, '--resume')),
                         run_script(V1_SCRIPT, *v1_args(folder / 'uneven', zoo, '--epochs', 1, '--batch-size', 5)),
                         run_script(V2_SCRIPT, *v2_args(folder / 'v2', v3_folder))]
+        os.replace, os.mkdir = real_replace, real_mkdir
+        original, steps = V1Trainer.step, []
+
+        def step_then_signal(self, reals, labels):  # the signal reaches rank 1 alone, after the first step
+            result = original(self, reals, labels)
+            steps.append(1)
+            if rank == 1 and len(steps) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        V1Trainer.step = step_then_signal
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            statuses.append(run_script(V1_SCRIPT, *v1_args(folder / 'signal', zoo, '--epochs', 2, '--batch-size', 2)))
     finally:
         os.replace, os.mkdir = real_replace, real_mkdir
     (folder / f'rank{rank}.json').write_text(json.dumps({'statuses': statuses, 'created': created,
@@ -197,7 +211,7 @@ def v1_template(tmp_path_factory):
 @pytest.fixture(scope='module')
 def sessions(v3_inputs, v1_template, genforce, tmp_path_factory):
     folder = tmp_path_factory.mktemp('ddp_v1')
-    for name in ('whole', 'split', 'v2'):
+    for name in ('whole', 'split', 'v2', 'signal'):
         shutil.copytree(v1_template, folder / name)
     run_ranks(_rank_session, v3_inputs, folder, genforce[0])
     return folder
@@ -218,7 +232,7 @@ def v1_single(v1_template, genforce, tmp_path_factory):
 
 def test_the_v1_script_picks_up_torchrun_and_only_rank_0_writes(v1_ranks, v1_single):
     folder, ranks = v1_ranks
-    assert ranks[0]['statuses'] == ranks[1]['statuses'] == [0, 0, 0, 2, 0]
+    assert ranks[0]['statuses'][:5] == ranks[1]['statuses'][:5] == [0, 0, 0, 2, 0]
     assert ranks[1]['created'] == [] and ranks[1]['stdout'] == ''  # rank 1 writes and prints nothing
     assert any(p.endswith('resume_record.pt') for p in ranks[0]['created'])
     # the same files as one process writes, none more (no per-rank files, no temporaries left)
@@ -276,3 +290,25 @@ def test_v2_trains_the_cnn_and_the_generator_on_2_ranks_and_rank_0_scores(v1_ran
     assert len(pd.read_csv(layout.training_run('v2_cnn').validation_log)) == 1
     log = pd.read_csv(layout.training_run('v2').train_log)
     assert log['step'].tolist() == [0, 1] and np.isfinite(log['loss']).all()
+
+
+def test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step(v1_ranks):
+    folder, ranks = v1_ranks
+    assert ranks[0]['statuses'][5] == ranks[1]['statuses'][5] == 130
+    assert 'stopped by SIGTERM at epoch 0, batch 1 (step 1)' in ranks[0]['stderr']
+    record = load_resume_record(Layout(folder / 'signal').training_run('v1').resume_record)
+    assert (record.epoch, record.batch, record.step) == (0, 1, 1) and len(record.rng['ranks']) == 2
+
+
+def test_resuming_a_2_rank_run_on_one_process_continues_and_says_it_is_not_exact(v1_ranks, genforce, tmp_path,
+                                                                                 capsys):
+    folder, _ = v1_ranks
+    root = tmp_path / 'root'
+    shutil.copytree(folder / 'whole', root)
+    assert run_script(V1_SCRIPT, *v1_args(root, genforce[0], '--epochs', 3, '--resume')) == 0
+    err = capsys.readouterr().err
+    assert ('warning: resuming a run of 2 process(es) with 1: it continues from its checkpoint, but not '
+            'bit-exactly') in err
+    record = load_resume_record(Layout(root).training_run('v1').resume_record)
+    assert (record.epoch, record.step) == (3, 3) and 'ranks' not in record.rng
+    assert record.options['world_size'] == 1
