@@ -13,12 +13,9 @@ one process with the same number of threads in all, and against one thread. On G
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -60,14 +57,14 @@ def timed(args, ctx: DistContext) -> float:
     return best
 
 
-def _rank(rank: int, args, port: int, out: str) -> None:
+def _rank(rank: int, args, port: int, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         seconds = timed(args, context(torch.device('cpu')))
         if rank == 0:
-            Path(out).write_text(json.dumps(seconds))
+            results.put(seconds)
     finally:
         close()
 
@@ -76,10 +73,9 @@ def two_processes(args) -> float:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, 'seconds.json')
-        mp.start_processes(_rank, args=(args, port, out), nprocs=2, join=True, start_method='spawn')
-        return json.loads(Path(out).read_text())
+    results = mp.get_context('spawn').SimpleQueue()
+    mp.start_processes(_rank, args=(args, port, results), nprocs=2, join=True, start_method='spawn')
+    return results.get()
 
 
 def main() -> None:
