@@ -80,7 +80,8 @@ def two_processes(args) -> float:
 
 def main() -> None:
     parser = bench_parser(__doc__, device_default='cpu')
-    parser.add_argument('--batch-size', type=positive_int, default=8, help='images per step, all processes (default: 8)')
+    parser.add_argument('--batch-size', type=positive_int, default=8,
+                        help='images per step, all processes (default: 8)')
     parser.add_argument('--fmaps-max', type=positive_int, default=64, help='widest layer of G and D (default: 64)')
     parser.add_argument('--steps', type=positive_int, default=4, help='timed steps per pass (default: 4)')
     parser.add_argument('--repeat', type=positive_int, default=2, help='passes, best kept (default: 2)')

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cnn.models import GenderCNN
 from distributed_helpers import run_ranks
 from ohlora.distributed import DistContext, context
 from ohlora.errors import PipelineError
@@ -25,13 +24,11 @@ from ohlora.layout import Layout
 from ohlora.resume import (capture_rng_state, load_resume_record, rank_seed, restore_rank_rng_state,
                            seed_everything)
 from script_runner import files_of, run_script
-from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.cvae_training import CVAETrainer, V3Settings
 from stylegan_modified.datasets import check_batch_size, epoch_batches, rank_share
 from stylegan_modified.ddp import rows
 from stylegan_modified.fine_tuning import LOG_COLUMNS, V1Trainer
-from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.v3_inputs import build_v3_models, load_gender_cnn
+from stylegan_modified.v3_inputs import build_v3_models
 from test_training_toolkit import upstream_scores_csv, write_images
 
 V1_SCRIPT, V2_SCRIPT = 'run_stylegan_fine_tuning.py', 'run_stylegan_fine_tuning_v2.py'
@@ -93,9 +90,6 @@ def v3_inputs(reference_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp('ddp_v3_inputs')
     tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
     torch.save(tiny['state_dicts']['v1_generator'], folder / 'v1.pth')
-    torch.manual_seed(11)
-    torch.save(PropertyScoreCNN().state_dict(), folder / 'property_cnn.pth')
-    torch.save(GenderCNN().state_dict(), folder / 'gender_model_0.pt')
     generator = torch.Generator().manual_seed(5)
     batches = {'images': torch.rand(2, 4, 3, 256, 256, generator=generator) * 2 - 1,
                'labels': torch.randn(2, 4, 7, generator=generator),
