@@ -231,7 +231,7 @@ class CVAETrainer:
         z = reparameterize(mu, logvar, eps.to(self.device))
         with self.amp.autocast():
             generated = self.generator_train(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
-                                       randomize_noise=False)['image']
+                                             randomize_noise=False)['image']
             scores = self.property_scores(generated).float()
             gender = self.gender_scores(generated).float()
         terms = {'property_loss': F.mse_loss(scores[:, SUPERVISED], labels[:, SUPERVISED]),

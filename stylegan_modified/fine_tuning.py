@@ -331,8 +331,8 @@ class V1Trainer:
         ``generator``: G or its DDP wrapper (default G)."""
         z = torch.randn(labels.shape[0], self.generator.z_space_dim).to(self.device)
         return (generator or self.generator)(z, labels, w_moving_decay=self.hyper.w_moving_decay,
-                              style_mixing_prob=self.settings.style_mixing_prob, trunc_psi=1.0, trunc_layers=0,
-                              randomize_noise=True)['image']
+                                             style_mixing_prob=self.settings.style_mixing_prob, trunc_psi=1.0,
+                                             trunc_layers=0, randomize_noise=True)['image']
 
     def d_step(self, reals: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         set_trainable(self.generator, False)
