@@ -29,7 +29,7 @@ from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import IMAGE_SUFFIX, PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
 from ohlora.records import sha256_of
-from stylegan.postprocess import to_uint8
+from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified import evaluation_plots as plots
 from stylegan_modified.attribute_metrics import grid_labels
 from stylegan_modified.attribute_measurers import Measurer
@@ -170,16 +170,25 @@ def _read_image(path: Path) -> np.ndarray | None:
         return None
 
 
-def _render(generator: ControllableGenerator, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _render(generator: ControllableGenerator, z: np.ndarray, labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """uint8 images of (z, label) pairs named ``names`` (for the message); NaN or infinite pixels are refused
+    before anything of the batch is written: the uint8 conversion would make them black images."""
     with torch.inference_mode():
         images = generator.images(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(labels))
+    require_finite(images, names, 'check the generator\'s weights and the --grid values')
     return to_uint8(images)
+
+
+def _image_name(z_index: int, label_index: int) -> str:
+    return f'z {z_index} label {label_index}'
+
 
 
 def probe_image_size(inputs: EvaluationInputs, folder: AttributeControlFolder, labels: np.ndarray) -> tuple[int, int]:
     """(height, width) of the generator's images: from an image already in the folder, else one rendered image."""
     existing = _read_image(folder.image(0, 0)) if folder.image(0, 0).is_file() else None
-    image = existing if existing is not None else _render(inputs.generator, inputs.z[:1], labels[:1])[0]
+    image = existing if existing is not None else _render(inputs.generator, inputs.z[:1], labels[:1],
+                                                          [_image_name(0, 0)])[0]
     return int(image.shape[0]), int(image.shape[1])
 
 
@@ -387,7 +396,7 @@ def _batch_images(inputs: EvaluationInputs, folder: AttributeControlFolder, batc
     missing = [k for k, image in enumerate(images) if image is None]  # new, or unreadable: drawn again
     if missing:
         drawn = _render(inputs.generator, inputs.z[[batch[k][0] for k in missing]],
-                        labels[[batch[k][1] for k in missing]])
+                        labels[[batch[k][1] for k in missing]], [_image_name(*batch[k]) for k in missing])
         jpegs = list(pool.map(_encode_jpeg, drawn))
         for k, data in zip(missing, jpegs):
             atomic.write_bytes(folder.image(*batch[k]), data)

@@ -347,6 +347,61 @@ def test_a_measurer_that_needs_another_image_size_is_refused_before_writing(tmp_
     assert not (tmp_path / 'run').exists()
 
 
+
+class NaNGenerator(PixelGenerator):
+    """A generator with broken (NaN) weights: NaN pixels for the labels ``broken`` picks (default: all)."""
+
+    def __init__(self, broken=lambda values: torch.ones(len(values), dtype=torch.bool), **kwargs):
+        super().__init__(**kwargs)
+        self.broken = broken
+
+    def images(self, z, values):
+        images = super().images(z, values)
+        images[self.broken(values)] = float('nan')
+        return images
+
+
+def test_nan_pixels_stop_the_run_in_one_line_before_they_are_written(tmp_path):
+    """Without the check, NaN images became black JPEGs, were measured and reported with exit status 0."""
+    with pytest.raises(PipelineError, match=r'the generator gave NaN or infinite pixels for image z 0 label 0 '
+                                            r'\(1 of 1 in its batch\); nothing of that batch was written; check '
+                                            r"the generator's weights"):
+        run(tmp_path, inputs_for(NaNGenerator(), num_z=2, grid=SMALL_GRID))
+    assert not (tmp_path / 'run').exists()
+    # NaN only where mouth = 1.6: the batch holding z 0's last label stops the run, none of its images is written
+    generator = NaNGenerator(lambda values: values[:, 3] > 1.0)
+    with pytest.raises(PipelineError, match=r'for image z 0 label 1 \(2 of 4 in its batch\)'):
+        run(tmp_path, inputs_for(generator, num_z=2, grid=SMALL_GRID), batch_size=4)
+    folder = AttributeControlFolder(tmp_path / 'run')
+    assert not list(folder.folder.rglob('*.jpg')) and not folder.scores_dir.exists()
+
+
+def test_values_beyond_float32_are_refused_before_anything_runs(tmp_path, tiny_files, capsys, monkeypatch):
+    """A grid value or a z beyond float32 became inf in the generator's input: NaN images, exit status 0."""
+    def fails(*argv, match):
+        capsys.readouterr()
+        assert run_script(SCRIPT, *argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('error: ') and '\n' not in err and match in err, err
+        assert not (tmp_path / 'root').exists()
+
+    base = tiny_args(tiny_files, tmp_path / 'root')
+    fails(*base[:-2], '--grid', 'eyes=-1e39,1e39', match='--grid eyes=-1e39,1e39: must be in [-1000, 1000], got -1e+39')
+    fails(*base[:-2], '--grid', 'eyes=0,2000', match='--grid eyes=0,2000: must be in [-1000, 1000], got 2000')
+    pd.DataFrame([[0.5] * 32, [1e39] * 32], columns=[str(k) for k in range(32)]).to_csv(tmp_path / 'huge.csv',
+                                                                                        index=False)
+    fails(*base[:-4], *base[-2:], '--z-csv', tmp_path / 'huge.csv',
+          match='huge.csv has NaN or infinite values, or values beyond float32 (z vector CSV, data row 1)')
+    with pytest.raises(PipelineError, match='values beyond float32'):
+        read_z_rows(tmp_path / 'huge.csv', 32)
+    # a generator with NaN weights, through the script: one line, exit status 2, nothing written
+    monkeypatch.setitem(generator_registry.GENERATORS, 'nan', GeneratorEntry(
+        lambda layout, weights, device, directions=None: LoadedGenerator(NaNGenerator(size=256), ()), 'NaN'))
+    fails('--model', 'nan', '--property-cnn', tiny_files / 'property_cnn.pth', '--root', tmp_path / 'root',
+          '--no-progress', '--num', 1, '--grid', 'mouth=0,1', '--device', 'cpu', '--no-identity', '--no-shares',
+          match='the generator gave NaN or infinite pixels for image z 0 label 0')
+
+
 # --- identity and shares --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
