@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ohlora.constants import PROPERTY_NAMES
+from ohlora.devices import library_seed
 from ohlora.errors import PipelineError
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, AttributeDirections
@@ -32,6 +33,9 @@ from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, Attribu
 logger = logging.getLogger(__name__)
 
 DEFAULT_ATTRIBUTES = ('eyes', 'mouth', 'pose')
+# Streams of ohlora.devices.library_seed: numpy and scikit-learn take seeds in [0, 2**32) only, so theirs are
+# derived from --seed (any int) instead of passing it through.
+SPLIT_STREAM, SVM_STREAM = 91, 92
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class FitOptions:
     alpha: float = 1.0           # ridge: L2 penalty (scikit-learn's alpha)
     svm_c: float = 1.0           # svm: LinearSVC's C
     holdout: float = 0.1         # share of samples kept out of the fit, for the fit quality
-    seed: int = 0                # the held-out split and LinearSVC's random_state
+    seed: int = 0                # any int: the held-out split and LinearSVC's random_state are derived from it
 
     @property
     def held_attributes(self) -> tuple[str, ...]:
@@ -64,6 +68,8 @@ def check_fit_options(options: FitOptions) -> None:
         raise PipelineError(f'--attributes: unknown attribute {unknown[0]!r}; choose from {", ".join(PROPERTY_NAMES)}')
     if not options.attributes or len(set(options.attributes)) != len(options.attributes):
         raise PipelineError(f'--attributes must list at least one attribute, each once (got {",".join(options.attributes)})')
+    if isinstance(options.seed, bool) or not isinstance(options.seed, (int, np.integer)):
+        raise PipelineError(f'--seed must be a whole number, got {options.seed!r}')
     if not 0.0 < options.fraction <= 0.5:
         raise PipelineError(f'--fraction must be in (0, 0.5], got {options.fraction}')
     if not 0.0 < options.holdout < 1.0:
@@ -87,7 +93,7 @@ def minimum_samples(options: FitOptions) -> int:
 
 def holdout_split(num: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) sample indices, sorted; the held-out share is at least 2 samples."""
-    order = np.random.default_rng(seed).permutation(num)
+    order = np.random.default_rng(library_seed(seed, SPLIT_STREAM)).permutation(num)
     held = min(max(2, int(round(num * holdout))), num - 2)
     return np.sort(order[held:]), np.sort(order[:held])
 
@@ -122,7 +128,7 @@ def fit_svm_normal(w: np.ndarray, scores: np.ndarray, fraction: float, c: float,
     y = np.concatenate([np.zeros(len(bottom)), np.ones(len(top))])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ConvergenceWarning)
-        svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=seed).fit(x, y)
+        svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=library_seed(seed, SVM_STREAM)).fit(x, y)
     if any(issubclass(item.category, ConvergenceWarning) for item in caught):
         logger.warning('LinearSVC did not fully converge (%d samples); the direction may be less precise', len(y))
     normal = svm.coef_[0].astype(np.float64)

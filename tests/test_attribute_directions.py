@@ -353,3 +353,22 @@ def test_conditional_base_maps_with_the_recorded_label(reference_dir, tmp_path):
     control = DirectionsControl(generator, directions)  # maps with the label the samples were drawn with
     w, _ = control.edited_w(z, torch.zeros(2, 7))
     assert torch.equal(w, generator.mapping(z, torch.full((2, 7), 0.5))['w'])
+
+
+def test_library_seeds_are_derived_for_any_whole_seed():
+    from ohlora.devices import item_generator, library_seed, mixed_seed
+    seeds = (0, 1, -1, 2 ** 32, 2 ** 33, -(2 ** 40), 2 ** 63 + 5)  # (the mix works modulo 2**64)
+    derived = [library_seed(s, 91) for s in seeds]
+    assert all(0 <= d < 2 ** 32 for d in derived) and len(set(derived)) == len(seeds)
+    assert library_seed(5, 91) == library_seed(5, 91) != library_seed(5, 92)
+    # item_generator is unchanged by the refactoring: its seed is the same 64-bit mix, 63 bits kept
+    assert item_generator(7, 3, 2).initial_seed() == mixed_seed(7, 3, 2) & (2 ** 63 - 1) == 7367871952057696629
+    splits = {s: holdout_split(40, 0.25, s) for s in seeds}
+    for s, (train, test) in splits.items():
+        assert len(test) == 10 and sorted([*train, *test]) == list(range(40))
+        assert all(torch.equal(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(holdout_split(40, 0.25, s), (train, test)))
+    assert len({tuple(test) for _, test in splits.values()}) == len(seeds)
+    gen = torch.Generator().manual_seed(0)
+    w, scores = torch.randn(200, DIM, generator=gen), torch.randn(200, 7, generator=gen)
+    for seed in (-1, 2 ** 33):
+        fit(w, scores, method='svm', seed=seed)  # LinearSVC(random_state=seed) raised InvalidParameterError

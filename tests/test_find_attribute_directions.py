@@ -104,8 +104,8 @@ def test_an_interrupted_run_resumes_to_the_same_directions(inputs, tmp_path, sta
 
 def test_the_upstream_recipe_on_a_v1_base(inputs, tmp_path, stand_in, capsys):
     output = tmp_path / 'out' / 'upstream.pt'
-    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--compat', 'upstream', '--num', '160',
-                                     '--output', output, '--chunk-size', '80', '--batch-size', '40',
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--compat', 'upstream', '--num', '200',
+                                     '--output', output, '--chunk-size', '100', '--batch-size', '50',
                                      weights=inputs['v1'])) == 0
     assert 'svm directions for eyes, mouth, pose' in capsys.readouterr().out
     directions = read_directions(output)
@@ -135,6 +135,19 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, extr
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err and err.count('\n') == 1
     assert files_of(root) == {'keep.txt': b'x'}
+
+
+
+@pytest.mark.parametrize('seed, method', [(-1, 'ridge'), (2 ** 40, 'svm'), (-(2 ** 70), 'svm')])
+def test_any_whole_seed_samples_and_fits(inputs, tmp_path, stand_in, capsys, seed, method):
+    """numpy's default_rng and LinearSVC refuse seeds outside [0, 2**32): theirs are derived from --seed, so a
+    negative or huge seed no longer ends in a traceback after sampling."""
+    root = tmp_path / 'root'
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '24', '--seed', str(seed), '--method', method,
+                                     '--fraction' if method == 'svm' else '--holdout', '0.25')) == 0
+    assert 'directions for eyes, mouth, pose from 24 samples' in capsys.readouterr().out
+    directions = read_directions(root / 'stylegan_modified' / 'attribute_directions.pt')
+    assert directions.seed == seed and directions.method == method
 
 
 def test_bad_files_are_one_line_and_write_nothing(inputs, tmp_path, capsys, stand_in):
