@@ -513,6 +513,18 @@ def test_grid_and_z_inputs(tmp_path):
         read_z_rows(tmp_path / 'z.csv', 4)
 
 
+
+def test_evaluation_z_are_not_the_z_of_stage_1_or_the_direction_samples():
+    """With stream 0 the evaluation's z_i were stage 1's and the direction sampler's z_i: --model directions was
+    partly evaluated on its own training samples."""
+    from stylegan.sampling import MIX_Z_STREAM, Z_STREAM, sampled_latent
+    for seed in (0, 3):
+        evaluation = torch.from_numpy(seeded_z(seed, 100, 16))
+        for stream in (Z_STREAM, MIX_Z_STREAM):
+            sampled = torch.stack([sampled_latent(seed, i, 16, stream) for i in range(200)])
+            assert torch.cdist(evaluation, sampled).min() > 1.0  # no z shared (equal ones would be at distance 0)
+
+
 # --- the script -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
