@@ -4,16 +4,22 @@
   is the score gradient: its direction is the attribute's direction, its length the score change per unit
   step, and with the intercept it predicts the score of any w.
 * ``svm``: upstream's VectorFind recipe. Per attribute, a ``LinearSVC`` separates the top ``fraction``
-  of the (training) samples by score from the bottom ``fraction``; its unit normal is the direction. An SVM
-  gives no scale, so the step-to-score slope and intercept are fitted afterwards by least squares of the
-  score on the projection w · normal. With ``groups``, the samples are split at the medians of
-  hair_color, hair_length and background_mean (8 groups, as upstream) and each group gets its own model.
+  of the (training) samples by score from the bottom ``fraction`` (on centred w: liblinear penalises the
+  intercept, which tilts the normal when w's mean is far from 0); its unit normal is the direction. An SVM
+  gives no scale, so the calibration is the full least-squares model of each score on w (ridge, ``alpha``):
+  its gradient A_a predicts the score of any w, and the step-to-score slope along the normal is A_a · n_a.
+  Regressing the score on w · n_a alone, as before, is biased whenever w varies along directions that the
+  normal misses but the score does not (anisotropic w): the other directions' share of the score is then
+  partly credited to w · n_a, and the prediction of the unedited w misses their share altogether. Edits
+  move w within the span of the normals (see ``directions_file``). With ``groups``, the samples are split at
+  the medians of hair_color, hair_length and background_mean (8 groups, as upstream) and each group gets its
+  own model.
 * ``orthogonal``: the attributes not controlled are fitted too and held; each controlled direction is
   projected off the span of every other fitted direction (InterFaceGAN's conditional manipulation).
 
 A seeded share of the samples (``holdout``) is kept out of every fit and gives the fit quality: R² and
-Pearson r of the predicted against the measured scores (ridge); the accuracy on the held-out top/bottom
-samples and the r of the calibrated prediction (svm).
+Pearson r of the predicted against the measured scores (ridge, and the svm calibration); for svm also the
+accuracy on the held-out top/bottom samples and the cosine between each normal and its score gradient.
 """
 from __future__ import annotations
 
@@ -119,11 +125,17 @@ def _top_bottom(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nda
 
 
 def fit_svm_normal(w: np.ndarray, scores: np.ndarray, fraction: float, c: float, seed: int) -> np.ndarray:
-    """Unit normal [d] of a LinearSVC separating the top ``fraction`` of scores (label 1) from the bottom."""
+    """Unit normal [d] of a LinearSVC separating the top ``fraction`` of scores (label 1) from the bottom.
+
+    w is centred first: liblinear treats the intercept as one more weight and penalises it, so on w far from
+    the origin the max-margin normal tilts to keep the intercept small (the direction would depend on where
+    w's origin is). Centring makes it translation-invariant.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
     bottom, top = _top_bottom(scores, fraction)
+    w = w - w.mean(axis=0)
     x = np.concatenate([w[bottom], w[top]])
     y = np.concatenate([np.zeros(len(bottom)), np.ones(len(top))])
     with warnings.catch_warnings(record=True) as caught:
@@ -151,12 +163,16 @@ def svm_accuracy(w: np.ndarray, scores: np.ndarray, normal: np.ndarray, fraction
     return float(correct) / (len(bottom) + len(top))
 
 
-def calibrate(w: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line score ≈ slope · (w · normal) + intercept."""
-    projection = w @ normal
-    design = np.stack([projection, np.ones_like(projection)], axis=1)
-    (slope, intercept), *_ = np.linalg.lstsq(design, scores, rcond=None)
-    return float(slope), float(intercept)
+def calibrate(w: np.ndarray, scores: np.ndarray, normals: np.ndarray, alpha: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gradients [F, d], intercepts [F], slopes [F]) for SVM ``normals`` [F, d] of the score columns [n, F].
+
+    The gradient and intercept are the full least-squares model of each score on w (the same ridge as
+    ``--method ridge``), so the predicted score of any w is right whatever the normal misses; the slope is the
+    score change per unit step along the normal, gradient · normal.
+    """
+    gradients, intercepts = fit_least_squares(w, scores, alpha)
+    return gradients, intercepts, np.einsum('fd,fd->f', gradients, normals)
 
 
 def orthogonalize(normals: np.ndarray, names) -> np.ndarray:
@@ -208,8 +224,8 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
     train_group = _group_numbers(scores[train], medians) if options.groups else np.zeros(len(train), np.int64)
     test_group = _group_numbers(scores[test], medians) if options.groups else np.zeros(len(test), np.int64)
     d = w.shape[1]
-    normals, slopes = np.zeros((groups, len(fitted), d)), np.zeros((groups, len(fitted)))
-    intercepts = np.zeros((groups, len(fitted)))
+    normals, weights = np.zeros((groups, len(fitted), d)), np.zeros((groups, len(fitted), d))
+    slopes, intercepts = np.zeros((groups, len(fitted))), np.zeros((groups, len(fitted)))
     accuracy = {n: [] for n in fitted}
     predicted = np.zeros((len(test), len(fitted)))
     for g in range(groups):
@@ -220,23 +236,31 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
         _check_variation(_columns(scores[rows], fitted), fitted, where)
         for i, name in enumerate(fitted):
             column = scores[rows, PROPERTY_NAMES.index(name)]
-            normal = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
-            normals[g, i] = normal
-            slopes[g, i], intercepts[g, i] = calibrate(w[rows], column, normal)
-            predicted[test_group == g, i] = slopes[g, i] * (w[held] @ normal) + intercepts[g, i]
+            normals[g, i] = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
             if len(held) >= 2:  # a top and a bottom sample at least
                 held_scores = scores[held, PROPERTY_NAMES.index(name)]
-                accuracy[name].append((svm_accuracy(w[held], held_scores, normal, options.fraction), len(held)))
+                accuracy[name].append((svm_accuracy(w[held], held_scores, normals[g, i], options.fraction),
+                                       len(held)))
+        weights[g], intercepts[g], slopes[g] = calibrate(w[rows], _columns(scores[rows], fitted), normals[g],
+                                                         options.alpha)
+        flat = [name for name, slope in zip(fitted, slopes[g]) if not slope > 0]
+        if flat:
+            raise PipelineError(f'a step along the SVM normal of {flat[0]}{where} does not raise its predicted score '
+                                '(the normal is at right angles to, or against, the score gradient); sample more '
+                                '(--num) or use --method ridge')
+        predicted[test_group == g] = w[held] @ weights[g].T + intercepts[g]
     measured = _columns(scores[test], fitted)
+    cosines = slopes / np.linalg.norm(weights, axis=2)  # cos(normal, gradient) per group and attribute
     quality = {}
     for i, name in enumerate(fitted):
         pairs = accuracy[name]
-        mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else float('nan')
-        quality[name] = {'accuracy': float(mean), 'r': float(pearson_r(predicted[:, i], measured[:, i])),
-                         'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test))}
+        mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else None
+        quality[name] = {'accuracy': mean, 'r': float(pearson_r(predicted[:, i], measured[:, i])),
+                         'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test)),
+                         'cos_gradient': float(cosines[:, i].mean())}
         if options.groups:
             quality[name]['accuracy_per_group'] = [float(a) for a, _ in pairs]
-    weights = slopes[..., None] * normals
+            quality[name]['cos_gradient_per_group'] = [float(c) for c in cosines[:, i]]
     return weights, intercepts, quality, normals, slopes
 
 

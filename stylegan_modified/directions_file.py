@@ -1,16 +1,21 @@
 """Fitted attribute directions in w: the linear score model, absolute-target edits, and the file they live in.
 
 Every fitted attribute *a* has a linear **predicted score** s_a(w) = A_a · w + b_a (``weights``,
-``intercepts``), in the z-score space of the property CNN (stage-4 algorithm 2). Its unit ``normal`` is
-A_a / |A_a| (ridge) or the SVM's unit normal with a fitted step-to-score slope (svm), so A_a = slope_a ·
-normal_a either way: the score changes by ``slope`` per unit step along the normal.
+``intercepts``: the least-squares model of its score on w), in the z-score space of the property CNN
+(stage-4 algorithm 2). Its unit ``normal`` n_a is the direction an edit moves along: A_a / |A_a| (ridge) or
+the SVM's unit normal (svm). ``slope`` = A_a · n_a is the predicted-score change per unit step along it
+(ridge: |A_a|, and A_a = slope_a · n_a).
 
 **Edit (absolute targets).** For a w and requested values t_S of the controlled attributes S, the edit
-is the smallest move Δw (Euclidean) that makes the predicted scores hit the targets,
-A_S (w + Δw) + b_S = t_S, i.e. Δw = A_Sᵀ (A_S A_Sᵀ)⁻¹ (t_S − A_S w − b_S) (the pseudo-inverse, so
-parallel directions do not blow up). With ``held_attributes`` (``--orthogonal``) their rows join the
-constraints with the target "unchanged" (their own predicted value), so the move is restricted to what
-leaves them alone: InterFaceGAN's conditional manipulation, in closed form for any number of attributes.
+moves w within the span of the fitted normals N (rows n_a) so that the predicted scores hit the targets,
+A_S (w + Δw) + b_S = t_S: Δw = Nᵀ (A Nᵀ)⁺ r, r the residuals (t_S − A_S w − b_S, and 0 for held
+attributes). For ridge N = D⁻¹A (D = diag|A_a|), so this is Aᵀ (A Aᵀ)⁺ r, the smallest move (Euclidean),
+computed as the pseudo-inverse of A so that parallel directions do not blow up. For svm it steps along the
+SVM normals, as upstream, by the amounts that the full model says reach the targets. (Files written before
+the svm calibration used the full model held A_a = slope_a · n_a, for which both forms agree.) With
+``held_attributes`` (``--orthogonal``) their rows join the constraints with the target "unchanged" (their
+own predicted value), so the move is restricted to what leaves them alone: InterFaceGAN's conditional
+manipulation, in closed form for any number of attributes.
 ``directions`` are the corresponding unit edit directions: each controlled normal projected off the span
 of every other fitted normal (without ``--orthogonal``, the normals themselves).
 
@@ -52,8 +57,8 @@ class AttributeDirections:
     held_attributes: tuple[str, ...]       # held at their predicted values by every edit (--orthogonal)
     weights: torch.Tensor                  # [G, F, w_dim] float64: score gradient of each fitted attribute
     intercepts: torch.Tensor               # [G, F] float64
-    normals: torch.Tensor                  # [G, F, w_dim] unit fitted directions
-    slopes: torch.Tensor                   # [G, F] score change per unit step along the normal
+    normals: torch.Tensor                  # [G, F, w_dim] unit fitted directions (what an edit moves along)
+    slopes: torch.Tensor                   # [G, F] predicted-score change per unit step along the normal
     directions: torch.Tensor               # [G, A, w_dim] unit edit directions
     group_attributes: tuple[str, ...] = ()  # () or GROUP_ATTRIBUTES
     group_weights: torch.Tensor | None = None     # [K, w_dim] least-squares model of each group attribute
@@ -109,8 +114,8 @@ class AttributeDirections:
         return torch.einsum('nfd,nd->nf', weights, w.double()) + intercepts
 
     def edit(self, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """w + Δw: the smallest move after which the predicted scores of ``attributes`` equal ``targets`` [N, A]
-        and those of ``held_attributes`` are unchanged. Returns w's dtype."""
+        """w + Δw: the move along the normals after which the predicted scores of ``attributes`` equal ``targets``
+        [N, A] and those of ``held_attributes`` are unchanged (ridge: the smallest such move). Returns w's dtype."""
         if targets.ndim != 2 or tuple(targets.shape) != (w.shape[0], len(self.attributes)):
             raise ValueError(f'targets must have shape [{w.shape[0]}, {len(self.attributes)}], got {list(targets.shape)}')
         group = self.group_of(w)
@@ -121,9 +126,14 @@ class AttributeDirections:
         return (w.double() + delta).to(w.dtype)
 
     def pseudo_inverses(self) -> torch.Tensor:
-        """[G, w_dim, F]: per group, the map from score residuals to the minimum-norm Δw (computed once)."""
+        """[G, w_dim, F]: per group, the map from score residuals to Δw, Nᵀ (A Nᵀ)⁺ (computed once)."""
         if getattr(self, '_pinv', None) is None or self._pinv_of is not self.weights:
-            self._pinv, self._pinv_of = torch.linalg.pinv(self.weights), self.weights
+            if self.method == 'svm':
+                normals = self.normals.transpose(1, 2)  # [G, d, F]
+                self._pinv = normals @ torch.linalg.pinv(self.weights @ normals)
+            else:  # the same map for N = A / |A|, computed without squaring A's condition number
+                self._pinv = torch.linalg.pinv(self.weights)
+            self._pinv_of = self.weights
         return self._pinv
 
     # --- the file ---
