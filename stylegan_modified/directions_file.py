@@ -31,6 +31,7 @@ The file is a plain dict of tensors and plain types (``torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch
 
 from ohlora import atomic
 from ohlora.checkpoints import read_checkpoint
-from ohlora.constants import PROPERTY_NAMES
+from ohlora.constants import LABEL_SIZE, PROPERTY_NAMES
 from ohlora.errors import PipelineError
 
 FILE_FORMAT = 'ohlora-attribute-directions'
@@ -204,8 +205,33 @@ def _validate(record, source: str) -> None:
     generator = record['generator']
     if not isinstance(generator, dict) or not {'kind', 'file', 'sha256', 'z_dim', 'w_dim'} <= set(generator):
         raise bad('does not identify its base generator')
+    for key in ('z_dim', 'w_dim', 'num_layers'):
+        value = generator.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f'records an invalid base generator {key} {value!r}')
     if generator['w_dim'] != width:
         raise bad(f'records a w width of {generator["w_dim"]} but holds directions of width {width}')
+    _validate_label(generator.get('kind'), generator.get('label'), bad)
+
+
+def _validate_label(kind, label, bad) -> None:
+    """The sampling label must fit the base generator: none for the unconditional original, LABEL_SIZE finite
+    numbers for v1 (whose mapping takes one); anything else would fail deep inside the generator."""
+    if kind == 'original' and label is not None:
+        raise bad(f'gives the unconditional base generator (original) a sampling label {_short(label)}; it takes '
+                  'none (label None)')
+    if kind == 'v1':
+        numbers = isinstance(label, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in label)
+        if not numbers or len(label) != LABEL_SIZE:
+            raise bad(f'has the sampling label {_short(label)} for the v1 base generator; it needs {LABEL_SIZE} '
+                      'finite numbers')
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
 
 
 def write_directions(path: str | Path, directions: AttributeDirections) -> None:

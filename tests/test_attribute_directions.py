@@ -265,6 +265,14 @@ def test_directions_file_round_trip_and_refusals(anisotropic, tmp_path):
     refused({**raw, 'weights': nan}, 'NaN or infinite', 'nan.pt')
     refused({**raw, 'directions': raw['directions'][:, :2]}, 'directions of shape', 'shape.pt')
     refused({**raw, 'attributes': ['eyes', 'nose']}, 'invalid attributes', 'names.pt')
+    original = {**raw['generator'], 'kind': 'original'}
+    refused({**raw, 'generator': {**original, 'label': [0.0] * 7}},
+            r'gives the unconditional base generator \(original\) a sampling label \[0.0, 0.0', 'label.pt')
+    for label in (None, [0.0] * 6, [float('nan')] * 7, ['a'] * 7, [True] * 7):
+        refused({**raw, 'generator': {**original, 'kind': 'v1', 'label': label}},
+                'for the v1 base generator; it needs 7 finite numbers', 'v1_label.pt')
+    refused({**raw, 'generator': {**original, 'label': None, 'z_dim': '16'}}, "invalid base generator z_dim '16'",
+            'z_dim.pt')
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(path.read_bytes()[:200])
     with pytest.raises(PipelineError, match='truncated or corrupt'):
@@ -421,3 +429,39 @@ def test_the_svm_normal_does_not_depend_on_where_w_is():
         mu *= offset / (mu ** 2).sum() ** 0.5
         normal = fit_svm_normal(centred + mu, s, 0.2, 1.0, 0)
         assert normal @ a > 0.997 and normal @ reference > 0.9999
+
+
+def test_a_label_that_does_not_fit_the_base_generator_is_one_line(reference_dir, tmp_path, capsys):
+    """A crafted directions file with a label on an 'original' base crashed stage 6 with a ValueError traceback
+    from StyleGANW; the file is refused when read, and StyleGANW's own refusals are one line too."""
+    import pandas as pd
+    from script_runner import files_of, run_script
+    from stylegan_modified.checkpoint import load_conditional_generator
+
+    checkpoint = reference_dir / 'genforce' / 'tiny_ckpt.pth'
+    record = {'kind': 'original', **file_identity(checkpoint), 'label': None, 'z_dim': 64, 'w_dim': 64,
+              'num_layers': 14}
+    raw = fit_directions(torch.randn(40, 64), torch.randn(40, 7), FitOptions(), generator=record,
+                         layers=(0, 13)).to_dict()
+    raw['generator'] = {**record, 'label': [0.0] * 7}
+    torch.save(raw, tmp_path / 'crafted.pt')
+    pd.DataFrame([[0.1] * 64], columns=[str(k) for k in range(64)]).to_csv(tmp_path / 'z.csv', index=False)
+    root = tmp_path / 'root'
+    root.mkdir()
+    capsys.readouterr()
+    assert run_script('run_fine_tuned_generator.py', '--model', 'directions', '--directions', tmp_path / 'crafted.pt',
+                      '--weights', checkpoint, '--z-csv', tmp_path / 'z.csv', '--root', root, '--device', 'cpu',
+                      '--no-progress', '--num', '1') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    assert 'crafted.pt gives the unconditional base generator (original) a sampling label' in err
+    assert files_of(root) == {}
+
+    with pytest.raises(PipelineError, match='the unconditional generator takes no sampling label'):
+        StyleGANW(load_generator(checkpoint), [0.0] * 7)
+    tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
+    torch.save(tiny['state_dicts']['v1_generator'], tmp_path / 'v1.pth')
+    v1 = load_conditional_generator(tmp_path / 'v1.pth', 'v1')
+    for label in ([0.0] * 6, [float('inf')] * 7, 'abc'):
+        with pytest.raises(PipelineError, match='sampling label'):
+            StyleGANW(v1, label)
