@@ -286,6 +286,20 @@ def _check_sizes(inputs: EvaluationInputs, size: tuple[int, int]) -> None:
                                f'{judge_size[0]} images, the {name} generator draws {size[1]}x{size[0]}')
 
 
+PLOTS = ('r_mae', 'r_distribution', 'leakage')
+
+
+def check_outputs(folder: AttributeControlFolder, num_z: int, num_labels: int) -> None:
+    """Every folder the run writes into can be written, and no folder (or anything but a file) sits where one of
+    its files goes: checked before anything is written, else the run would stop half-way with files written."""
+    atomic.check_writable(folder.folder, folder.scores_dir, folder.sweep_grid(0).parent, folder.plot(PLOTS[0]).parent,
+                          *(folder.image_dir(z) for z in range(num_z)))
+    atomic.check_replaceable(folder.settings_json, folder.z_csv, folder.per_image_csv, folder.per_z_csv,
+                             folder.summary_json, folder.summary_md, *(folder.plot(name) for name in PLOTS),
+                             *(folder.z_scores(z) for z in range(num_z)), *(folder.sweep_grid(z) for z in range(num_z)),
+                             *(folder.image(z, k) for z in range(num_z) for k in range(num_labels)))
+
+
 def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_size: int = 8,
              progress: bool = True, title: str | None = None, run_info: dict | None = None) -> EvaluationResult:
     """Render, measure and summarise every (z, label) of ``inputs`` into ``folder`` (resuming what is there)."""
@@ -300,6 +314,7 @@ def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_siz
     num_z, num_labels = len(inputs.z), len(labels)
     generator = inputs.generator
     title = title or f'{generator.name}, {inputs.measurer.name}'
+    check_outputs(folder, num_z, num_labels)
 
     size = probe_image_size(inputs, folder, labels)
     _check_sizes(inputs, size)
@@ -439,7 +454,8 @@ def _write_figures(inputs: EvaluationInputs, folder: AttributeControlFolder, req
     _write_if_changed(folder.per_z_csv, _csv_bytes(per_z_table(figures)))
     _write_if_changed(folder.summary_json, (json.dumps(summary, indent=2) + '\n').encode('utf-8'))
     _write_if_changed(folder.summary_md, summary_markdown(summary).encode('utf-8'))
-    _write_if_changed(folder.plot('r_mae'), plots.r_and_mae(figures, title))
-    _write_if_changed(folder.plot('r_distribution'), plots.r_distribution(figures, title))
-    _write_if_changed(folder.plot('leakage'), plots.leakage_heat_map(figures, PROPERTY_NAMES, title))
+    r_mae, r_distribution, leakage = PLOTS
+    _write_if_changed(folder.plot(r_mae), plots.r_and_mae(figures, title))
+    _write_if_changed(folder.plot(r_distribution), plots.r_distribution(figures, title))
+    _write_if_changed(folder.plot(leakage), plots.leakage_heat_map(figures, PROPERTY_NAMES, title))
     return summary

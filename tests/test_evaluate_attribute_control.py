@@ -2,6 +2,7 @@
 on drawn faces, resume and refusal, identity, shares, the published-v3 path end to end, bad input."""
 import itertools
 import json
+import re
 
 import cv2
 import numpy as np
@@ -400,6 +401,31 @@ def test_values_beyond_float32_are_refused_before_anything_runs(tmp_path, tiny_f
     fails('--model', 'nan', '--property-cnn', tiny_files / 'property_cnn.pth', '--root', tmp_path / 'root',
           '--no-progress', '--num', 1, '--grid', 'mouth=0,1', '--device', 'cpu', '--no-identity', '--no-shares',
           match='the generator gave NaN or infinite pixels for image z 0 label 0')
+
+
+
+@pytest.mark.parametrize('blocker, message', [
+    ('scores', 'cannot write into {folder}/scores: it is a file'),
+    ('images', 'cannot write into {folder}/images/z000000: {folder}/images is a file'),
+    ('summary.md/', 'cannot write {folder}/summary.md: it is a folder; move it away'),
+    ('evaluation_settings.json/', 'cannot write {folder}/evaluation_settings.json: it is a folder'),
+    ('plots/leakage.png/', 'cannot write {folder}/plots/leakage.png: it is a folder'),
+    ('images/z000001/000003.jpg/', 'cannot write {folder}/images/z000001/000003.jpg: it is a folder'),
+])
+def test_every_output_path_is_checked_before_anything_is_written(tmp_path, blocker, message):
+    """A file where a folder goes (or a folder where a file goes) stopped the run only when that path was written,
+    after the images, scores and records before it."""
+    folder = tmp_path / 'run'
+    target = folder / blocker.rstrip('/')
+    if blocker.endswith('/'):
+        (target / 'keep').mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text('x')
+    before = files_of(folder)
+    with pytest.raises(PipelineError, match=re.escape(message.format(folder=folder))):
+        run(tmp_path, inputs_for(PixelGenerator(), num_z=2, grid=SMALL_GRID))
+    assert files_of(folder) == before and sorted(p.name for p in folder.iterdir()) == [blocker.split('/')[0]]
 
 
 # --- identity and shares --------------------------------------------------------------------------------------

@@ -150,6 +150,38 @@ def test_any_whole_seed_samples_and_fits(inputs, tmp_path, stand_in, capsys, see
     assert directions.seed == seed and directions.method == method
 
 
+
+@pytest.mark.parametrize('where, message', [
+    ('output_parent_file', 'cannot write into {out}/afile: it is a file'),
+    ('report_folder', 'cannot write {out}/dirs_fit_quality.json: it is a folder'),
+    ('chunk_folder', 'cannot write {samples}/chunk_000001.pt: it is a folder'),
+    ('images_file', 'cannot write into {samples}/images: it is a file'),
+])
+def test_output_paths_are_checked_before_sampling(inputs, tmp_path, capsys, stand_in, where, message):
+    """--output was checked only after sampling: the samples were written, then the run stopped."""
+    out, samples = tmp_path / 'out', tmp_path / 'samples'
+    out.mkdir()
+    output = out / 'dirs.pt'
+    extra = ['--num', '24', '--chunk-size', '12', '--samples-dir', samples]
+    if where == 'output_parent_file':
+        (out / 'afile').write_text('x')
+        output = out / 'afile' / 'dirs.pt'
+    elif where == 'report_folder':
+        (out / 'dirs_fit_quality.json').mkdir()
+    elif where == 'chunk_folder':
+        (samples / 'chunk_000001.pt').mkdir(parents=True)
+    else:
+        samples.mkdir()
+        (samples / 'images').write_text('x')
+        extra.append('--save-images')
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*'))
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--output', output, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1
+    assert message.format(out=out, samples=samples) in err, err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*')) == before
+
+
 def test_bad_files_are_one_line_and_write_nothing(inputs, tmp_path, capsys, stand_in):
     root = tmp_path / 'root'
     cases = [(args(inputs, root, weights=tmp_path / 'missing.pth'), 'no such file'),
