@@ -87,16 +87,20 @@ def check_outputs(request: FindRequest, output: Path, files) -> None:
                              *(files.chunk(k) for k, _, _ in chunk_plan(request.num, request.chunk_size)), *images)
 
 
+def _f(value) -> str:
+    return 'n/a' if value is None else f'{value:.3f}'  # None: too few held-out samples for the figure
+
+
 def _quality_lines(directions: AttributeDirections) -> list[str]:
     lines = []
     for name in directions.fitted_attributes:
         q = directions.fit_quality[name]
         held = ' (held)' if name in directions.held_attributes else ''
         if directions.method == 'svm':
-            lines.append(f'{name}{held}: held-out accuracy {q["accuracy"]:.3f}, calibrated r {q["r"]:.3f}, '
-                         f'R² {q["r2"]:.3f}')
+            lines.append(f'{name}{held}: held-out accuracy {_f(q["accuracy"])}, calibrated r {_f(q["r"])}, '
+                         f'R² {_f(q["r2"])}, cosine to the score gradient {_f(q.get("cos_gradient"))}')
         else:
-            lines.append(f'{name}{held}: held-out R² {q["r2"]:.3f}, r {q["r"]:.3f}')
+            lines.append(f'{name}{held}: held-out R² {_f(q["r2"])}, r {_f(q["r"])}')
     if 'group_agreement' in directions.fit_quality:
         lines.append(f'group chosen from w = group of the scores: {directions.fit_quality["group_agreement"]:.3f}')
     return lines

@@ -88,20 +88,53 @@ def check_fit_options(options: FitOptions) -> None:
         raise PipelineError('--groups applies to --method svm only (upstream grouped its SVMs)')
 
 
-def minimum_samples(options: FitOptions) -> int:
-    """The fewest samples a fit can run on: 2 held out, and (svm) 2 top/bottom samples per group and class."""
-    needed = max(4, int(np.ceil(2 / options.holdout)) + 2)
+MIN_TRAINING_SAMPLES = 8  # a training split smaller than this (e.g. --holdout 0.999) is refused, not fitted
+
+
+def split_sizes(num: int, holdout: float) -> tuple[int, int]:
+    """(training, held-out) counts of :func:`holdout_split`: the held-out share is at least 2 samples."""
+    held = min(max(2, int(round(num * holdout))), num - 2)
+    return num - held, held
+
+
+def minimum_training_samples(options: FitOptions) -> int:
+    """The fewest training samples a fit runs on: MIN_TRAINING_SAMPLES, and (svm) enough for a top and a bottom
+    class in every group (the per-group check of :func:`_fit_svm`)."""
+    needed = MIN_TRAINING_SAMPLES
     if options.method == 'svm':
-        per_group = int(np.ceil(2 / options.fraction))
-        needed = max(needed, int(np.ceil(per_group * (8 if options.groups else 1) / (1 - options.holdout))) + 1)
+        needed = max(needed, 2 * int(np.ceil(1 / options.fraction)) * (2 ** len(GROUP_ATTRIBUTES) if options.groups
+                                                                        else 1))
     return needed
+
+
+def minimum_samples(options: FitOptions) -> int:
+    """The fewest samples a fit can run on: the held-out share rounds to 2 samples or more, and the training split
+    that is left holds :func:`minimum_training_samples` (with --holdout 0.999 that takes thousands)."""
+    needed = max(4, int(np.ceil(2 / options.holdout)) + 2)
+    training = minimum_training_samples(options)
+    # The training count never falls as num grows (round(num * holdout) rises by at most 1 per sample), so the
+    # smallest num that leaves enough is found by bisection between the bounds that rounding allows.
+    low = max(needed, int(np.floor((training - 0.5) / (1 - options.holdout))))
+    high = max(low, int(np.ceil((training + 0.5) / (1 - options.holdout))) + 2)
+    while low < high:
+        middle = (low + high) // 2
+        if split_sizes(middle, options.holdout)[0] >= training:
+            high = middle
+        else:
+            low = middle + 1
+    return max(needed, low)
 
 
 def holdout_split(num: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) sample indices, sorted; the held-out share is at least 2 samples."""
     order = np.random.default_rng(library_seed(seed, SPLIT_STREAM)).permutation(num)
-    held = min(max(2, int(round(num * holdout))), num - 2)
+    held = split_sizes(num, holdout)[1]
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def held_out_r(predicted: np.ndarray, measured: np.ndarray) -> float | None:
+    """Pearson r of the held-out predictions; None (n/a) below 3 samples, where r is ±1 whatever the fit."""
+    return float(pearson_r(predicted, measured)) if len(measured) >= 3 else None
 
 
 def _r2(predicted: np.ndarray, measured: np.ndarray) -> float:
@@ -118,8 +151,9 @@ def fit_least_squares(w: np.ndarray, targets: np.ndarray, alpha: float) -> tuple
 
 
 def _top_bottom(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the bottom and the top ``fraction`` of ``scores`` (at least one each; ties by index)."""
-    k = max(1, int(round(fraction * scores.shape[0])))
+    """Indices of the bottom and the top ``fraction`` of ``scores`` (at least one each, never a sample in both:
+    with fraction 0.5 and an odd count the middle one is left out; ties by index)."""
+    k = min(max(1, int(round(fraction * scores.shape[0]))), scores.shape[0] // 2)
     order = np.argsort(scores, kind='stable')
     return order[:k], order[-k:]
 
@@ -209,7 +243,7 @@ def _fit_ridge(w, scores, fitted, options, train, test):
     predicted = w[test] @ weights.T + intercepts
     measured = _columns(scores[test], fitted)
     quality = {name: {'r2': _r2(predicted[:, i], measured[:, i]),
-                      'r': float(pearson_r(predicted[:, i], measured[:, i])), 'n_test': int(len(test))}
+                      'r': held_out_r(predicted[:, i], measured[:, i]), 'n_test': int(len(test))}
                for i, name in enumerate(fitted)}
     return weights[None], intercepts[None], quality
 
@@ -255,7 +289,7 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
     for i, name in enumerate(fitted):
         pairs = accuracy[name]
         mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else None
-        quality[name] = {'accuracy': mean, 'r': float(pearson_r(predicted[:, i], measured[:, i])),
+        quality[name] = {'accuracy': mean, 'r': held_out_r(predicted[:, i], measured[:, i]),
                          'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test)),
                          'cos_gradient': float(cosines[:, i].mean())}
         if options.groups:
@@ -268,7 +302,7 @@ def fit_directions(w: torch.Tensor, scores: torch.Tensor, options: FitOptions, *
     """Fit the directions of ``options.attributes`` (and the held ones) on samples w [n, d], scores [n, 7].
 
     ``record`` fills the identity fields of :class:`AttributeDirections` (generator, property_cnn, num,
-    seed, layers).
+    seed, layers); without ``layers`` the edits apply to every synthesis layer.
     """
     check_fit_options(options)
     w_np = w.detach().cpu().double().numpy()
@@ -276,8 +310,9 @@ def fit_directions(w: torch.Tensor, scores: torch.Tensor, options: FitOptions, *
     if w_np.shape[0] != scores_np.shape[0] or scores_np.shape[1:] != (len(PROPERTY_NAMES),):
         raise ValueError(f'w {list(w_np.shape)} and scores {list(scores_np.shape)} do not pair up as [n, d], [n, 7]')
     if w_np.shape[0] < minimum_samples(options):
-        raise PipelineError(f'{w_np.shape[0]} samples are too few for this fit; --num must be at least '
-                            f'{minimum_samples(options)}')
+        raise PipelineError(f'{w_np.shape[0]} samples are too few for this fit (--holdout {options.holdout:g} leaves '
+                            f'{split_sizes(w_np.shape[0], options.holdout)[0]} to fit on, it needs '
+                            f'{minimum_training_samples(options)}); --num must be at least {minimum_samples(options)}')
     fitted = options.attributes + options.held_attributes
     train, test = holdout_split(w_np.shape[0], options.holdout, options.seed)
     _check_variation(_columns(scores_np[train], fitted), fitted)

@@ -65,7 +65,7 @@ class AttributeDirections:
     group_weights: torch.Tensor | None = None     # [K, w_dim] least-squares model of each group attribute
     group_intercepts: torch.Tensor | None = None  # [K]
     group_medians: torch.Tensor | None = None     # [K] the medians the samples were split at
-    layers: tuple[int, int] = (0, 0)       # default synthesis layers an edit applies to (inclusive)
+    layers: tuple[int, int] | None = None  # default synthesis layers an edit applies to (inclusive); None: all
     options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)     # base generator: kind, file, bytes, sha256, label, widths
     property_cnn: dict = field(default_factory=dict)  # file, bytes, sha256
@@ -76,7 +76,8 @@ class AttributeDirections:
 
     def __post_init__(self):
         self.attributes, self.held_attributes = tuple(self.attributes), tuple(self.held_attributes)
-        self.group_attributes, self.layers = tuple(self.group_attributes), tuple(self.layers)
+        self.group_attributes = tuple(self.group_attributes)
+        self.layers = None if self.layers is None else tuple(self.layers)
         d = self.w_dim
         if self.group_weights is None:
             self.group_weights = torch.zeros(0, d, dtype=torch.float64)
@@ -142,7 +143,7 @@ class AttributeDirections:
         """The file's content: plain types and float64 tensors only (loads with ``weights_only=True``)."""
         record = {'format': FILE_FORMAT, 'version': FILE_VERSION, 'method': self.method,
                   'attributes': list(self.attributes), 'held_attributes': list(self.held_attributes),
-                  'group_attributes': list(self.group_attributes), 'layers': list(self.layers),
+                  'group_attributes': list(self.group_attributes), 'layers': None if self.layers is None else list(self.layers),
                   'options': dict(self.options), 'generator': dict(self.generator),
                   'property_cnn': dict(self.property_cnn), 'num': int(self.num), 'seed': int(self.seed),
                   'fit_quality': self.fit_quality, 'score_algorithm': int(self.score_algorithm)}
@@ -199,8 +200,8 @@ def _validate(record, source: str) -> None:
     if broken:
         raise bad(f'holds NaN or infinite values ({", ".join(broken[:3])})')
     layers = record['layers']
-    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)
-            and 0 <= layers[0] <= layers[1]):
+    if layers is not None and not (isinstance(layers, list) and len(layers) == 2
+                                   and all(isinstance(v, int) for v in layers) and 0 <= layers[0] <= layers[1]):
         raise bad(f'has an invalid layer range {layers!r}')
     generator = record['generator']
     if not isinstance(generator, dict) or not {'kind', 'file', 'sha256', 'z_dim', 'w_dim'} <= set(generator):

@@ -18,7 +18,7 @@ from stylegan_modified.attribute_directions import DirectionsControl, load_direc
 from stylegan_modified.controllable import ControllableGenerator
 from stylegan_modified.direction_fitting import FitOptions, fit_directions, holdout_split, minimum_samples
 from stylegan_modified.direction_sampling import SampleSettings, file_identity, sample_w_and_scores
-from stylegan_modified.directions_file import read_directions, write_directions
+from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
 from stylegan_modified.w_space import StyleGANW, broadcast_w, parse_layers
 
 DIM, LAYERS, SIGMA = 16, 4, 0.1
@@ -465,3 +465,37 @@ def test_a_label_that_does_not_fit_the_base_generator_is_one_line(reference_dir,
     for label in ([0.0] * 6, [float('inf')] * 7, 'abc'):
         with pytest.raises(PipelineError, match='sampling label'):
             StyleGANW(v1, label)
+
+
+def test_small_edge_cases_of_the_fit():
+    """The reviewer's demos/small_edges.py: a sample in both svm classes, a 2-sample training split, r = ±1 from
+    2 held-out samples, and layers (0, 0) when fit_directions was called without them."""
+    from stylegan_modified.direction_fitting import _top_bottom, minimum_training_samples, split_sizes
+    bottom, top = _top_bottom(np.arange(7.0), 0.5)
+    assert list(bottom) == [0, 1, 2] and list(top) == [4, 5, 6]
+    bottom, top = _top_bottom(np.arange(8.0), 0.5)
+    assert list(bottom) == [0, 1, 2, 3] and list(top) == [4, 5, 6, 7]
+
+    for options in (FitOptions(), FitOptions(holdout=0.999), FitOptions(holdout=0.5),
+                    FitOptions(method='svm', fraction=0.5, holdout=0.9), FitOptions(method='svm', groups=True)):
+        n, needed = minimum_samples(options), minimum_training_samples(options)
+        assert split_sizes(n, options.holdout)[0] >= needed and split_sizes(n, options.holdout)[1] >= 2
+        assert n == max(4, int(np.ceil(2 / options.holdout)) + 2) or split_sizes(n - 1, options.holdout)[0] < needed
+    assert minimum_samples(FitOptions()) == 22 and minimum_samples(FitOptions(method='svm', groups=True)) == 89
+    assert minimum_samples(FitOptions(holdout=0.999)) == 7500  # 8 training samples left
+    with pytest.raises(PipelineError, match=r'24 samples are too few for this fit \(--holdout 0.999 leaves 2 to fit '
+                                            r'on, it needs 8\); --num must be at least 7500'):
+        fit(torch.randn(24, DIM), torch.randn(24, 7), holdout=0.999)
+
+    gen = torch.Generator().manual_seed(1)
+    w, scores = torch.randn(22, DIM, generator=gen), torch.randn(22, 7, generator=gen)
+    directions = fit(w, scores)  # 22 samples: 2 held out
+    assert all(directions.fit_quality[a]['r'] is None and directions.fit_quality[a]['n_test'] == 2
+               for a in directions.attributes)
+    assert fit(torch.randn(40, DIM, generator=gen), torch.randn(40, 7, generator=gen)).fit_quality['eyes']['r'] \
+        is not None
+
+    unranged = fit_directions(w, scores, FitOptions(), generator=TOY_RECORD)
+    assert unranged.layers is None  # all layers, resolved against the generator it is applied to
+    assert DirectionsControl(LinearToy(DIM, LAYERS), unranged).layers == (0, LAYERS - 1)
+    assert AttributeDirections.from_dict(unranged.to_dict()).layers is None

@@ -123,6 +123,7 @@ def test_the_upstream_recipe_on_a_v1_base(inputs, tmp_path, stand_in, capsys):
     (['--num', '5'], '--num 5 is too few samples'),
     (['--method', 'svm', '--fraction', '0.6'], '--fraction must be in'),
     (['--holdout', '1.5'], '--holdout must be in'),
+    (['--holdout', '0.999'], '--num 30 is too few samples for this fit; use at least 7500'),
     (['--layers', '0-20'], 'outside the generator\'s layers 0..13'),
     (['--layers', 'fine'], "--layers 'fine' is not a layer range"),
     (['--generator', 'v1'], 'not the Oh-LoRA v1 generator'),
