@@ -109,7 +109,9 @@ def parsing_measurer(layout: Layout, algorithm: int, stats: str | Path | None, f
     from segmentation.score_normalization import read_stats
 
     stats_file = statistics_path(layout, algorithm, stats)
-    column_stats = read_stats(stats_file)  # checked before the 1.1 GB parser is fetched
+    # The file must say it holds this algorithm's statistics, as stage 4 requires: normalising with the other
+    # algorithm's mean and std gives plausible-looking, wrong z-scores. Checked before the 1.1 GB parser is fetched.
+    column_stats = read_stats(stats_file, algorithm)
     weights = fetch_as('facexformer', layout, facexformer, '--facexformer')
     parser = load_facexformer(weights, device)
     settings = {'facexformer_sha256': sha256_of(weights), 'statistics_sha256': sha256_of(stats_file)}

@@ -293,6 +293,31 @@ def test_no_face_gives_a_row_of_nan():
     assert np.isfinite(measured[0]).all() and np.isnan(measured[1]).all()
 
 
+
+def test_a_detector_failure_or_a_too_small_image_is_one_unmeasured_row(caplog):
+    """Stage 3's guards: MTCNN raising on one image stopped the whole evaluation with a traceback, and an image
+    smaller than MTCNN's min_face_size made it fail inside torch.cat."""
+    class FailsOnDark(FixedBox):
+        calls = 0
+
+        def detect(self, image):
+            FailsOnDark.calls += 1
+            if np.asarray(image).mean() < 1:
+                raise RuntimeError('torch.cat(): expected a non-empty list of Tensors')
+            return super().detect(image)
+    unit = {c: ColumnStats(0.0, 1.0, 2) for c in SCORE_COLUMNS}
+    face = to_uint8(DrawnFaces().images(None, torch.zeros(1, 7)))[0]
+    measurer = ParsingMeasurer(ColourParser(), FailsOnDark(), 2, unit)
+    measured = measurer.measure(np.stack([face, np.zeros_like(face), face]))
+    assert np.isfinite(measured[[0, 2]]).all() and np.isnan(measured[1]).all()
+    np.testing.assert_array_equal(measured[0], measured[2])
+    FailsOnDark.calls = 0
+    with caplog.at_level('WARNING'):
+        small = measurer.measure(np.full((2, 16, 16, 3), 128, np.uint8))
+    assert np.isnan(small).all() and FailsOnDark.calls == 0  # never handed to the detector
+    assert 'images of 16x16 pixels are too small for face detection (at least 20x20)' in caplog.text
+
+
 # --- resume and refusal ---------------------------------------------------------------------------------------
 
 def test_rerun_skips_everything_resumes_parts_and_refuses_other_settings(tmp_path):
@@ -667,10 +692,11 @@ def test_published_v3_path_end_to_end_on_stand_in_weights(tmp_path, random_embed
     assert files_of(folder.folder) == before
 
 
-def write_stats(path, stats, algorithm):
+def write_stats(path, stats, algorithm=None):
     from ohlora import atomic
     from segmentation.score_normalization import stats_document
-    atomic.write_json(path, stats_document(stats, pd.DataFrame(), algorithm=algorithm))
+    extra = {} if algorithm is None else {'algorithm': algorithm}
+    atomic.write_json(path, stats_document(stats, pd.DataFrame(), **extra))
 
 
 def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys, monkeypatch):
@@ -701,6 +727,8 @@ def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys
     layout.property_scores_dir.mkdir(parents=True)
     write_stats(layout.property_scores_stats(2), stats, algorithm=1)
     fails('--facexformer', parser_file, match='holds the statistics of algorithm 1, not of algorithm 2')
+    write_stats(layout.property_scores_stats(2), stats)  # no "algorithm": its scale is unknown, refused as stage 4 does
+    fails('--facexformer', parser_file, match='does not say which algorithm its statistics belong to (no "algorithm")')
     write_stats(layout.property_scores_stats(2), stats, algorithm=2)
     fails(match='--facexformer PATH')  # offline without the 1.1 GB parser
 
