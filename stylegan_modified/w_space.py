@@ -117,9 +117,11 @@ def parse_layers(value, num_layers: int, option: str = '--layers') -> tuple[int,
             first, last = (int(v) for v in value)
         except (TypeError, ValueError):
             raise PipelineError(f'{option} {value!r} is not a (first, last) layer pair') from None
+    if first > last:
+        raise PipelineError(f'{option} {first}-{last}: the first layer is after the last (first > last); write the '
+                            f'range as {last}-{first}')
     if not 0 <= first <= last < num_layers:
-        raise PipelineError(f'{option} {first}-{last} is outside the generator\'s layers 0..{num_layers - 1} '
-                            '(or first > last)')
+        raise PipelineError(f'{option} {first}-{last} is outside the generator\'s layers 0..{num_layers - 1}')
     return first, last
 
 

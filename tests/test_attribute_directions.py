@@ -238,6 +238,11 @@ def test_layer_ranges():
     for bad in ('0-14', '7-3', 'coarse', '-1'):
         with pytest.raises(PipelineError, match='--layers'):
             parse_layers(bad, 14)
+    with pytest.raises(PipelineError, match=r"--layers 3-1: the first layer is after the last \(first > last\); "
+                                            r'write the range as 1-3'):
+        parse_layers('3-1', 14)
+    with pytest.raises(PipelineError, match=r"--layers 2-20 is outside the generator's layers 0..13$"):
+        parse_layers('2-20', 14)
 
 
 def test_directions_file_round_trip_and_refusals(anisotropic, tmp_path):

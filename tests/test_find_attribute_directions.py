@@ -266,7 +266,7 @@ def test_the_evaluation_measures_the_directions(inputs, tmp_path, stand_in, caps
                   '--root', root, '--device', 'cpu', '--no-progress', '--num', '1', '--grid', 'eyes=-1,1',
                   '--grid', 'mouth=0', '--grid', 'pose=0', '--no-identity', '--no-shares']
     assert run_script('evaluate_attribute_control.py', *evaluation) == 0
-    capsys.readouterr()
+    assert 'were fitted with the property CNN' not in capsys.readouterr().err  # the same CNN: no warning
     folder = Layout(root).attribute_control_dir('directions', 'property-cnn')
     summary = json.loads((folder / 'summary.json').read_text())
     assert summary['run']['model'] == 'directions' and summary['run']['measure'] == 'property-cnn'
@@ -275,3 +275,12 @@ def test_the_evaluation_measures_the_directions(inputs, tmp_path, stand_in, caps
     assert sha256_of(Layout(root).attribute_directions) in text and sha256_of(inputs['genforce']) in text
     assert run_script('evaluate_attribute_control.py', *evaluation, '--directions', tmp_path / 'none.pt') == 2
     assert 'no such directions file' in capsys.readouterr().err
+
+    torch.manual_seed(5)
+    torch.save(PropertyScoreCNN().state_dict(), tmp_path / 'other_cnn.pth')
+    other = [a if a != inputs['cnn'] else tmp_path / 'other_cnn.pth' for a in evaluation]
+    assert run_script('evaluate_attribute_control.py', *other, '--outdir', tmp_path / 'other') == 0
+    err = capsys.readouterr().err
+    assert (f'warning: the directions were fitted with the property CNN cnn.pth (SHA-256 '
+            f'{sha256_of(inputs["cnn"])[:12]}…), but another one measures them (SHA-256 '
+            f'{sha256_of(tmp_path / "other_cnn.pth")[:12]}…)') in err, err
