@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from ohlora import atomic
 from ohlora.errors import PipelineError
-from ohlora.layout import IMAGE_SUFFIX, PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
+from ohlora.layout import PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
 from ohlora.records import sha256_of
 from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified import evaluation_plots as plots
 from stylegan_modified.attribute_metrics import grid_labels
 from stylegan_modified.attribute_measurers import Measurer
 from stylegan_modified.controllable import ControllableGenerator
+from stylegan_modified.delivered_images import ENCODING, decode_jpeg, encode_jpeg
 from stylegan_modified.evaluation_figures import compute_figures
 from stylegan_modified.evaluation_inputs import requested_values, swept_attributes, z_digest
 from stylegan_modified.evaluation_report import (
@@ -43,8 +44,7 @@ from stylegan_modified.gender_quality_judge import JUDGED
 from stylegan_modified.sweep_grid import sweep_grid
 
 RECORD_FORMAT = 1
-IMAGE_ENCODING = ('GenForce uint8 (round half up), OpenCV JPEG quality 95 from RGB->BGR, decoded with OpenCV '
-                  'before measuring')
+IMAGE_ENCODING = f'{ENCODING} before measuring'
 GRID_CELL = 128  # sweep-grid cell size in pixels: 50 cells of 256 would make a 3-4 MB PNG per z
 MEASURED_COLUMNS = [f'measured_{name}' for name in PROPERTY_NAMES]
 
@@ -154,18 +154,9 @@ def check_resumable(folder: AttributeControlFolder, record: dict, z_digests: dic
 
 # --- images ----------------------------------------------------------------------------------------------------
 
-def _encode_jpeg(rgb: np.ndarray) -> bytes:
-    return atomic.encode_image(IMAGE_SUFFIX, np.ascontiguousarray(rgb[:, :, ::-1]))
-
-
-def _decode(data: bytes) -> np.ndarray | None:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else np.ascontiguousarray(image[:, :, ::-1])
-
-
 def _read_image(path: Path) -> np.ndarray | None:
     try:
-        return _decode(path.read_bytes())
+        return decode_jpeg(path.read_bytes())
     except OSError:
         return None
 
@@ -412,10 +403,10 @@ def _batch_images(inputs: EvaluationInputs, folder: AttributeControlFolder, batc
     if missing:
         drawn = _render(inputs.generator, inputs.z[[batch[k][0] for k in missing]],
                         labels[[batch[k][1] for k in missing]], [_image_name(*batch[k]) for k in missing])
-        jpegs = list(pool.map(_encode_jpeg, drawn))
+        jpegs = list(pool.map(encode_jpeg, drawn))
         for k, data in zip(missing, jpegs):
             atomic.write_bytes(folder.image(*batch[k]), data)
-        for k, image in zip(missing, pool.map(_decode, jpegs)):
+        for k, image in zip(missing, pool.map(decode_jpeg, jpegs)):
             images[k] = image
     return images, len(missing)
 

@@ -504,3 +504,77 @@ def test_small_edge_cases_of_the_fit():
     assert unranged.layers is None  # all layers, resolved against the generator it is applied to
     assert DirectionsControl(LinearToy(DIM, LAYERS), unranged).layers == (0, LAYERS - 1)
     assert AttributeDirections.from_dict(unranged.to_dict()).layers is None
+
+
+class TextureImages:
+    """Fine stripes whose frequencies follow z and the label: JPEG moves their pixels (flat blocks it would not)."""
+    name, z_dim, score_algorithm, trained_attributes = 'texture', 4, 2, PROPERTY_NAMES
+    device = torch.device('cpu')
+
+    def images(self, z, values):
+        axis = torch.linspace(0, 60, 256)
+        a = 1 + z[:, :1].float().abs() + values[:, :1].float()
+        b = 1 + z[:, 1:2].float().abs()
+        phase = a[:, :, None, None] * axis[None, None, :, None] + b[:, :, None, None] * axis[None, None, None, :]
+        return torch.cat([torch.sin(phase), torch.cos(phase), torch.sin(0.5 * phase)], dim=1) * 0.9
+
+
+def test_the_sampler_scores_the_pixels_the_evaluation_measures(tmp_path):
+    """The sampler fed the raw float images to the CNN, the evaluation the uint8 + JPEG pixels: absolute targets
+    fitted on one and measured on the other differed by the format alone."""
+    import pandas as pd
+    from ohlora.layout import AttributeControlFolder
+    from stylegan.postprocess import to_uint8, to_uint8_tensor
+    from stylegan_modified.attribute_measurers import PropertyCNNMeasurer
+    from stylegan_modified.attribute_metrics import grid_labels
+    from stylegan_modified.direction_sampling import PropertyCNNScorer
+    from stylegan_modified.evaluation_inputs import seeded_z
+    from stylegan_modified.evaluation_run import MEASURED_COLUMNS, EvaluationInputs, evaluate
+
+    raw = torch.randn(3, 3, 8, 8, dtype=torch.float64) * 1.2
+    raw[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, -1.0 + 1 / 255, 2 * (100.5 / 255) - 1])  # exact halves, the ends
+    assert np.array_equal(to_uint8_tensor(raw).numpy(), to_uint8(raw))
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(16, 7))
+    generator, grid = TextureImages(), {'eyes': (-1.0, 0.5, 1.0)}
+    inputs = EvaluationInputs(generator, PropertyCNNMeasurer(cnn, None), seeded_z(0, 1, 4), grid, z_source='seed 0')
+    folder = AttributeControlFolder(tmp_path / 'run')
+    evaluate(inputs, folder, batch_size=3, progress=False)
+    measured = pd.read_csv(folder.z_scores(0))[MEASURED_COLUMNS].to_numpy()
+    images = generator.images(torch.from_numpy(inputs.z).expand(3, -1), torch.from_numpy(grid_labels(grid)))
+    sampled = PropertyCNNScorer(cnn)(images).double().numpy()
+    np.testing.assert_allclose(np.round(sampled, 4), measured, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert np.abs(cnn(images).double().numpy() - measured).max() > 1e-3  # raw pixels would have been off
+    with pytest.raises(PipelineError, match='the base generator gave NaN or infinite pixels'):
+        PropertyCNNScorer(cnn)(images * float('nan'))
+
+
+def test_saved_sample_images_are_written_by_the_batch_writer(tmp_path, monkeypatch):
+    import stylegan_modified.direction_sampling as sampling
+    from ohlora.image_writer import BatchImageWriter
+
+    batches = []
+
+    class Recording(BatchImageWriter):
+        def submit(self, images):
+            images = list(images)
+            batches.append([path.name for path, _ in images])
+            super().submit(images)
+
+    monkeypatch.setattr(sampling, 'BatchImageWriter', Recording)
+
+    class Pixels(LinearToy):  # images a JPEG can hold: [N, 3, 8, 8]
+        def images(self, wp):
+            pixels = torch.tanh(wp.mean(dim=1)[:, :12].reshape(-1, 3, 2, 2))
+            return pixels.repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+    files = DirectionSamplesFolder(tmp_path)
+    sample_w_and_scores(Pixels(DIM, LAYERS), lambda images: torch.zeros(len(images), 7), files,
+                        settings(chunk_size=5), 7, 2, save_images=True, progress=False)
+    # one submit per batch (batches start at chunk boundaries), every image on disk once the run returns
+    assert batches == [['000000.jpg', '000001.jpg'], ['000002.jpg', '000003.jpg'], ['000004.jpg'],
+                       ['000005.jpg', '000006.jpg']]
+    assert sorted(p.name for p in files.images_dir.iterdir()) == [f'{n:06d}.jpg' for n in range(7)]
