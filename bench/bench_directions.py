@@ -7,6 +7,8 @@ the published ones): the property CNN at full size always (its crops need 256 px
 (--generator tiny, fmaps_max 16, z/w 64) or full size (--generator full, the GenForce 256 px shapes).
 The fit part draws n synthetic samples (w of width --w-dim, scores linear in w plus noise) and times
 ``fit_directions`` for eyes/mouth/pose with --method ridge and --method svm (top/bottom 20 %) at the same n.
+The score-format part times the property CNN on one batch fed the raw float images against the sampler's
+scorer, which feeds it the delivered pixels (uint8 + JPEG round trip, as the evaluation measures).
 
     python bench/bench_directions.py                                   # CPU default: 16 images, n 20,000, < 2 min
     python bench/bench_directions.py --generator full --num 32 --threads 2
@@ -21,6 +23,7 @@ import torch
 from ohlora.cli import positive_int
 from stylegan.stylegan_generator import StyleGANGenerator
 from stylegan_modified.direction_fitting import FitOptions, fit_directions
+from stylegan_modified.delivered_images import delivered
 from stylegan_modified.direction_sampling import PropertyCNNScorer, compute_chunk
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.w_space import StyleGANW
@@ -51,6 +54,25 @@ def bench_sampling(args, device) -> None:
     print(f'sampling ({args.generator} G + property CNN, {args.num} images, {device}): '
           f'batch {args.batch_size} {args.num / batched_s:7.2f} img/s   per image {args.num / single_s:7.2f} img/s   '
           f'ratio {single_s / batched_s:5.2f}x   max |diff| w/scores {difference:.1e}')
+
+
+def bench_score_format(args, device) -> None:
+    """What scoring the delivered pixels (uint8 + JPEG round trip, as the evaluation measures) costs over feeding
+    the raw float images to the CNN, on the same batch of random-weight generator images."""
+    torch.manual_seed(0)
+    generator = StyleGANW(StyleGANGenerator(**GENERATORS[args.generator]).to(device).eval())
+    cnn = PropertyScoreCNN().to(device).eval()
+    with torch.inference_mode():
+        w = generator.w(torch.randn(args.batch_size, generator.z_dim, device=device))
+        images = generator.images(w.unsqueeze(1).expand(-1, generator.num_layers, -1).contiguous())
+        scorer = PropertyCNNScorer(cnn)
+        scorer(images), cnn(images)  # warm-up
+        raw_s, raw = timed(lambda: cnn(images), device)
+        delivered_s, scored = timed(lambda: scorer(images), device)
+        conversion_s, _ = timed(lambda: delivered(images), device)
+    print(f'scoring {args.batch_size} images ({device}): raw {raw_s * 1e3:8.1f} ms   delivered (uint8 + JPEG) '
+          f'{delivered_s * 1e3:8.1f} ms   ratio {delivered_s / raw_s:5.2f}x   conversion alone '
+          f'{conversion_s * 1e3:6.1f} ms   max |score change| {float((scored - raw).abs().max()):.3f}')
 
 
 def bench_fit(args) -> None:
@@ -84,6 +106,7 @@ def main() -> None:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads')
     if not args.skip_sampling:
         bench_sampling(args, device)
+        bench_score_format(args, device)
     bench_fit(args)
 
 

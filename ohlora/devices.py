@@ -25,13 +25,25 @@ def disable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def item_generator(seed: int, index: int, stream: int = 0, device='cpu') -> torch.Generator:
-    """An RNG whose draws depend only on (seed, index, stream), never on batch size or run order (R1)."""
-    # SplitMix64-style mixing keeps nearby (seed, index) pairs far apart in torch's seed space.
-    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+def mixed_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A 64-bit number that depends only on (seed, index, stream), for any ints (negative or huge seeds too)."""
+    # SplitMix64-style mixing keeps nearby (seed, index) pairs far apart in the seed space.
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB) \
+        & (2**64 - 1)
     x ^= x >> 31
     x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x ^= x >> 27
+    return x
+
+
+def item_generator(seed: int, index: int, stream: int = 0, device='cpu') -> torch.Generator:
+    """An RNG whose draws depend only on (seed, index, stream), never on batch size or run order (R1)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(x & (2**63 - 1))
+    gen.manual_seed(mixed_seed(seed, index, stream) & (2**63 - 1))
     return gen
+
+
+def library_seed(seed: int, stream: int) -> int:
+    """A seed in [0, 2**32) for numpy's ``default_rng`` and scikit-learn's ``random_state`` (which refuse negative
+    or larger ones), derived from any project ``--seed`` and a stream number, so every int seed works."""
+    return mixed_seed(seed, 0, stream) & (2**32 - 1)

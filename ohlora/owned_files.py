@@ -71,7 +71,10 @@ class OwnedFiles:
                              f'file?); it is never overwritten: {self.way_out}')
 
     def check(self, paths: Iterable[str | Path], overwrite: bool = False) -> None:
-        """Refuse (one line) if any of ``paths`` exists and was not written by this run, unless ``overwrite``."""
+        """Refuse (one line) if any of ``paths`` exists and was not written by this run, unless ``overwrite``; a
+        folder (or anything but a file) under such a name is refused even then, before any work is done."""
+        paths = list(paths)
+        atomic.check_replaceable(*paths)
         self.overwrite = self.overwrite or overwrite
         if self.overwrite:
             return

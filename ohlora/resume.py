@@ -11,7 +11,9 @@ plain Python values, so it loads with ``torch.load(weights_only=True)`` (R11):
 * ``data_order``: the permutation of the dataset for the epoch in progress (int64 tensor), None between epochs;
 * ``rng``: every global random stream training draws from (:func:`capture_rng_state`): torch's CPU generator,
   every CUDA generator, NumPy's global RNG (GenForce's style mixing draws its decision and cutoff from it) and
-  Python's ``random``;
+  Python's ``random``. A run of several processes (torchrun) keeps every rank's streams, in rank order, under
+  ``rng['ranks']`` (rank 0's also at the top level): :func:`capture_rank_rng_states`,
+  :func:`restore_rank_rng_state`;
 * ``models``, ``optimizers``, ``scalers``: ``{name: state_dict()}`` of the networks, their optimisers and
   their AMP GradScalers;
 * ``extra``: trainer-specific plain values (counters, best scores, ...); ``extra[STOPPED_EARLY]`` marks a run that
@@ -28,7 +30,8 @@ Typical use in a trainer::
 
 Only the options in :data:`RESUMABLE_OPTIONS` may change on resume (e.g. ``--epochs``, the total, to extend a
 finished run); every other difference is refused, because the continued run would no longer be the run it
-claims to continue.
+claims to continue. ``world_size`` (the number of torchrun processes) may change too: the run continues, but not
+bit-exactly as it would have with the recorded number.
 """
 from __future__ import annotations
 
@@ -41,12 +44,17 @@ import torch
 
 from ohlora import atomic
 from ohlora.checkpoints import read_checkpoint
+from ohlora.devices import item_generator
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.records import flatten_settings
 
 FORMAT = 'ohlora-resume-record'
 VERSION = 1
-RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress')
+RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress', 'world_size')
+# How a refusal names an option that is not spelled ``--`` + its key.
+OPTION_NAMES = {'world_size': 'the number of processes'}
+RANK_SEED_STREAM, RANK_RESUME_STREAM = 52, 53  # item_generator streams: the seeds of ranks 1, 2, ...
 # ``extra`` key of a trainer with early stopping: True once the run stopped before its epoch cap, so it is finished
 # whatever the cap (a larger cap would not make it train on: its patience is used up).
 STOPPED_EARLY = 'stopped_early'
@@ -90,6 +98,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s global streams: ``seed`` itself for rank 0 (so one process is the run it
+    always was), one drawn from (seed, rank) for the others (their z, noise and dropout must differ)."""
+    return seed if rank == 0 else item_generator(seed, rank, RANK_SEED_STREAM).initial_seed()
+
+
+def capture_rank_rng_states(ctx: DistContext) -> dict:
+    """:func:`capture_rng_state`; with several processes every rank's, gathered (a collective: every rank calls
+    it) under ``'ranks'`` in rank order, rank 0's also at the top level (what a single process restores)."""
+    state = capture_rng_state()
+    if not ctx.distributed:
+        return state
+    states = ctx.all_gather_objects(state)
+    return {**states[0], 'ranks': states}
+
+
+def recorded_world_size(state: dict) -> int:
+    """The number of processes whose streams ``state`` (a record's ``rng``) holds."""
+    return len(state['ranks']) if state.get('ranks') else 1
+
+
+def restore_rank_rng_state(state: dict, ctx: DistContext, seed: int, step: int) -> None:
+    """Each rank restores its own streams from a record's ``rng``. With another number of processes than the
+    record's, a rank the record does not know starts from a seed drawn from (seed, rank, step): the run continues,
+    but not bit-exactly as it would have with the recorded number."""
+    ranks = state.get('ranks') or [state]
+    if ctx.rank < len(ranks):
+        restore_rng_state(ranks[ctx.rank])
+    else:
+        seed_everything(item_generator(rank_seed(seed, ctx.rank), step, RANK_RESUME_STREAM).initial_seed())
 
 
 @dataclass
@@ -171,7 +211,7 @@ def check_resume_options(recorded: dict, current: dict, where: str | Path, chang
     '--max-epochs'}``)."""
     differences = option_differences(recorded, current, changeable)
     if differences:
-        names = option_names or {}
+        names = {**OPTION_NAMES, **(option_names or {})}
         shown = '; '.join(differences[:3]) + (f'; ... ({len(differences)} in all)' if len(differences) > 3 else '')
         raise PipelineError(f'{where} was started with other options ({shown}); only '
                             f'{", ".join(names.get(o, "--" + o.replace("_", "-")) for o in changeable)} may '

@@ -40,4 +40,7 @@ def float32_matrix(frame: pd.DataFrame, columns, path: str | Path, what: str) ->
         raise PipelineError(f'{path} has non-numeric values in {", ".join(map(str, columns))} ({what})') from None
     if not np.isfinite(values).all():
         raise PipelineError(f'{path} has NaN or infinite values ({what})')
-    return values.astype(np.float32)
+    single = values.astype(np.float32)
+    if not np.isfinite(single).all():  # 1e39 is a finite float64 but inf in the float32 the models read (R12)
+        raise PipelineError(f'{path} has values beyond the float32 range (e.g. 1e39) ({what})')
+    return single

@@ -6,12 +6,17 @@ images share a batch), the Pillow bicubic 224x224 crop, ImageNet normalisation, 
 (batched on the device), then algorithm 1 (colours from the whole image resized to 224x224 bilinearly, as
 stage 4 reads the original) or algorithm 2 (colours from the truncated face crop, as stage 3's
 ``face_NNNNNN.png``), normalised with the saved statistics and rounded to 4 decimals as stage 4. No file is
-written. An image without a face (or with an empty box) gives a row of NaN: "not measured".
+written. An image without a face (or with an empty box) gives a row of NaN: "not measured"; so does, with stage
+3's guards, an image smaller than the detector can read (``detector.min_side``, MTCNN's min_face_size: its image
+pyramid would be empty) and one on which the detector fails (MTCNN raises inside torch on degenerate images):
+one image never stops the run.
 
 The detector and parser are injected: anything with ``detect(PIL image) -> FaceBox | None`` and
 ``segment(B x 3 x 224 x 224) -> B x 11 x 224 x 224 logits`` works (tests use drawn faces and a colour parser).
 """
 from __future__ import annotations
+
+import logging
 
 import cv2
 import numpy as np
@@ -20,6 +25,7 @@ import torch
 from PIL import Image
 
 from ohlora.constants import PARSING_SIZE, PROPERTY_NAMES, SCORE_COLUMNS
+from ohlora.errors import first_line
 from segmentation import property_scores_alg1 as alg1
 from segmentation import property_scores_alg2 as alg2
 from segmentation.face_detection import MARGIN_PERCENTAGE
@@ -27,6 +33,9 @@ from segmentation.face_input import face_png_pixels, normalize, resized_crop
 from segmentation.score_normalization import DECIMALS, ColumnStats, normalise_with_stats
 
 ALGORITHMS = {1: alg1, 2: alg2}
+DETECTION_ERRORS = (RuntimeError, ValueError, IndexError)  # what MTCNN raises on degenerate images (as stage 3)
+
+logger = logging.getLogger(__name__)
 
 
 class ParsingMeasurer:
@@ -41,6 +50,8 @@ class ParsingMeasurer:
             raise ValueError(f'statistics lack {", ".join(missing)}')
         self.parser = parser
         self.detector = detector
+        self.min_side = int(getattr(detector, 'min_side', 0) or 0)
+        self._warned_size = False
         self.algorithm = algorithm
         self.stats = stats
         colours = ('the whole image, OpenCV bilinear to 224x224' if algorithm == 1
@@ -63,8 +74,19 @@ class ParsingMeasurer:
         crops, found = [], []
         for index, rgb in enumerate(images):
             image = Image.fromarray(np.ascontiguousarray(rgb))
-            with torch.inference_mode():
-                face = self.detector.detect(image)
+            if min(image.size) < self.min_side:
+                if not self._warned_size:
+                    logger.warning('images of %dx%d pixels are too small for face detection (at least %dx%d); they '
+                                   'count as not measured', image.size[0], image.size[1], self.min_side, self.min_side)
+                    self._warned_size = True
+                continue
+            try:
+                with torch.inference_mode():
+                    face = self.detector.detect(image)
+            except DETECTION_ERRORS as exc:
+                logger.info('image %d of the batch: face detection failed (%s); not measured', index,
+                            first_line(exc, 120))
+                continue
             if face is None:
                 continue
             x1, y1, x2, y2 = face.crop_box

@@ -20,6 +20,17 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """:func:`to_uint8` on the images' own device (a GPU keeps the batch; only the uint8 pixels travel): uint8
+    NHWC tensor, bit for bit what :func:`to_uint8` returns (the same float64 steps, each correctly rounded)."""
+    if images.ndim != 4:
+        raise ValueError(f'expected NCHW images, got shape {list(images.shape)}')
+    if images.device.type == 'mps':  # no float64 there
+        images = images.cpu()
+    values = (images.detach().to(torch.float64) + 1.0) * 255.0 / 2.0 + 0.5
+    return values.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def require_finite(images: torch.Tensor, img_nos: list[int], hint: str) -> None:
     """Refuse a batch with NaN or infinite pixels before it is written: the uint8 conversion would turn them into
     plausible-looking black or saturated images."""

@@ -321,6 +321,13 @@ class StyleGANGenerator(nn.Module):
                                          const_input=const_input, fused_scale=fused_scale, use_wscale=use_wscale,
                                          fmaps_base=fmaps_base, fmaps_max=fmaps_max)
 
+    @staticmethod
+    def batch_w_mean(w: torch.Tensor) -> torch.Tensor:
+        """The batch mean of w that train mode moving-averages into ``w_avg``: this process's batch. A trainer on
+        several processes sets an instance attribute of this name that returns the mean over every process's batch
+        (:func:`stylegan_modified.ddp.batch_w_mean`)."""
+        return w.mean(dim=0)
+
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None, lod: float | None = None,
                 w_moving_decay: float | None = 0.995, style_mixing_prob: float | None = 0.9,
                 trunc_psi: float | None = None, trunc_layers: int | None = None,
@@ -329,10 +336,11 @@ class StyleGANGenerator(nn.Module):
         w = mapping_results['w']
 
         if self.training and w_moving_decay is not None and w_moving_decay < 1:
-            # Single-process version of GenForce's all-gathered batch mean; the buffer never joins the graph.
+            # GenForce's batch mean, all-gathered over the processes of a distributed trainer (which sets
+            # batch_w_mean); the buffer never joins the graph.
             with torch.no_grad():
                 w_avg = self.truncation.w_avg
-                w_avg.copy_(w_avg * w_moving_decay + w.detach().mean(dim=0) * (1 - w_moving_decay))
+                w_avg.copy_(w_avg * w_moving_decay + self.batch_w_mean(w.detach()) * (1 - w_moving_decay))
 
         if self.training and style_mixing_prob is not None and style_mixing_prob > 0:
             new_z = torch.randn_like(z)

@@ -80,7 +80,8 @@ def build_parser():
                         help=f'samples per chunk file; an interruption loses at most one (default: {DEFAULT_CHUNK_SIZE})')
     parser.add_argument('--holdout', type=float, default=0.1,
                         help='share of samples kept out of the fit to measure its quality (default: 0.1)')
-    parser.add_argument('--alpha', type=float, default=1.0, help='ridge: L2 penalty (default: 1.0)')
+    parser.add_argument('--alpha', type=float, default=1.0,
+                        help='L2 penalty of the least-squares fits: ridge, and the svm calibration (default: 1.0)')
     parser.add_argument('--svm-c', type=float, default=1.0, help="svm: LinearSVC's C (default: 1.0)")
     add_common_options(parser, batch_size=32, batch_size_help='images per generator + CNN pass')
     add_scale_options(parser, unit='sample chunks')

@@ -8,6 +8,8 @@ written_files.json, snapshots/). --epochs is the total: --resume continues an in
 one, exactly. A file of a published name that this run did not write (e.g. a downloaded v1) is never overwritten
 unless --overwrite is given. Ctrl-C or SIGTERM stops after the current step with a complete checkpoint. Upstream's
 v1 has no behaviour to reproduce beyond the defaults (PIPELINE.md §13), so --compat upstream changes nothing.
+Several GPUs or machines: start it with torchrun (docs/scale-out.md); --batch-size is then the batch of a step over
+all processes.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import sys
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
+from ohlora.distributed import close
 from ohlora.layout import Layout
+from stylegan_modified.ddp import training_context
 from stylegan_modified.fine_tuning import INITS, FineTuningSettings, fine_tune
 
 EXAMPLES = '''
@@ -28,6 +32,8 @@ EXAMPLES = '''
   # your own zoo file and scores, mixed precision, fewer snapshots
   python stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 5 --weights stylegan_celeba_partial256.pth \\
       --scores my_scores.csv --amp --snapshot-every 100
+  # on the 4 GPUs of this machine, 16 images per step in all (4 per GPU); --resume the same way
+  torchrun --standalone --nproc_per_node 4 stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 39
 '''
 
 
@@ -66,7 +72,8 @@ def build_parser():
     parser.add_argument('--resume', action='store_true', help='continue (or extend) the run in the run folder')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace published-name files that this run did not write (e.g. a downloaded v1)')
-    add_common_options(parser, batch_size=16, batch_size_help='images per step (a multiple of 16 above 16)')
+    add_common_options(parser, batch_size=16, batch_size_help='images per step over all processes (each process\'s '
+                                                              'share at most 16 or a multiple of 16)')
     return parser
 
 
@@ -75,6 +82,7 @@ def main(argv=None):
     layout = Layout(args.root)
     device = resolve_device(args.device)
     disable_tf32()
+    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
     settings = FineTuningSettings(
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
         init=args.init, style_mixing_prob=args.style_mixing_prob, snapshot_every=args.snapshot_every,
@@ -82,16 +90,19 @@ def main(argv=None):
         amp=args.amp, compat=args.compat, no_progress=args.no_progress)
     try:
         result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
-                           resume=args.resume, overwrite=args.overwrite)
+                           resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
         print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
         sys.exit(130)
     interrupted = result.status == 'interrupted'
-    for line in result.lines():
+    for line in result.lines() if ctx.is_main else ():
         print(line, file=sys.stderr if interrupted else sys.stdout)
     if interrupted:
         sys.exit(130)
 
 
 if __name__ == '__main__':
-    run(main)
+    try:
+        run(main)
+    finally:
+        close()

@@ -10,7 +10,8 @@ generator phase writes stylegan_modified/stylegan_gen_fine_tuned_v2.pth (its bes
 stylegan_modified/fine_tuning_v2/. Files of these names that this run did not write are never overwritten
 unless --overwrite is given; finished phases are skipped; --resume continues an interrupted one exactly.
 --compat upstream: upstream's LR curves (zero-LR epochs), dropout on while scoring, and in the generator phase
-the CNN trained along in train mode and v1's dense0 re-randomised.
+the CNN trained along in train mode and v1's dense0 re-randomised. Several GPUs or machines: start it with torchrun
+(docs/scale-out.md); --batch-size and --gen-batch-size are then the batches of a step over all processes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import sys
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
+from ohlora.distributed import close
 from ohlora.layout import Layout
+from stylegan_modified.ddp import training_context
 from stylegan_modified.fine_tuning_v2 import fine_tune_v2
 from stylegan_modified.property_cnn_training import PropertyCnnSettings
 from stylegan_modified.v2_generator_training import V2GeneratorSettings
@@ -36,6 +39,8 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_stylegan_fine_tuning_v2.py --train-generator --max-groups 200
   # a second run beside a downloaded published CNN: its own folder; mixed precision
   python stylegan_and_segmentation/run_stylegan_fine_tuning_v2.py --outdir runs/v2 --amp
+  # on the 2 GPUs of this machine (16 images per step in all, 8 per GPU)
+  torchrun --standalone --nproc_per_node 2 stylegan_and_segmentation/run_stylegan_fine_tuning_v2.py
 '''
 
 
@@ -74,7 +79,7 @@ def build_parser():
     generator.add_argument('--steps-per-group', type=positive_int, default=50,
                            help='steps of one step group (default: 50, as upstream)')
     generator.add_argument('--gen-batch-size', type=positive_int, default=16,
-                           help='z per generator step (default: 16, as upstream)')
+                           help='z per generator step over all processes (default: 16, as upstream)')
     parser.add_argument('--outdir', default=None, metavar='DIR',
                         help='where the checkpoints and run folders go (default: <root>/stylegan_modified)')
     parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
@@ -87,15 +92,17 @@ def build_parser():
     parser.add_argument('--overwrite', action='store_true',
                         help='replace files of the output names that this run did not write (e.g. a downloaded CNN '
                              'or upstream\'s all_scores_v2_cnn.csv)')
-    add_common_options(parser, batch_size=16, batch_size_help='images per CNN training step')
+    add_common_options(parser, batch_size=16, batch_size_help='images per CNN training step over all processes')
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     layout = Layout(args.root)
-    device = str(resolve_device(args.device))
+    device = resolve_device(args.device)
     disable_tf32()
+    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
+    device = str(device)
     common = dict(seed=args.seed, device=device, checkpoint_every=args.checkpoint_every, amp=args.amp,
                   compat=args.compat, no_progress=args.no_progress)
     cnn_settings = PropertyCnnSettings(max_epochs=args.max_epochs, patience=args.patience,
@@ -109,14 +116,16 @@ def main(argv=None):
     try:
         result = fine_tune_v2(layout, cnn_settings, generator_settings, scores_path=args.scores,
                               property_cnn_path=args.property_cnn, v1_weights_path=args.v1_weights,
-                              outdir=args.outdir, resume=args.resume, overwrite=args.overwrite)
+                              outdir=args.outdir, resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
         print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
         sys.exit(130)
-    for line in summary(result):
+    for line in summary(result) if ctx.is_main else ():  # rank 0 reports
         print(line)
     if result.interrupted:
         phase = result.generator if result.generator is not None else result.cnn
+        if not ctx.is_main:
+            sys.exit(130)
         print(f'stopped by {result.interrupted} at {phase.position}; the checkpoint in {phase.run_folder} is complete; '
               'continue with --resume', file=sys.stderr)
         sys.exit(130)
@@ -151,4 +160,7 @@ def summary(result) -> list[str]:
 
 
 if __name__ == '__main__':
-    run(main)
+    try:
+        run(main)
+    finally:
+        close()

@@ -11,7 +11,8 @@ stylegan_modified/fine_tuning_v3/ holds training_options.json, train_log_v3.csv,
 folders inference_test_during_finetuning_v3/epoch_EEEE/. --epochs is the total: --resume continues exactly (also
 inside an epoch). Files this run did not write are never overwritten (--overwrite allows it for published ones);
 the z CSVs shipped beside the code never. --compat upstream: both frozen CNNs in train mode (dropout), the raw
-[-1, 1] image for the gender CNN, upstream's LR curve with zero-LR epochs.
+[-1, 1] image for the gender CNN, upstream's LR curve with zero-LR epochs. Several GPUs or machines: start it
+with torchrun (docs/scale-out.md); --batch-size is then the batch of a step over all processes.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import sys
 
 from ohlora.cli import add_common_options, make_parser, positive_int, run
 from ohlora.devices import disable_tf32, resolve_device
+from ohlora.distributed import close
 from ohlora.layout import Layout
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, V3_TEST_GRID
 from stylegan_modified.cvae_training import V3Settings, fine_tune_v3
+from stylegan_modified.ddp import training_context
 from stylegan_modified.v3_epoch_test import grid_text, parse_attribute_values, parse_grid
 
 EXAMPLES = '''
@@ -35,6 +38,9 @@ EXAMPLES = '''
   # stop when the epoch loss has not improved for 5 epochs; a quicker test of 10 z; looser mouth rule
   python stylegan_and_segmentation/run_stylegan_fine_tuning_v3.py --epochs 100 --patience 5 --test-z 10 \\
       --pass-min-r mouth=0.8 --pass-max-mae mouth=0.8 --outdir runs/v3_patience
+  # on 2 GPUs of this machine, 8 images per step in all (4 per GPU)
+  torchrun --standalone --nproc_per_node 2 stylegan_and_segmentation/run_stylegan_fine_tuning_v3.py --epochs 35 \\
+      --root runs/v3
   # then generate in stage 6 with a passing epoch (here 12: see passing_z in train_log_v3.csv)
   python stylegan_and_segmentation/run_fine_tuned_generator.py --root runs/v3 \\
       --weights runs/v3/stylegan_modified/stylegan_gen_fine_tuned_v3_ckpt_0012_gen.pth \\
@@ -92,7 +98,7 @@ def build_parser():
     parser.add_argument('--overwrite', action='store_true',
                         help='replace published-name files that this run did not write (e.g. the downloaded '
                              'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth); never the files shipped with the code')
-    add_common_options(parser, batch_size=8, batch_size_help='images per step (upstream: 8)')
+    add_common_options(parser, batch_size=8, batch_size_help='images per step over all processes (upstream: 8)')
     return parser
 
 
@@ -101,6 +107,7 @@ def main(argv=None):
     layout = Layout(args.root)
     device = resolve_device(args.device)
     disable_tf32()
+    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
     settings = V3Settings(
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
         patience=args.patience, checkpoint_every=args.checkpoint_every, test_z=args.test_z,
@@ -110,10 +117,12 @@ def main(argv=None):
     try:
         result = fine_tune_v3(layout, settings, v1_weights=args.v1_weights, property_cnn=args.property_cnn,
                               gender_cnn=args.gender_cnn, scores_path=args.scores, outdir=args.outdir,
-                              resume=args.resume, overwrite=args.overwrite)
+                              resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
         print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
         sys.exit(130)
+    if not ctx.is_main:  # rank 0 reports
+        sys.exit(130 if result.status == 'interrupted' else 0)
     passing = ', '.join(f'{s.epoch} ({s.passing_z} z, best {s.best_z})' for s in result.epochs if s.passing_z)
     finals = ', '.join(str(p) for p in result.outputs)
     if result.status == 'already finished':
@@ -132,4 +141,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run(main)
+    try:
+        run(main)
+    finally:
+        close()

@@ -23,6 +23,7 @@ from ohlora.records import sha256_of
 from ohlora.weights import SOURCES, fetch
 from stylegan_modified.attribute_metrics import SCORE_DECIMALS
 from stylegan_modified.checkpoint import PROPERTY_CNN_SOURCE, load_property_cnn
+from stylegan_modified.delivered_images import CNN_INPUT, cnn_input
 
 MEASURES = ('property-cnn', 'parsing')
 
@@ -63,16 +64,14 @@ class PropertyCNNMeasurer:
     def __init__(self, cnn: torch.nn.Module, weights_sha256: str | None):
         self.cnn = cnn.eval()
         self._settings = {'measure': self.name, 'algorithm': self.algorithm, 'weights_sha256': weights_sha256,
-                          'mode': 'eval', 'input': 'uint8 / 127.5 - 1', 'decimals': SCORE_DECIMALS}
+                          'mode': 'eval', 'input': CNN_INPUT, 'decimals': SCORE_DECIMALS}
 
     def settings(self) -> dict:
         return dict(self._settings)
 
     @torch.inference_mode()
     def measure(self, images: np.ndarray) -> np.ndarray:
-        device = next(self.cnn.parameters()).device
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        scores = self.cnn(x).to('cpu', torch.float64).numpy()
+        scores = self.cnn(cnn_input(images, next(self.cnn.parameters()).device)).to('cpu', torch.float64).numpy()
         return np.round(scores, SCORE_DECIMALS)
 
 
@@ -109,7 +108,9 @@ def parsing_measurer(layout: Layout, algorithm: int, stats: str | Path | None, f
     from segmentation.score_normalization import read_stats
 
     stats_file = statistics_path(layout, algorithm, stats)
-    column_stats = read_stats(stats_file)  # checked before the 1.1 GB parser is fetched
+    # The file must say it holds this algorithm's statistics, as stage 4 requires: normalising with the other
+    # algorithm's mean and std gives plausible-looking, wrong z-scores. Checked before the 1.1 GB parser is fetched.
+    column_stats = read_stats(stats_file, algorithm)
     weights = fetch_as('facexformer', layout, facexformer, '--facexformer')
     parser = load_facexformer(weights, device)
     settings = {'facexformer_sha256': sha256_of(weights), 'statistics_sha256': sha256_of(stats_file)}

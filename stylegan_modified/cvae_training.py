@@ -27,6 +27,14 @@ generator and encoder.
 gender_loss (G), mu_loss (M), logvar_loss (V), lr_generator, lr_encoder; on the last row of each epoch also
 epoch_mean_loss, passing_z (z's that passed the test) and best_z (its index, empty when none passed);
 images_per_s, peak_gpu_mem_mb.
+
+**Several processes** (torchrun; :mod:`stylegan_modified.ddp`): ``--batch-size`` is the batch of a step over all
+processes; each rank encodes and decodes its share, the encoder and G (whose mapping alone trains) are in DDP
+wrappers, and nothing in the loss mixes samples, so N ranks take the step one process takes on the whole batch
+(up to float rounding; the eps differ, each rank drawing its own). ``w_avg`` follows the whole batch's mean w;
+the log and the patience rule use the losses averaged over the ranks. The per-epoch test runs on rank 0 alone
+(its history holds the first sample of each batch, as one process's) while the others wait; its outcome is
+broadcast, so every rank keeps the same summary. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -38,16 +46,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, shipped_with_code
 from ohlora.owned_files import OwnedFiles
 from ohlora.records import sha256_of
-from ohlora.resume import (ResumeRecord, capture_rng_state, load_resume_record, option_differences,
-                           restore_rng_state, save_resume_record, seed_everything)
+from ohlora.resume import (ResumeRecord, capture_rank_rng_states, load_resume_record, option_differences,
+                           save_resume_record)
 from ohlora.schedules import DEFAULT_SCHEDULE, UPSTREAM_PERIOD, set_epoch_lr
 from stylegan_modified.attribute_metrics import CONTROLLED_ATTRIBUTES, UPSTREAM_V3_RULE, V3_TEST_GRID, PassRule
 from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize
-from stylegan_modified.datasets import ScoredImageDataset, epoch_batches, epoch_order
+from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
+from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, main_first, mean_over_ranks, share,
+                                   start_rngs, training_context, wrap)
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
@@ -122,8 +133,9 @@ class V3Settings:
         except ValueError as exc:
             raise PipelineError(f'--pass-min-r / --pass-max-mae: {exc}') from None
 
-    def check(self) -> None:
+    def check(self, world_size: int = 1) -> None:
         """One line per option a user can get wrong (before anything is read or written)."""
+        check_batch_size(self.batch_size, 1, world_size=world_size)  # no minibatch-stddev: only the even split
         for option, value, low in (('--epochs', self.epochs, 1), ('--batch-size', self.batch_size, 1),
                                    ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0),
                                    ('--test-z', self.test_z, 1), ('--test-random', self.test_random, 0)):
@@ -164,17 +176,24 @@ class StepLosses:
 
 
 class CVAETrainer:
-    """The generator, the encoder, the two frozen CNNs, the optimiser and the step; holds no data, writes nothing."""
+    """The generator, the encoder, the two frozen CNNs, the optimiser and the step; holds no data, writes nothing.
+    With several processes (``ctx``) a step trains on this rank's share through the DDP wrappers
+    ``generator_train`` / ``encoder_train``."""
 
     def __init__(self, generator: StyleGANGeneratorForV3, encoder: CVAEEncoder, property_cnn: PropertyScoreCNN,
-                 gender_cnn: torch.nn.Module, settings: V3Settings, device: torch.device):
+                 gender_cnn: torch.nn.Module, settings: V3Settings, device: torch.device,
+                 ctx: DistContext | None = None):
         self.settings, self.hyper, self.device = settings, settings.hyper, torch.device(device)
+        self.ctx = ctx if ctx is not None else DistContext(device=self.device)
         self.generator = generator.to(self.device).train()  # train mode only moving-averages w_avg (no mixing)
         self.encoder = encoder.to(self.device).train()
         # R2: frozen nets in eval mode; upstream left them in train mode (dropout on)
         self.property_cnn = property_cnn.to(self.device).train(settings.upstream)
         self.gender_cnn = gender_cnn.to(self.device).train(settings.upstream)
         set_trainable(self.generator, self.encoder, (self.property_cnn, self.gender_cnn))
+        # built after the flags: DDP syncs the mapping and the encoder, nothing frozen
+        self.generator_train, self.encoder_train = wrap(self.generator, self.ctx), wrap(self.encoder, self.ctx)
+        distribute_generator(self.generator, self.ctx)
         mapping = [p for n, p in self.generator.named_parameters() if n.startswith('mapping.')]
         self.base_lrs = [self.hyper.generator_lr, self.hyper.encoder_lr]
         self.optimizer = torch.optim.AdamW([{'params': mapping, 'lr': self.base_lrs[0]},
@@ -200,16 +219,19 @@ class CVAETrainer:
     def gender_scores(self, images: torch.Tensor) -> torch.Tensor:
         return self.gender_cnn(self.gender_input(images))
 
-    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """The four loss terms and their weighted sum, with the batch's mu and logvar."""
+    def losses(self, images: torch.Tensor, labels: torch.Tensor,
+               eps: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The four loss terms and their weighted sum, with the batch's mu and logvar. ``eps`` (default: drawn)
+        is the reparameterisation noise."""
         with self.amp.autocast():
-            mu, logvar = self.encoder(images, labels)
+            mu, logvar = self.encoder_train(images, labels)
         mu, logvar = mu.float(), logvar.float()
-        eps = torch.randn(mu.shape).to(self.device)  # the CPU RNG, whatever the device (as the v1 trainer's z)
-        z = reparameterize(mu, logvar, eps)
+        if eps is None:
+            eps = torch.randn(mu.shape)  # the CPU RNG, whatever the device (as the v1 trainer's z)
+        z = reparameterize(mu, logvar, eps.to(self.device))
         with self.amp.autocast():
-            generated = self.generator(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
-                                       randomize_noise=False)['image']
+            generated = self.generator_train(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
+                                             randomize_noise=False)['image']
             scores = self.property_scores(generated).float()
             gender = self.gender_scores(generated).float()
         terms = {'property_loss': F.mse_loss(scores[:, SUPERVISED], labels[:, SUPERVISED]),
@@ -220,14 +242,16 @@ class CVAETrainer:
                                + self.hyper.logvar_weight * terms['logvar_loss'])
         return terms, mu, logvar
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor | None = None) -> StepLosses:
+        """One optimiser step on this process's images; the losses returned are the means over the ranks."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        terms, mu, logvar = self.losses(images, labels)
-        check_finite(self.where, self.last_checkpoint, loss=terms['total_loss'])
+        terms, mu, logvar = self.losses(images, labels) if eps is None else self.losses(images, labels, eps)
+        means = dict(zip(terms, mean_over_ranks(self.ctx, *terms.values())))
+        check_finite(self.where, self.last_checkpoint, loss=means['total_loss'])
         self.amp.step(AMP_NAME, terms['total_loss'], self.optimizer)
         self.history.add(mu, logvar)
-        return StepLosses(**{name: float(value.detach()) for name, value in terms.items()})
+        return StepLosses(**means)
 
     def epoch_test(self, epoch: int, settings: EpochTestSettings, outputs: V3Outputs | None,
                    progress: bool = False) -> EpochTestResult:
@@ -236,9 +260,13 @@ class CVAETrainer:
                               folder, progress)
 
     def record(self, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None,
-               extra: dict) -> ResumeRecord:
+               extra: dict) -> ResumeRecord | None:
+        """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
+        rng = capture_rank_rng_states(self.ctx)
+        if not self.ctx.is_main:
+            return None
         return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=capture_rng_state(),
+                            data_order=order if batch else None, rng=rng,
                             models={G_NAME: cpu_state_dict(self.generator), E_NAME: cpu_state_dict(self.encoder)},
                             optimizers={AMP_NAME: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
                             extra={**extra, 'history': self.history.state_dict()})
@@ -330,23 +358,25 @@ def _early_stopped(files: TrainingRunFolder, options: dict, changeable) -> Resum
 def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path | None = None,
                  property_cnn: str | Path | None = None, gender_cnn: str | Path | None = None,
                  scores_path: str | Path | None = None, outdir: str | Path | None = None, resume: bool = False,
-                 overwrite: bool = False) -> V3Result:
+                 overwrite: bool = False, ctx: DistContext | None = None) -> V3Result:
     """Train (or continue, or confirm finished) the v3 run of ``layout`` / ``outdir``; see the module docstring.
 
     Everything a user can get wrong is checked before anything is written: the options, the run folder, the
     published and shipped files the run could write, the scores CSV and every image, the three weights files.
+    ``ctx``: this process among those of a torchrun (default: from the environment; one process without it).
     """
     settings = replace(settings, v1_weights=_relative(layout, v1_weights),
                        property_cnn=_relative(layout, property_cnn), gender_cnn=_relative(layout, gender_cnn),
                        scores=_relative(layout, scores_path))
-    settings.check()
+    ctx = ctx if ctx is not None else training_context(torch.device(settings.device))
+    settings.check(ctx.world_size)
     rule = settings.rule()
-    device = torch.device(settings.device)
+    device = ctx.device
     scores_csv = scores_csv_path(layout, scores_path)
     dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_RESOLUTION, IMAGE_RESOLUTION),
                                           what='v3 labels (property CNN scores CSV)')
-    property_path = fetch_input('property_cnn', layout, property_cnn)
-    gender_path = fetch_input('gender_cnn', layout, gender_cnn)
+    property_path = main_first(ctx, lambda: fetch_input('property_cnn', layout, property_cnn))
+    gender_path = main_first(ctx, lambda: fetch_input('gender_cnn', layout, gender_cnn))
     property_model = load_property_cnn(property_path, device)
     gender_model = load_gender_cnn(gender_path, device)
 
@@ -356,39 +386,46 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
     options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint()}
     # The frozen CNNs are read again on every resume: a different file would make it another run.
     options['inputs'] = {'property_cnn_sha256': sha256_of(property_path), 'gender_cnn_sha256': sha256_of(gender_path)}
-    run = TrainingRun(files, options, {outputs.final_generator: G_NAME, outputs.final_encoder: E_NAME}, LOG_COLUMNS)
+    options['world_size'] = ctx.world_size
+    run = TrainingRun(files, options, {outputs.final_generator: G_NAME, outputs.final_encoder: E_NAME}, LOG_COLUMNS,
+                      writer=ctx.is_main)
     finals = tuple(run.outputs)
 
     stopped = _early_stopped(files, options, run.changeable)
     if stopped is not None:
         restored = tuple(p for p in finals if not p.exists())
-        for path in restored:
+        for path in restored if ctx.is_main else ():
             run.owned.torch_save(path, stopped.models[run.outputs[path]])
+        ctx.barrier()  # the other ranks return once rank 0 has restored what was missing
         return V3Result('already finished', stopped.epoch, 0, stopped.step, finals, files.folder,
                         _summaries(stopped), stopped_early=True, restored=restored)
     plan = run.plan(resume=resume, overwrite=overwrite)
     if plan.finished:
         record = plan.record
+        ctx.barrier()
         return V3Result('already finished', record.epoch, record.batch, record.step, finals, files.folder,
                         _summaries(record), restored=plan.restored)
     epoch_outputs = EpochOutputs(outputs, run.owned)
     epoch_outputs.check(range(0 if plan.record is None else plan.record.epoch, settings.epochs), overwrite)
 
-    dataset.verify(workers=settings.workers, progress=not settings.no_progress)
+    dataset.verify(workers=settings.workers, progress=not settings.no_progress and ctx.is_main)
     provenance = {'scores_csv': scores_csv.name, 'images': len(dataset), 'torch': torch.__version__,
                   'property_cnn_file': property_path.name, 'gender_cnn_file': gender_path.name}
     if plan.record is None:
-        v1_path = fetch_input('v1_weights', layout, v1_weights)
+        v1_path = main_first(ctx, lambda: fetch_input('v1_weights', layout, v1_weights))
         generator, encoder = build_v3_models(v1_path, settings.seed)
         provenance.update(v1_file=v1_path.name, v1_sha256=sha256_of(v1_path))
     else:
         generator, encoder = v3_models_from_state(plan.record.models.get(G_NAME) or {},
                                                   plan.record.models.get(E_NAME) or {}, files.resume_record)
-    trainer = CVAETrainer(generator, encoder, property_model, gender_model, settings, device)
+    trainer = CVAETrainer(generator, encoder, property_model, gender_model, settings, device, ctx)
     if plan.record is not None:
         trainer.load_record(plan.record)
     run.start(plan, provenance)
-    return _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
+    describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
+    result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
+    ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
+    return result
 
 
 def _summaries(record: ResumeRecord) -> list[EpochSummary]:
@@ -397,23 +434,21 @@ def _summaries(record: ResumeRecord) -> list[EpochSummary]:
 
 def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: ScoredImageDataset,
            settings: V3Settings, outputs: V3Outputs, epoch_outputs: EpochOutputs) -> V3Result:
-    record = plan.record
+    record, ctx = plan.record, trainer.ctx
     epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
     order = record.data_order if record is not None and record.batch else None
     extra = {'loss_sum': 0.0, 'loss_count': 0, 'best_loss': None, 'best_epoch': None, 'epochs': [],
              'checkpoints': []}
-    if record is None:
-        seed_everything(settings.seed)
-    else:
+    start_rngs(ctx, settings.seed, record)
+    if record is not None:
         extra.update({k: record.extra[k] for k in extra if k in record.extra})
-        restore_rng_state(record.rng)
         trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
     test_settings = EpochTestSettings(num_z=settings.test_z, grid={k: tuple(v) for k, v in settings.test_grid.items()},
                                       rule=settings.rule(), num_random=settings.test_random,
                                       batch_size=TEST_BATCH_FACTOR * settings.batch_size, seed=settings.seed)
-    per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, 1))
+    per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, 1, ctx.world_size))
     bar = tqdm(total=(settings.epochs - epoch) * per_epoch - batch, desc='v3 fine-tuning', unit='step',
-               disable=settings.no_progress)
+               disable=settings.no_progress or not ctx.is_main)
     meter = Throughput(trainer.device)
     finals = tuple(run.outputs)
 
@@ -426,7 +461,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
         state = trainer.record(run.options, next_epoch, next_batch, step, current_order, dict(extra))
         if final:
             run.checkpoint(state)  # the final generator and encoder, the log, the record
-        else:
+        elif ctx.is_main:
             run.log.flush()
             save_resume_record(run.files.resume_record, state)
         trainer.last_checkpoint = f'the checkpoint of epoch {next_epoch}, batch {next_batch} (step {step}) is kept'
@@ -436,9 +471,11 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
             while epoch < settings.epochs:
                 if order is None:
                     order = epoch_order(settings.seed, epoch, len(dataset))
-                batches = epoch_batches(order, settings.batch_size, 1)  # no minibatch-stddev: keep every batch
+                # no minibatch-stddev: every batch is kept (one process) or trimmed to equal shares
+                batches = epoch_batches(order, settings.batch_size, 1, ctx.world_size)
                 lrs = trainer.set_epoch(epoch)
-                loader = DataLoader(dataset, batch_sampler=batches[batch:], num_workers=settings.workers,
+                loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
+                                    num_workers=settings.workers,
                                     pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
                                     worker_init_fn=ignore_sigint_in_worker)
                 meter.restart()
@@ -448,9 +485,11 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                     step += 1
                     extra['loss_sum'] += losses.total_loss
                     extra['loss_count'] += 1
+                    images = len(items['index']) * ctx.world_size  # equal shares
                     row = {'epoch': epoch, 'idx': idx, **asdict(losses), 'lr_generator': lrs[0],
-                           'lr_encoder': lrs[1], 'images_per_s': round(meter.tick(len(items['index'])), 2),
+                           'lr_encoder': lrs[1], 'images_per_s': round(meter.tick(images), 2),
                            'peak_gpu_mem_mb': meter.peak_memory_mb()}
+                    stopping = agree_stop(ctx, stop)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f'{losses.total_loss:.3f}', img_s=f'{meter.smoothed:.1f}')
                     last = idx + 1 == len(batches)
@@ -468,11 +507,11 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                         checkpoint(epoch + 1, 0, None, final=final)
                         if stop_early:
                             return result('finished', epoch + 1, 0, stopped_early=True)
-                    elif (settings.checkpoint_every and step % settings.checkpoint_every == 0) or stop.requested:
+                    elif (settings.checkpoint_every and step % settings.checkpoint_every == 0) or stopping:
                         checkpoint(epoch, idx + 1, order)
-                    if stop.requested:
+                    if stopping:
                         done = (epoch + 1, 0) if last else (epoch, idx + 1)
-                        return result('interrupted', *done, signal=stop.requested)
+                        return result('interrupted', *done, signal=stopping)
                     if last or settings.checkpoint_every:
                         meter.restart()
                 epoch, batch, order = epoch + 1, 0, None
@@ -492,12 +531,19 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
 
 def _end_epoch(epoch: int, trainer: CVAETrainer, test_settings: EpochTestSettings, outputs: V3Outputs,
                epoch_outputs: EpochOutputs, extra: dict, settings: V3Settings) -> tuple[EpochSummary, bool]:
-    """The per-epoch test, the passing epoch's files, the epoch's summary and the patience rule."""
-    test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
-    written = epoch_outputs.write(epoch, test, cpu_state_dict(trainer.generator), cpu_state_dict(trainer.encoder))
-    extra['checkpoints'] = extra['checkpoints'] + [p.name for p in written]
+    """The per-epoch test, the passing epoch's files, the epoch's summary and the patience rule. With several
+    processes rank 0 tests and writes and every rank takes its outcome (the others wait meanwhile)."""
+    ctx = trainer.ctx
+    outcome = None
+    if ctx.is_main:
+        test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
+        written = epoch_outputs.write(epoch, test, cpu_state_dict(trainer.generator),
+                                      cpu_state_dict(trainer.encoder))
+        outcome = (test.num_passed, test.best, [p.name for p in written])
+    passed, best, names = ctx.broadcast_object(outcome)
+    extra['checkpoints'] = extra['checkpoints'] + names
     mean_loss = extra['loss_sum'] / max(extra['loss_count'], 1)
-    summary = EpochSummary(epoch, mean_loss, test.num_passed, test.best)
+    summary = EpochSummary(epoch, mean_loss, passed, best)
     extra['epochs'] = extra['epochs'] + [asdict(summary)]
     if extra['best_loss'] is None or mean_loss < extra['best_loss']:
         extra['best_loss'], extra['best_epoch'] = mean_loss, epoch

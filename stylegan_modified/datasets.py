@@ -19,6 +19,12 @@ when N > G. A batch size that breaks this is refused up front. The last partial 
 images at 16: 15) is kept when the rule allows it (N <= G, or a multiple of G), as upstream; otherwise it is
 trimmed to the largest multiple of G, and the few images left out differ from epoch to epoch (the order is
 reshuffled).
+
+Several processes (torchrun, :mod:`stylegan_modified.ddp`): ``batch_size`` stays the batch of one step, over all
+processes; each rank trains on its strided share (:func:`rank_share`), so the ranks see disjoint images whose union
+is the batch one process would train on. The batch must split evenly, and each share obeys the minibatch-stddev
+rule on its own (D groups the images of one process). The last partial batch is trimmed to equal shares (at most
+``world_size - 1`` images more left out, a different few each epoch).
 """
 from __future__ import annotations
 
@@ -150,10 +156,22 @@ def minibatch_std_group_size(discriminator: torch.nn.Module) -> int:
     return max(sizes, default=1)
 
 
-def check_batch_size(batch_size: int, group_size: int, option: str = '--batch-size') -> None:
-    """A batch of N is cut into min(G, N) groups; N > G must therefore be a multiple of G."""
+def check_batch_size(batch_size: int, group_size: int, option: str = '--batch-size', world_size: int = 1) -> None:
+    """A batch of N is cut into min(G, N) groups; N > G must therefore be a multiple of G. With several
+    processes the batch must split evenly among them and the rule holds for each process's share."""
     if batch_size < 1:
         raise PipelineError(f'{option} must be at least 1, got {batch_size}')
+    if world_size > 1:
+        if batch_size % world_size:
+            below = batch_size - batch_size % world_size
+            raise PipelineError(f'{option} {batch_size} is the batch of one step over all {world_size} processes and '
+                                f'must split evenly among them (e.g. {below or world_size} or {below + world_size})')
+        share = batch_size // world_size
+        if share > group_size > 1 and share % group_size:
+            raise PipelineError(f'{option} {batch_size} gives each of the {world_size} processes {share} images, '
+                                f'which cannot be split into the discriminator\'s minibatch-stddev groups of '
+                                f'{group_size}; use a batch of {group_size * world_size} or a multiple of it')
+        return
     if batch_size > group_size > 1 and batch_size % group_size:
         below = batch_size - batch_size % group_size
         raise PipelineError(f'{option} {batch_size} cannot be split into the discriminator\'s minibatch-stddev groups '
@@ -166,10 +184,23 @@ def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
     return torch.randperm(size, generator=item_generator(seed, epoch, DATA_ORDER_STREAM))
 
 
-def epoch_batches(order: torch.Tensor | Sequence[int], batch_size: int, group_size: int) -> list[list[int]]:
-    """``order`` cut into batches of ``batch_size``; the last partial batch kept or trimmed (module docstring)."""
+def epoch_batches(order: torch.Tensor | Sequence[int], batch_size: int, group_size: int,
+                  world_size: int = 1) -> list[list[int]]:
+    """``order`` cut into batches of ``batch_size`` (over all ``world_size`` processes); the last partial batch
+    kept or trimmed (module docstring)."""
     indices = [int(i) for i in order]
     batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
-    if batches and len(batches[-1]) > group_size > 1 and len(batches[-1]) % group_size:
-        batches[-1] = batches[-1][:len(batches[-1]) - len(batches[-1]) % group_size]
+    if batches:
+        share = len(batches[-1]) // world_size
+        if share > group_size > 1 and share % group_size:
+            share -= share % group_size
+        if share:
+            batches[-1] = batches[-1][:share * world_size]
+        else:  # fewer images than processes
+            batches.pop()
     return batches
+
+
+def rank_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Process ``rank``'s images of a step's ``batch`` (strided: the batch's first image goes to rank 0)."""
+    return list(batch)[rank::world_size]

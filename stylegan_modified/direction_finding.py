@@ -21,8 +21,8 @@ from ohlora.weights import fetch
 from stylegan_modified.attribute_directions import BASE_GENERATORS, load_base_generator
 from stylegan_modified.checkpoint import published_property_cnn
 from stylegan_modified.direction_fitting import FitOptions, check_fit_options, fit_directions, minimum_samples
-from stylegan_modified.direction_sampling import (PropertyCNNScorer, SampleSettings, file_identity, merge_shards,
-                                                  sample_w_and_scores)
+from stylegan_modified.direction_sampling import (PropertyCNNScorer, SampleSettings, chunk_plan, file_identity,
+                                                  merge_shards, sample_w_and_scores)
 from stylegan_modified.directions_file import AttributeDirections, write_directions
 from stylegan_modified.w_space import StyleGANW, parse_layers
 
@@ -116,16 +116,29 @@ def check_request(request: FindRequest) -> None:
         raise PipelineError(f'--output {request.output} is a folder; give the directions file\'s path')
 
 
+def check_outputs(request: FindRequest, output: Path, files) -> None:
+    """Every output path can be written (checked before any file is fetched or sampled): a refusal after sampling
+    would leave hours of samples and no directions."""
+    atomic.check_writable(output.parent, files.folder, *([files.images_dir] if request.save_images else []))
+    images = (files.image(n) for n in range(request.num)) if request.save_images else ()
+    atomic.check_replaceable(output, Layout.directions_report(output), files.settings_json,
+                             *(files.chunk(k) for k, _, _ in chunk_plan(request.num, request.chunk_size)), *images)
+
+
+def _f(value) -> str:
+    return 'n/a' if value is None else f'{value:.3f}'  # None: too few held-out samples for the figure
+
+
 def _quality_lines(directions: AttributeDirections) -> list[str]:
     lines = []
     for name in directions.fitted_attributes:
         q = directions.fit_quality[name]
         held = ' (held)' if name in directions.held_attributes else ''
         if directions.method == 'svm':
-            lines.append(f'{name}{held}: held-out accuracy {q["accuracy"]:.3f}, calibrated r {q["r"]:.3f}, '
-                         f'R² {q["r2"]:.3f}')
+            lines.append(f'{name}{held}: held-out accuracy {_f(q["accuracy"])}, calibrated r {_f(q["r"])}, '
+                         f'R² {_f(q["r2"])}, cosine to the score gradient {_f(q.get("cos_gradient"))}')
         else:
-            lines.append(f'{name}{held}: held-out R² {q["r2"]:.3f}, r {q["r"]:.3f}')
+            lines.append(f'{name}{held}: held-out R² {_f(q["r2"])}, r {_f(q["r"])}')
     if 'group_agreement' in directions.fit_quality:
         lines.append(f'group chosen from w = group of the scores: {directions.fit_quality["group_agreement"]:.3f}')
     return lines
@@ -138,6 +151,7 @@ def find_attribute_directions(request: FindRequest) -> FindResult | ShardSamplin
     layout = Layout(request.root)
     output = Path(request.output) if request.output is not None else layout.attribute_directions
     files = layout.direction_samples(request.samples_dir)
+    check_outputs(request, output, files)
 
     sharding = start(resolve_device(request.device), request.shard)
     device = sharding.ctx.device

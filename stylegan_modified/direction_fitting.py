@@ -4,16 +4,22 @@
   is the score gradient: its direction is the attribute's direction, its length the score change per unit
   step, and with the intercept it predicts the score of any w.
 * ``svm``: upstream's VectorFind recipe. Per attribute, a ``LinearSVC`` separates the top ``fraction``
-  of the (training) samples by score from the bottom ``fraction``; its unit normal is the direction. An SVM
-  gives no scale, so the step-to-score slope and intercept are fitted afterwards by least squares of the
-  score on the projection w · normal. With ``groups``, the samples are split at the medians of
-  hair_color, hair_length and background_mean (8 groups, as upstream) and each group gets its own model.
+  of the (training) samples by score from the bottom ``fraction`` (on centred w: liblinear penalises the
+  intercept, which tilts the normal when w's mean is far from 0); its unit normal is the direction. An SVM
+  gives no scale, so the calibration is the full least-squares model of each score on w (ridge, ``alpha``):
+  its gradient A_a predicts the score of any w, and the step-to-score slope along the normal is A_a · n_a.
+  Regressing the score on w · n_a alone, as before, is biased whenever w varies along directions that the
+  normal misses but the score does not (anisotropic w): the other directions' share of the score is then
+  partly credited to w · n_a, and the prediction of the unedited w misses their share altogether. Edits
+  move w within the span of the normals (see ``directions_file``). With ``groups``, the samples are split at
+  the medians of hair_color, hair_length and background_mean (8 groups, as upstream) and each group gets its
+  own model.
 * ``orthogonal``: the attributes not controlled are fitted too and held; each controlled direction is
   projected off the span of every other fitted direction (InterFaceGAN's conditional manipulation).
 
 A seeded share of the samples (``holdout``) is kept out of every fit and gives the fit quality: R² and
-Pearson r of the predicted against the measured scores (ridge); the accuracy on the held-out top/bottom
-samples and the r of the calibrated prediction (svm).
+Pearson r of the predicted against the measured scores (ridge, and the svm calibration); for svm also the
+accuracy on the held-out top/bottom samples and the cosine between each normal and its score gradient.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from ohlora.constants import PROPERTY_NAMES
+from ohlora.devices import library_seed
 from ohlora.errors import PipelineError
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, AttributeDirections
@@ -32,6 +39,9 @@ from stylegan_modified.directions_file import GROUP_ATTRIBUTES, METHODS, Attribu
 logger = logging.getLogger(__name__)
 
 DEFAULT_ATTRIBUTES = ('eyes', 'mouth', 'pose')
+# Streams of ohlora.devices.library_seed: numpy and scikit-learn take seeds in [0, 2**32) only, so theirs are
+# derived from --seed (any int) instead of passing it through.
+SPLIT_STREAM, SVM_STREAM = 91, 92
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class FitOptions:
     alpha: float = 1.0           # ridge: L2 penalty (scikit-learn's alpha)
     svm_c: float = 1.0           # svm: LinearSVC's C
     holdout: float = 0.1         # share of samples kept out of the fit, for the fit quality
-    seed: int = 0                # the held-out split and LinearSVC's random_state
+    seed: int = 0                # any int: the held-out split and LinearSVC's random_state are derived from it
 
     @property
     def held_attributes(self) -> tuple[str, ...]:
@@ -64,6 +74,8 @@ def check_fit_options(options: FitOptions) -> None:
         raise PipelineError(f'--attributes: unknown attribute {unknown[0]!r}; choose from {", ".join(PROPERTY_NAMES)}')
     if not options.attributes or len(set(options.attributes)) != len(options.attributes):
         raise PipelineError(f'--attributes must list at least one attribute, each once (got {",".join(options.attributes)})')
+    if isinstance(options.seed, bool) or not isinstance(options.seed, (int, np.integer)):
+        raise PipelineError(f'--seed must be a whole number, got {options.seed!r}')
     if not 0.0 < options.fraction <= 0.5:
         raise PipelineError(f'--fraction must be in (0, 0.5], got {options.fraction}')
     if not 0.0 < options.holdout < 1.0:
@@ -76,20 +88,53 @@ def check_fit_options(options: FitOptions) -> None:
         raise PipelineError('--groups applies to --method svm only (upstream grouped its SVMs)')
 
 
-def minimum_samples(options: FitOptions) -> int:
-    """The fewest samples a fit can run on: 2 held out, and (svm) 2 top/bottom samples per group and class."""
-    needed = max(4, int(np.ceil(2 / options.holdout)) + 2)
+MIN_TRAINING_SAMPLES = 8  # a training split smaller than this (e.g. --holdout 0.999) is refused, not fitted
+
+
+def split_sizes(num: int, holdout: float) -> tuple[int, int]:
+    """(training, held-out) counts of :func:`holdout_split`: the held-out share is at least 2 samples."""
+    held = min(max(2, int(round(num * holdout))), num - 2)
+    return num - held, held
+
+
+def minimum_training_samples(options: FitOptions) -> int:
+    """The fewest training samples a fit runs on: MIN_TRAINING_SAMPLES, and (svm) enough for a top and a bottom
+    class in every group (the per-group check of :func:`_fit_svm`)."""
+    needed = MIN_TRAINING_SAMPLES
     if options.method == 'svm':
-        per_group = int(np.ceil(2 / options.fraction))
-        needed = max(needed, int(np.ceil(per_group * (8 if options.groups else 1) / (1 - options.holdout))) + 1)
+        needed = max(needed, 2 * int(np.ceil(1 / options.fraction)) * (2 ** len(GROUP_ATTRIBUTES) if options.groups
+                                                                        else 1))
     return needed
+
+
+def minimum_samples(options: FitOptions) -> int:
+    """The fewest samples a fit can run on: the held-out share rounds to 2 samples or more, and the training split
+    that is left holds :func:`minimum_training_samples` (with --holdout 0.999 that takes thousands)."""
+    needed = max(4, int(np.ceil(2 / options.holdout)) + 2)
+    training = minimum_training_samples(options)
+    # The training count never falls as num grows (round(num * holdout) rises by at most 1 per sample), so the
+    # smallest num that leaves enough is found by bisection between the bounds that rounding allows.
+    low = max(needed, int(np.floor((training - 0.5) / (1 - options.holdout))))
+    high = max(low, int(np.ceil((training + 0.5) / (1 - options.holdout))) + 2)
+    while low < high:
+        middle = (low + high) // 2
+        if split_sizes(middle, options.holdout)[0] >= training:
+            high = middle
+        else:
+            low = middle + 1
+    return max(needed, low)
 
 
 def holdout_split(num: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) sample indices, sorted; the held-out share is at least 2 samples."""
-    order = np.random.default_rng(seed).permutation(num)
-    held = min(max(2, int(round(num * holdout))), num - 2)
+    order = np.random.default_rng(library_seed(seed, SPLIT_STREAM)).permutation(num)
+    held = split_sizes(num, holdout)[1]
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def held_out_r(predicted: np.ndarray, measured: np.ndarray) -> float | None:
+    """Pearson r of the held-out predictions; None (n/a) below 3 samples, where r is ±1 whatever the fit."""
+    return float(pearson_r(predicted, measured)) if len(measured) >= 3 else None
 
 
 def _r2(predicted: np.ndarray, measured: np.ndarray) -> float:
@@ -106,23 +151,30 @@ def fit_least_squares(w: np.ndarray, targets: np.ndarray, alpha: float) -> tuple
 
 
 def _top_bottom(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the bottom and the top ``fraction`` of ``scores`` (at least one each; ties by index)."""
-    k = max(1, int(round(fraction * scores.shape[0])))
+    """Indices of the bottom and the top ``fraction`` of ``scores`` (at least one each, never a sample in both:
+    with fraction 0.5 and an odd count the middle one is left out; ties by index)."""
+    k = min(max(1, int(round(fraction * scores.shape[0]))), scores.shape[0] // 2)
     order = np.argsort(scores, kind='stable')
     return order[:k], order[-k:]
 
 
 def fit_svm_normal(w: np.ndarray, scores: np.ndarray, fraction: float, c: float, seed: int) -> np.ndarray:
-    """Unit normal [d] of a LinearSVC separating the top ``fraction`` of scores (label 1) from the bottom."""
+    """Unit normal [d] of a LinearSVC separating the top ``fraction`` of scores (label 1) from the bottom.
+
+    w is centred first: liblinear treats the intercept as one more weight and penalises it, so on w far from
+    the origin the max-margin normal tilts to keep the intercept small (the direction would depend on where
+    w's origin is). Centring makes it translation-invariant.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
     bottom, top = _top_bottom(scores, fraction)
+    w = w - w.mean(axis=0)
     x = np.concatenate([w[bottom], w[top]])
     y = np.concatenate([np.zeros(len(bottom)), np.ones(len(top))])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ConvergenceWarning)
-        svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=seed).fit(x, y)
+        svm = LinearSVC(C=c, dual='auto', max_iter=10_000, random_state=library_seed(seed, SVM_STREAM)).fit(x, y)
     if any(issubclass(item.category, ConvergenceWarning) for item in caught):
         logger.warning('LinearSVC did not fully converge (%d samples); the direction may be less precise', len(y))
     normal = svm.coef_[0].astype(np.float64)
@@ -145,12 +197,16 @@ def svm_accuracy(w: np.ndarray, scores: np.ndarray, normal: np.ndarray, fraction
     return float(correct) / (len(bottom) + len(top))
 
 
-def calibrate(w: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line score ≈ slope · (w · normal) + intercept."""
-    projection = w @ normal
-    design = np.stack([projection, np.ones_like(projection)], axis=1)
-    (slope, intercept), *_ = np.linalg.lstsq(design, scores, rcond=None)
-    return float(slope), float(intercept)
+def calibrate(w: np.ndarray, scores: np.ndarray, normals: np.ndarray, alpha: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gradients [F, d], intercepts [F], slopes [F]) for SVM ``normals`` [F, d] of the score columns [n, F].
+
+    The gradient and intercept are the full least-squares model of each score on w (the same ridge as
+    ``--method ridge``), so the predicted score of any w is right whatever the normal misses; the slope is the
+    score change per unit step along the normal, gradient · normal.
+    """
+    gradients, intercepts = fit_least_squares(w, scores, alpha)
+    return gradients, intercepts, np.einsum('fd,fd->f', gradients, normals)
 
 
 def orthogonalize(normals: np.ndarray, names) -> np.ndarray:
@@ -187,7 +243,7 @@ def _fit_ridge(w, scores, fitted, options, train, test):
     predicted = w[test] @ weights.T + intercepts
     measured = _columns(scores[test], fitted)
     quality = {name: {'r2': _r2(predicted[:, i], measured[:, i]),
-                      'r': float(pearson_r(predicted[:, i], measured[:, i])), 'n_test': int(len(test))}
+                      'r': held_out_r(predicted[:, i], measured[:, i]), 'n_test': int(len(test))}
                for i, name in enumerate(fitted)}
     return weights[None], intercepts[None], quality
 
@@ -202,8 +258,8 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
     train_group = _group_numbers(scores[train], medians) if options.groups else np.zeros(len(train), np.int64)
     test_group = _group_numbers(scores[test], medians) if options.groups else np.zeros(len(test), np.int64)
     d = w.shape[1]
-    normals, slopes = np.zeros((groups, len(fitted), d)), np.zeros((groups, len(fitted)))
-    intercepts = np.zeros((groups, len(fitted)))
+    normals, weights = np.zeros((groups, len(fitted), d)), np.zeros((groups, len(fitted), d))
+    slopes, intercepts = np.zeros((groups, len(fitted))), np.zeros((groups, len(fitted)))
     accuracy = {n: [] for n in fitted}
     predicted = np.zeros((len(test), len(fitted)))
     for g in range(groups):
@@ -214,23 +270,31 @@ def _fit_svm(w, scores, fitted, options, train, test, medians):
         _check_variation(_columns(scores[rows], fitted), fitted, where)
         for i, name in enumerate(fitted):
             column = scores[rows, PROPERTY_NAMES.index(name)]
-            normal = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
-            normals[g, i] = normal
-            slopes[g, i], intercepts[g, i] = calibrate(w[rows], column, normal)
-            predicted[test_group == g, i] = slopes[g, i] * (w[held] @ normal) + intercepts[g, i]
+            normals[g, i] = fit_svm_normal(w[rows], column, options.fraction, options.svm_c, options.seed)
             if len(held) >= 2:  # a top and a bottom sample at least
                 held_scores = scores[held, PROPERTY_NAMES.index(name)]
-                accuracy[name].append((svm_accuracy(w[held], held_scores, normal, options.fraction), len(held)))
+                accuracy[name].append((svm_accuracy(w[held], held_scores, normals[g, i], options.fraction),
+                                       len(held)))
+        weights[g], intercepts[g], slopes[g] = calibrate(w[rows], _columns(scores[rows], fitted), normals[g],
+                                                         options.alpha)
+        flat = [name for name, slope in zip(fitted, slopes[g]) if not slope > 0]
+        if flat:
+            raise PipelineError(f'a step along the SVM normal of {flat[0]}{where} does not raise its predicted score '
+                                '(the normal is at right angles to, or against, the score gradient); sample more '
+                                '(--num) or use --method ridge')
+        predicted[test_group == g] = w[held] @ weights[g].T + intercepts[g]
     measured = _columns(scores[test], fitted)
+    cosines = slopes / np.linalg.norm(weights, axis=2)  # cos(normal, gradient) per group and attribute
     quality = {}
     for i, name in enumerate(fitted):
         pairs = accuracy[name]
-        mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else float('nan')
-        quality[name] = {'accuracy': float(mean), 'r': float(pearson_r(predicted[:, i], measured[:, i])),
-                         'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test))}
+        mean = sum(a * n for a, n in pairs) / max(1, sum(n for _, n in pairs)) if pairs else None
+        quality[name] = {'accuracy': mean, 'r': held_out_r(predicted[:, i], measured[:, i]),
+                         'r2': _r2(predicted[:, i], measured[:, i]), 'n_test': int(len(test)),
+                         'cos_gradient': float(cosines[:, i].mean())}
         if options.groups:
             quality[name]['accuracy_per_group'] = [float(a) for a, _ in pairs]
-    weights = slopes[..., None] * normals
+            quality[name]['cos_gradient_per_group'] = [float(c) for c in cosines[:, i]]
     return weights, intercepts, quality, normals, slopes
 
 
@@ -238,7 +302,7 @@ def fit_directions(w: torch.Tensor, scores: torch.Tensor, options: FitOptions, *
     """Fit the directions of ``options.attributes`` (and the held ones) on samples w [n, d], scores [n, 7].
 
     ``record`` fills the identity fields of :class:`AttributeDirections` (generator, property_cnn, num,
-    seed, layers).
+    seed, layers); without ``layers`` the edits apply to every synthesis layer.
     """
     check_fit_options(options)
     w_np = w.detach().cpu().double().numpy()
@@ -246,8 +310,9 @@ def fit_directions(w: torch.Tensor, scores: torch.Tensor, options: FitOptions, *
     if w_np.shape[0] != scores_np.shape[0] or scores_np.shape[1:] != (len(PROPERTY_NAMES),):
         raise ValueError(f'w {list(w_np.shape)} and scores {list(scores_np.shape)} do not pair up as [n, d], [n, 7]')
     if w_np.shape[0] < minimum_samples(options):
-        raise PipelineError(f'{w_np.shape[0]} samples are too few for this fit; --num must be at least '
-                            f'{minimum_samples(options)}')
+        raise PipelineError(f'{w_np.shape[0]} samples are too few for this fit (--holdout {options.holdout:g} leaves '
+                            f'{split_sizes(w_np.shape[0], options.holdout)[0]} to fit on, it needs '
+                            f'{minimum_training_samples(options)}); --num must be at least {minimum_samples(options)}')
     fitted = options.attributes + options.held_attributes
     train, test = holdout_split(w_np.shape[0], options.holdout, options.seed)
     _check_variation(_columns(scores_np[train], fitted), fitted)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,11 +36,13 @@ from ohlora.amp import autocast
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.distributed import Shard
 from ohlora.errors import PipelineError
+from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import DirectionSamplesFolder
 from ohlora.records import differences, read_record, sha256_of
 from ohlora.sharding import ShardRecords
 from stylegan.postprocess import to_uint8
 from stylegan.sampling import Z_STREAM, sampled_latent
+from stylegan_modified.delivered_images import CNN_INPUT, ENCODING, cnn_input, delivered
 from stylegan_modified.w_space import WGenerator, broadcast_w
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 CHUNK_FORMAT = 'ohlora-direction-samples-chunk'
 NUM_SCORES = len(PROPERTY_NAMES)  # the property CNN's outputs, in the standard order
 Z_RULE = f'z_i = randn(z_dim) from item_generator(seed, i, stream {Z_STREAM}) (stage 1\'s z of image i)'
+SCORE_INPUT = f'{ENCODING}; {CNN_INPUT}'  # what PropertyCNNScorer scores
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -60,8 +64,9 @@ def file_identity(path: str | Path) -> dict:
 class PropertyCNNScorer:
     """The property-score CNN as a scorer: raw generator images (about [-1, 1]) -> [N, 7], eval mode.
 
-    The generator's output goes in as it is, as in v3's loss and per-epoch test (no clamping, no uint8
-    round trip).
+    The images are scored as the evaluation measures them (:mod:`stylegan_modified.delivered_images`): GenForce's
+    uint8 conversion, OpenCV's JPEG and back, ``uint8 / 127.5 - 1``; so the directions' absolute targets are
+    those of the delivered images, and the evaluation's MAE is not inflated by the format difference.
     """
 
     def __init__(self, cnn: torch.nn.Module):
@@ -69,8 +74,10 @@ class PropertyCNNScorer:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(images).all()):  # the uint8 conversion would hide them as black images
+            raise PipelineError('the base generator gave NaN or infinite pixels; its weights are broken')
         device = next(self.cnn.parameters()).device
-        return self.cnn(images.to(device))
+        return self.cnn(cnn_input(delivered(images), device))
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class SampleSettings:
     num_layers: int
     chunk_size: int
     z_rule: str = Z_RULE
+    score_input: str = SCORE_INPUT
     extra: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
@@ -177,21 +185,22 @@ def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int
     """w [count, w_dim] and scores [count, 7] of images start..start+count-1, in batches from ``start``;
     ``amp``: the synthesis and the scorer under bfloat16 autocast (w stays float32, the scores are kept so)."""
     ws, scores = [], []
-    for offset in range(0, count, batch_size):
-        numbers = range(start + offset, start + min(offset + batch_size, count))
-        z = torch.stack([sampled_latent(seed, n, w_generator.z_dim) for n in numbers])
-        with torch.inference_mode():
-            w = w_generator.w(z)  # float32 under --amp too: w is what the fit is made of
-            with autocast(w_generator.device, amp):
-                images = w_generator.images(broadcast_w(w, w_generator.num_layers)).float()
-                batch_scores = _check_scores(scorer(images).float(), len(numbers))
-        if image_paths is not None:
-            for n, rgb in zip(numbers, to_uint8(images)):
-                atomic.write_image(image_paths(n), rgb[:, :, ::-1])
-        ws.append(w.detach().to('cpu', torch.float32))
-        scores.append(batch_scores.detach().to('cpu', torch.float32))
-        if bar is not None:
-            bar.update(len(numbers))
+    with BatchImageWriter() as writer:  # JPEGs written while the next batch renders; all done when it returns
+        for offset in range(0, count, batch_size):
+            numbers = range(start + offset, start + min(offset + batch_size, count))
+            z = torch.stack([sampled_latent(seed, n, w_generator.z_dim) for n in numbers])
+            with torch.inference_mode():
+                w = w_generator.w(z)  # float32 under --amp too: w is what the fit is made of
+                with autocast(w_generator.device, amp):
+                    images = w_generator.images(broadcast_w(w, w_generator.num_layers)).float()
+                    batch_scores = _check_scores(scorer(images).float(), len(numbers))
+            if image_paths is not None:
+                writer.submit([(image_paths(n), np.ascontiguousarray(rgb[:, :, ::-1]))
+                               for n, rgb in zip(numbers, to_uint8(images))])
+            ws.append(w.detach().to('cpu', torch.float32))
+            scores.append(batch_scores.detach().to('cpu', torch.float32))
+            if bar is not None:
+                bar.update(len(numbers))
     return torch.cat(ws), torch.cat(scores)
 
 

@@ -1,16 +1,21 @@
 """Fitted attribute directions in w: the linear score model, absolute-target edits, and the file they live in.
 
 Every fitted attribute *a* has a linear **predicted score** s_a(w) = A_a · w + b_a (``weights``,
-``intercepts``), in the z-score space of the property CNN (stage-4 algorithm 2). Its unit ``normal`` is
-A_a / |A_a| (ridge) or the SVM's unit normal with a fitted step-to-score slope (svm), so A_a = slope_a ·
-normal_a either way: the score changes by ``slope`` per unit step along the normal.
+``intercepts``: the least-squares model of its score on w), in the z-score space of the property CNN
+(stage-4 algorithm 2). Its unit ``normal`` n_a is the direction an edit moves along: A_a / |A_a| (ridge) or
+the SVM's unit normal (svm). ``slope`` = A_a · n_a is the predicted-score change per unit step along it
+(ridge: |A_a|, and A_a = slope_a · n_a).
 
 **Edit (absolute targets).** For a w and requested values t_S of the controlled attributes S, the edit
-is the smallest move Δw (Euclidean) that makes the predicted scores hit the targets,
-A_S (w + Δw) + b_S = t_S, i.e. Δw = A_Sᵀ (A_S A_Sᵀ)⁻¹ (t_S − A_S w − b_S) (the pseudo-inverse, so
-parallel directions do not blow up). With ``held_attributes`` (``--orthogonal``) their rows join the
-constraints with the target "unchanged" (their own predicted value), so the move is restricted to what
-leaves them alone: InterFaceGAN's conditional manipulation, in closed form for any number of attributes.
+moves w within the span of the fitted normals N (rows n_a) so that the predicted scores hit the targets,
+A_S (w + Δw) + b_S = t_S: Δw = Nᵀ (A Nᵀ)⁺ r, r the residuals (t_S − A_S w − b_S, and 0 for held
+attributes). For ridge N = D⁻¹A (D = diag|A_a|), so this is Aᵀ (A Aᵀ)⁺ r, the smallest move (Euclidean),
+computed as the pseudo-inverse of A so that parallel directions do not blow up. For svm it steps along the
+SVM normals, as upstream, by the amounts that the full model says reach the targets. (Files written before
+the svm calibration used the full model held A_a = slope_a · n_a, for which both forms agree.) With
+``held_attributes`` (``--orthogonal``) their rows join the constraints with the target "unchanged" (their
+own predicted value), so the move is restricted to what leaves them alone: InterFaceGAN's conditional
+manipulation, in closed form for any number of attributes.
 ``directions`` are the corresponding unit edit directions: each controlled normal projected off the span
 of every other fitted normal (without ``--orthogonal``, the normals themselves).
 
@@ -26,6 +31,7 @@ The file is a plain dict of tensors and plain types (``torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import torch
 
 from ohlora import atomic
 from ohlora.checkpoints import read_checkpoint
-from ohlora.constants import PROPERTY_NAMES
+from ohlora.constants import LABEL_SIZE, PROPERTY_NAMES
 from ohlora.errors import PipelineError
 
 FILE_FORMAT = 'ohlora-attribute-directions'
@@ -52,14 +58,14 @@ class AttributeDirections:
     held_attributes: tuple[str, ...]       # held at their predicted values by every edit (--orthogonal)
     weights: torch.Tensor                  # [G, F, w_dim] float64: score gradient of each fitted attribute
     intercepts: torch.Tensor               # [G, F] float64
-    normals: torch.Tensor                  # [G, F, w_dim] unit fitted directions
-    slopes: torch.Tensor                   # [G, F] score change per unit step along the normal
+    normals: torch.Tensor                  # [G, F, w_dim] unit fitted directions (what an edit moves along)
+    slopes: torch.Tensor                   # [G, F] predicted-score change per unit step along the normal
     directions: torch.Tensor               # [G, A, w_dim] unit edit directions
     group_attributes: tuple[str, ...] = ()  # () or GROUP_ATTRIBUTES
     group_weights: torch.Tensor | None = None     # [K, w_dim] least-squares model of each group attribute
     group_intercepts: torch.Tensor | None = None  # [K]
     group_medians: torch.Tensor | None = None     # [K] the medians the samples were split at
-    layers: tuple[int, int] = (0, 0)       # default synthesis layers an edit applies to (inclusive)
+    layers: tuple[int, int] | None = None  # default synthesis layers an edit applies to (inclusive); None: all
     options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)     # base generator: kind, file, bytes, sha256, label, widths
     property_cnn: dict = field(default_factory=dict)  # file, bytes, sha256
@@ -70,7 +76,8 @@ class AttributeDirections:
 
     def __post_init__(self):
         self.attributes, self.held_attributes = tuple(self.attributes), tuple(self.held_attributes)
-        self.group_attributes, self.layers = tuple(self.group_attributes), tuple(self.layers)
+        self.group_attributes = tuple(self.group_attributes)
+        self.layers = None if self.layers is None else tuple(self.layers)
         d = self.w_dim
         if self.group_weights is None:
             self.group_weights = torch.zeros(0, d, dtype=torch.float64)
@@ -109,8 +116,8 @@ class AttributeDirections:
         return torch.einsum('nfd,nd->nf', weights, w.double()) + intercepts
 
     def edit(self, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """w + Δw: the smallest move after which the predicted scores of ``attributes`` equal ``targets`` [N, A]
-        and those of ``held_attributes`` are unchanged. Returns w's dtype."""
+        """w + Δw: the move along the normals after which the predicted scores of ``attributes`` equal ``targets``
+        [N, A] and those of ``held_attributes`` are unchanged (ridge: the smallest such move). Returns w's dtype."""
         if targets.ndim != 2 or tuple(targets.shape) != (w.shape[0], len(self.attributes)):
             raise ValueError(f'targets must have shape [{w.shape[0]}, {len(self.attributes)}], got {list(targets.shape)}')
         group = self.group_of(w)
@@ -121,9 +128,14 @@ class AttributeDirections:
         return (w.double() + delta).to(w.dtype)
 
     def pseudo_inverses(self) -> torch.Tensor:
-        """[G, w_dim, F]: per group, the map from score residuals to the minimum-norm Δw (computed once)."""
+        """[G, w_dim, F]: per group, the map from score residuals to Δw, Nᵀ (A Nᵀ)⁺ (computed once)."""
         if getattr(self, '_pinv', None) is None or self._pinv_of is not self.weights:
-            self._pinv, self._pinv_of = torch.linalg.pinv(self.weights), self.weights
+            if self.method == 'svm':
+                normals = self.normals.transpose(1, 2)  # [G, d, F]
+                self._pinv = normals @ torch.linalg.pinv(self.weights @ normals)
+            else:  # the same map for N = A / |A|, computed without squaring A's condition number
+                self._pinv = torch.linalg.pinv(self.weights)
+            self._pinv_of = self.weights
         return self._pinv
 
     # --- the file ---
@@ -131,7 +143,7 @@ class AttributeDirections:
         """The file's content: plain types and float64 tensors only (loads with ``weights_only=True``)."""
         record = {'format': FILE_FORMAT, 'version': FILE_VERSION, 'method': self.method,
                   'attributes': list(self.attributes), 'held_attributes': list(self.held_attributes),
-                  'group_attributes': list(self.group_attributes), 'layers': list(self.layers),
+                  'group_attributes': list(self.group_attributes), 'layers': None if self.layers is None else list(self.layers),
                   'options': dict(self.options), 'generator': dict(self.generator),
                   'property_cnn': dict(self.property_cnn), 'num': int(self.num), 'seed': int(self.seed),
                   'fit_quality': self.fit_quality, 'score_algorithm': int(self.score_algorithm)}
@@ -188,14 +200,39 @@ def _validate(record, source: str) -> None:
     if broken:
         raise bad(f'holds NaN or infinite values ({", ".join(broken[:3])})')
     layers = record['layers']
-    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)
-            and 0 <= layers[0] <= layers[1]):
+    if layers is not None and not (isinstance(layers, list) and len(layers) == 2
+                                   and all(isinstance(v, int) for v in layers) and 0 <= layers[0] <= layers[1]):
         raise bad(f'has an invalid layer range {layers!r}')
     generator = record['generator']
     if not isinstance(generator, dict) or not {'kind', 'file', 'sha256', 'z_dim', 'w_dim'} <= set(generator):
         raise bad('does not identify its base generator')
+    for key in ('z_dim', 'w_dim', 'num_layers'):
+        value = generator.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f'records an invalid base generator {key} {value!r}')
     if generator['w_dim'] != width:
         raise bad(f'records a w width of {generator["w_dim"]} but holds directions of width {width}')
+    _validate_label(generator.get('kind'), generator.get('label'), bad)
+
+
+def _validate_label(kind, label, bad) -> None:
+    """The sampling label must fit the base generator: none for the unconditional original, LABEL_SIZE finite
+    numbers for v1 (whose mapping takes one); anything else would fail deep inside the generator."""
+    if kind == 'original' and label is not None:
+        raise bad(f'gives the unconditional base generator (original) a sampling label {_short(label)}; it takes '
+                  'none (label None)')
+    if kind == 'v1':
+        numbers = isinstance(label, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in label)
+        if not numbers or len(label) != LABEL_SIZE:
+            raise bad(f'has the sampling label {_short(label)} for the v1 base generator; it needs {LABEL_SIZE} '
+                      'finite numbers')
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
 
 
 def write_directions(path: str | Path, directions: AttributeDirections) -> None:

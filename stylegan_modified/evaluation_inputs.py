@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ohlora.cli import check_float
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES
 from ohlora.tables import read_table
 from stylegan_modified.attribute_metrics import V3_TEST_GRID, grid_labels
 
-Z_STREAM = 0  # item_generator stream of the evaluation's z draws
+# item_generator stream of the evaluation's z draws: its own, so that the evaluation's random z never coincide with
+# stage 1's or the direction sampler's z of the same seed (stream 0, stylegan.sampling.Z_STREAM) and a fit is never
+# evaluated on the z it was fitted on.
+Z_STREAM = 90
 
 
 def seeded_z(seed: int, num: int, z_dim: int) -> np.ndarray:
@@ -42,10 +45,14 @@ def read_z_rows(path: str | Path, z_dim: int) -> np.ndarray:
         z = frame.to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
         raise PipelineError(f'{path} has non-numeric values (z vector CSV)') from None
-    if not np.isfinite(z).all():
-        row = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
-        raise PipelineError(f'{path} has NaN or infinite values (z vector CSV, data row {row})')
-    return z.astype(np.float32)
+    with np.errstate(over='ignore'):  # a value beyond float32 becomes inf here and is refused below
+        z32 = z.astype(np.float32)
+    broken = ~(np.isfinite(z) & np.isfinite(z32)).all(axis=1)
+    if broken.any():
+        row = int(np.flatnonzero(broken)[0])
+        raise PipelineError(f'{path} has NaN or infinite values, or values beyond float32 (z vector CSV, data row '
+                            f'{row})')
+    return z32
 
 
 def z_digest(z: np.ndarray) -> str:
@@ -58,9 +65,8 @@ def _number(text: str, spec: str) -> float:
         value = float(text) + 0.0  # -0.0 becomes 0.0
     except ValueError:
         raise PipelineError(f'--grid {spec}: {text!r} is not a number') from None
-    if not math.isfinite(value):
-        raise PipelineError(f'--grid {spec}: {text} is not a finite number')
-    return value
+    # the range stage 6 allows for its attribute values: beyond it a float32 label overflows into NaN images
+    return check_float(f'--grid {spec}:', value)
 
 
 def parse_grid(specs: Sequence[str] | None) -> dict[str, tuple[float, ...]]:

@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from ohlora import atomic
 from ohlora.errors import PipelineError
-from ohlora.layout import IMAGE_SUFFIX, PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
+from ohlora.layout import PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
 from ohlora.records import sha256_of
-from stylegan.postprocess import to_uint8
+from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified import evaluation_plots as plots
 from stylegan_modified.attribute_metrics import grid_labels
 from stylegan_modified.attribute_measurers import Measurer
 from stylegan_modified.controllable import ControllableGenerator
+from stylegan_modified.delivered_images import ENCODING, decode_jpeg, encode_jpeg
 from stylegan_modified.evaluation_figures import compute_figures
 from stylegan_modified.evaluation_inputs import requested_values, swept_attributes, z_digest
 from stylegan_modified.evaluation_report import (
@@ -43,8 +44,7 @@ from stylegan_modified.gender_quality_judge import JUDGED
 from stylegan_modified.sweep_grid import sweep_grid
 
 RECORD_FORMAT = 1
-IMAGE_ENCODING = ('GenForce uint8 (round half up), OpenCV JPEG quality 95 from RGB->BGR, decoded with OpenCV '
-                  'before measuring')
+IMAGE_ENCODING = f'{ENCODING} before measuring'
 GRID_CELL = 128  # sweep-grid cell size in pixels: 50 cells of 256 would make a 3-4 MB PNG per z
 MEASURED_COLUMNS = [f'measured_{name}' for name in PROPERTY_NAMES]
 
@@ -154,32 +154,32 @@ def check_resumable(folder: AttributeControlFolder, record: dict, z_digests: dic
 
 # --- images ----------------------------------------------------------------------------------------------------
 
-def _encode_jpeg(rgb: np.ndarray) -> bytes:
-    return atomic.encode_image(IMAGE_SUFFIX, np.ascontiguousarray(rgb[:, :, ::-1]))
-
-
-def _decode(data: bytes) -> np.ndarray | None:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else np.ascontiguousarray(image[:, :, ::-1])
-
-
 def _read_image(path: Path) -> np.ndarray | None:
     try:
-        return _decode(path.read_bytes())
+        return decode_jpeg(path.read_bytes())
     except OSError:
         return None
 
 
-def _render(generator: ControllableGenerator, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _render(generator: ControllableGenerator, z: np.ndarray, labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """uint8 images of (z, label) pairs named ``names`` (for the message); NaN or infinite pixels are refused
+    before anything of the batch is written: the uint8 conversion would make them black images."""
     with torch.inference_mode():
         images = generator.images(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(labels))
+    require_finite(images, names, 'check the generator\'s weights and the --grid values')
     return to_uint8(images)
+
+
+def _image_name(z_index: int, label_index: int) -> str:
+    return f'z {z_index} label {label_index}'
+
 
 
 def probe_image_size(inputs: EvaluationInputs, folder: AttributeControlFolder, labels: np.ndarray) -> tuple[int, int]:
     """(height, width) of the generator's images: from an image already in the folder, else one rendered image."""
     existing = _read_image(folder.image(0, 0)) if folder.image(0, 0).is_file() else None
-    image = existing if existing is not None else _render(inputs.generator, inputs.z[:1], labels[:1])[0]
+    image = existing if existing is not None else _render(inputs.generator, inputs.z[:1], labels[:1],
+                                                          [_image_name(0, 0)])[0]
     return int(image.shape[0]), int(image.shape[1])
 
 
@@ -277,6 +277,20 @@ def _check_sizes(inputs: EvaluationInputs, size: tuple[int, int]) -> None:
                                f'{judge_size[0]} images, the {name} generator draws {size[1]}x{size[0]}')
 
 
+PLOTS = ('r_mae', 'r_distribution', 'leakage')
+
+
+def check_outputs(folder: AttributeControlFolder, num_z: int, num_labels: int) -> None:
+    """Every folder the run writes into can be written, and no folder (or anything but a file) sits where one of
+    its files goes: checked before anything is written, else the run would stop half-way with files written."""
+    atomic.check_writable(folder.folder, folder.scores_dir, folder.sweep_grid(0).parent, folder.plot(PLOTS[0]).parent,
+                          *(folder.image_dir(z) for z in range(num_z)))
+    atomic.check_replaceable(folder.settings_json, folder.z_csv, folder.per_image_csv, folder.per_z_csv,
+                             folder.summary_json, folder.summary_md, *(folder.plot(name) for name in PLOTS),
+                             *(folder.z_scores(z) for z in range(num_z)), *(folder.sweep_grid(z) for z in range(num_z)),
+                             *(folder.image(z, k) for z in range(num_z) for k in range(num_labels)))
+
+
 def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_size: int = 8,
              progress: bool = True, title: str | None = None, run_info: dict | None = None) -> EvaluationResult:
     """Render, measure and summarise every (z, label) of ``inputs`` into ``folder`` (resuming what is there)."""
@@ -291,6 +305,7 @@ def evaluate(inputs: EvaluationInputs, folder: AttributeControlFolder, batch_siz
     num_z, num_labels = len(inputs.z), len(labels)
     generator = inputs.generator
     title = title or f'{generator.name}, {inputs.measurer.name}'
+    check_outputs(folder, num_z, num_labels)
 
     size = probe_image_size(inputs, folder, labels)
     _check_sizes(inputs, size)
@@ -387,11 +402,11 @@ def _batch_images(inputs: EvaluationInputs, folder: AttributeControlFolder, batc
     missing = [k for k, image in enumerate(images) if image is None]  # new, or unreadable: drawn again
     if missing:
         drawn = _render(inputs.generator, inputs.z[[batch[k][0] for k in missing]],
-                        labels[[batch[k][1] for k in missing]])
-        jpegs = list(pool.map(_encode_jpeg, drawn))
+                        labels[[batch[k][1] for k in missing]], [_image_name(*batch[k]) for k in missing])
+        jpegs = list(pool.map(encode_jpeg, drawn))
         for k, data in zip(missing, jpegs):
             atomic.write_bytes(folder.image(*batch[k]), data)
-        for k, image in zip(missing, pool.map(_decode, jpegs)):
+        for k, image in zip(missing, pool.map(decode_jpeg, jpegs)):
             images[k] = image
     return images, len(missing)
 
@@ -430,7 +445,8 @@ def _write_figures(inputs: EvaluationInputs, folder: AttributeControlFolder, req
     _write_if_changed(folder.per_z_csv, _csv_bytes(per_z_table(figures)))
     _write_if_changed(folder.summary_json, (json.dumps(summary, indent=2) + '\n').encode('utf-8'))
     _write_if_changed(folder.summary_md, summary_markdown(summary).encode('utf-8'))
-    _write_if_changed(folder.plot('r_mae'), plots.r_and_mae(figures, title))
-    _write_if_changed(folder.plot('r_distribution'), plots.r_distribution(figures, title))
-    _write_if_changed(folder.plot('leakage'), plots.leakage_heat_map(figures, PROPERTY_NAMES, title))
+    r_mae, r_distribution, leakage = PLOTS
+    _write_if_changed(folder.plot(r_mae), plots.r_and_mae(figures, title))
+    _write_if_changed(folder.plot(r_distribution), plots.r_distribution(figures, title))
+    _write_if_changed(folder.plot(leakage), plots.leakage_heat_map(figures, PROPERTY_NAMES, title))
     return summary

@@ -86,6 +86,20 @@ def check_measure_options(options: EvaluationOptions, measure: str, model: str) 
         raise PipelineError(f'--property-cnn only applies to --measure property-cnn{default}')
 
 
+def instrument_warnings(generator, measurer) -> list[str]:
+    """A line when the generator was fitted with another property CNN (by SHA-256) than the one measuring it: the
+    directions hit the targets of the CNN they were fitted with, so another CNN's MAE mixes in the instruments'
+    disagreement."""
+    fitted = getattr(getattr(generator, 'directions', None), 'property_cnn', None)
+    fitted_sha = fitted.get('sha256') if isinstance(fitted, dict) else None
+    measuring_sha = measurer.settings().get('weights_sha256')
+    if not fitted_sha or not measuring_sha or fitted_sha == measuring_sha:
+        return []
+    return [f'the {generator.name} were fitted with the property CNN {fitted.get("file", "?")} (SHA-256 '
+            f'{fitted_sha[:12]}…), but another one measures them (SHA-256 {measuring_sha[:12]}…): r still shows '
+            'control, MAE and the pass rules also measure how far the two CNNs disagree']
+
+
 def _embedder(options: EvaluationOptions, layout: Layout, device) -> tuple[object | None, str]:
     if options.no_identity:
         return None, 'identity: switched off (--no-identity)'
@@ -124,6 +138,7 @@ def run_evaluation(options: EvaluationOptions, on_warning: Callable[[str], None]
                                     options.facexformer, device)
 
     lines = grid_warnings(grid, generator.name, generator.trained_attributes)
+    lines += instrument_warnings(generator, measurer)
     if measurer.algorithm != generator.score_algorithm:
         lines.append(f'{generator.name} was trained on algorithm-{generator.score_algorithm} scores but '
                      f'{measure} measures algorithm-{measurer.algorithm} scores: r still shows control, '

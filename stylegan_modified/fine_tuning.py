@@ -34,6 +34,13 @@ d_loss (with R1), g_loss (the last G step's), g_train_count, real_scores_mean / 
 D logit of the D step's reals / fakes), real_fake_auroc (the probability that a real's logit exceeds a fake's,
 ties 1/2; empty when undefined), images_per_s (real images of the step / its wall time), peak_gpu_mem_mb
 (empty on CPU).
+
+**Several processes** (torchrun; :mod:`stylegan_modified.ddp`): ``--batch-size`` is the batch of a step over all
+processes, each rank's share is a multiple of D's minibatch-stddev group on its own (the groups stay per rank);
+G's mapping and D's last layers are each in a DDP wrapper that the step calls only where they train (G in the G
+steps, D in the D step; the other model is called bare). The alternation compares the losses averaged over the
+ranks, so every rank takes the same number of G steps, and the log holds those averages (the AUROC over all
+ranks' logits); ``w_avg`` follows the mean w of the whole batch. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -50,16 +57,19 @@ from tqdm import tqdm
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
 from ohlora.devices import item_generator
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
 from ohlora.records import sha256_of
-from ohlora.resume import ResumeRecord, capture_rng_state, restore_rng_state, seed_everything
+from ohlora.resume import ResumeRecord, capture_rank_rng_states
 from ohlora.weights import fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs, unwrap_zoo_checkpoint
 from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_discriminator_kwargs,
                                           infer_conditional_generator_kwargs)
 from stylegan_modified.datasets import (ScoredImageDataset, check_batch_size, epoch_batches, epoch_order,
                                         minibatch_std_group_size)
+from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, gather, main_first, mean_over_ranks,
+                                   share, start_rngs, training_context, wrap)
 from stylegan_modified.monitoring import MonitoringGrid
 from stylegan_modified.stylegan_discriminator import MINIBATCH_STD_GROUP_SIZE, StyleGANDiscriminator
 from stylegan_modified.stylegan_generator import StyleGANGenerator
@@ -113,7 +123,7 @@ class FineTuningSettings:
     no_progress: bool = False
     hyper: Hyperparameters = field(default_factory=Hyperparameters)
 
-    def check(self) -> None:
+    def check(self, world_size: int = 1) -> None:
         """One line per option a user can get wrong (before anything is read or written)."""
         if self.epochs < 1:
             raise PipelineError(f'--epochs must be at least 1, got {self.epochs}')
@@ -127,7 +137,8 @@ class FineTuningSettings:
                                    ('--batch-size', self.batch_size, 1)):
             if value < low:
                 raise PipelineError(f'{option} must be at least {low}, got {value}')
-        check_batch_size(self.batch_size, MINIBATCH_STD_GROUP_SIZE)  # again with the D's own group, once built
+        # again with the D's own group, once built
+        check_batch_size(self.batch_size, MINIBATCH_STD_GROUP_SIZE, world_size=world_size)
 
     def options(self) -> dict:
         """The resolved options as plain JSON types (what training_options.json and the record hold)."""
@@ -292,13 +303,20 @@ class StepResult:
 
 
 class V1Trainer:
-    """G, D, their optimisers and the v1 step; holds no data and writes no files."""
+    """G, D, their optimisers and the v1 step; holds no data and writes no files. With several processes
+    (``ctx``) a step trains on this rank's share of the batch; ``g_train``/``d_train`` are the DDP wrappers."""
 
     def __init__(self, generator: StyleGANGenerator, discriminator: StyleGANDiscriminator,
-                 settings: FineTuningSettings, device: torch.device):
+                 settings: FineTuningSettings, device: torch.device, ctx: DistContext | None = None):
         self.generator, self.discriminator = generator.to(device).train(), discriminator.to(device).train()
         self.settings, self.hyper, self.device = settings, settings.hyper, device
+        self.ctx = ctx if ctx is not None else DistContext(device=torch.device(device))
         self.d_trainable = discriminator_trainable(discriminator)
+        # DDP syncs the parameters that require gradients when it is built: the trainable subsets.
+        set_trainable(self.generator, generator_trainable)
+        set_trainable(self.discriminator, self.d_trainable)
+        self.g_train, self.d_train = wrap(self.generator, self.ctx), wrap(self.discriminator, self.ctx)
+        distribute_generator(self.generator, self.ctx)
         g_params = [p for n, p in generator.named_parameters() if generator_trainable(n)]
         d_params = [p for n, p in discriminator.named_parameters() if self.d_trainable(n)]
         optimizer = dict(lr=self.hyper.lr, betas=self.hyper.betas, weight_decay=self.hyper.weight_decay)
@@ -308,12 +326,13 @@ class V1Trainer:
         self.where = ''                      # for messages: 'epoch E, batch B (step S)'
         self.last_checkpoint = 'no checkpoint had been written yet'
 
-    def generate_fakes(self, labels: torch.Tensor) -> torch.Tensor:
-        """G(z, labels) as in upstream training: train mode, style mixing, random noise; z from the CPU RNG."""
+    def generate_fakes(self, labels: torch.Tensor, generator: torch.nn.Module | None = None) -> torch.Tensor:
+        """G(z, labels) as in upstream training: train mode, style mixing, random noise; z from the CPU RNG.
+        ``generator``: G or its DDP wrapper (default G)."""
         z = torch.randn(labels.shape[0], self.generator.z_space_dim).to(self.device)
-        return self.generator(z, labels, w_moving_decay=self.hyper.w_moving_decay,
-                              style_mixing_prob=self.settings.style_mixing_prob, trunc_psi=1.0, trunc_layers=0,
-                              randomize_noise=True)['image']
+        return (generator or self.generator)(z, labels, w_moving_decay=self.hyper.w_moving_decay,
+                                             style_mixing_prob=self.settings.style_mixing_prob, trunc_psi=1.0,
+                                             trunc_layers=0, randomize_noise=True)['image']
 
     def d_step(self, reals: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         set_trainable(self.generator, False)
@@ -321,35 +340,45 @@ class V1Trainer:
         with torch.no_grad(), self.amp.autocast():
             fakes = self.generate_fakes(labels)
         reals = reals.detach().requires_grad_(True)
-        real_logits = self.discriminator(reals, labels)  # float32 even with --amp: R1 needs it
+        real_logits = self.d_train(reals, labels)  # float32 even with --amp: R1 needs it
         r1 = r1_penalty(real_logits, reals, self.hyper.r1_gamma)
         with self.amp.autocast():
-            fake_logits = self.discriminator(fakes, labels).float()
+            fake_logits = self.d_train(fakes, labels).float()
         d_loss = d_logistic_loss(real_logits, fake_logits) + r1
-        check_finite(self.where, self.last_checkpoint, d_loss=d_loss)
+        # every rank sees the same mean: the same NaN stop and, in step(), the same G/D alternation
+        d_loss_mean, = mean_over_ranks(self.ctx, d_loss)
+        check_finite(self.where, self.last_checkpoint, d_loss=d_loss_mean)
         self.amp.step(D_NAME, d_loss, self.d_optimizer)
-        return float(d_loss.detach()), real_logits.detach(), fake_logits.detach()
+        return d_loss_mean, real_logits.detach(), fake_logits.detach()
 
     def g_step(self, labels: torch.Tensor) -> float:
         set_trainable(self.discriminator, False)
         set_trainable(self.generator, generator_trainable)
         with self.amp.autocast():
-            g_loss = g_nonsaturating_loss(self.discriminator(self.generate_fakes(labels), labels).float())
-        check_finite(self.where, self.last_checkpoint, g_loss=g_loss)
+            g_loss = g_nonsaturating_loss(self.discriminator(self.generate_fakes(labels, self.g_train),
+                                                             labels).float())
+        g_loss_mean, = mean_over_ranks(self.ctx, g_loss)
+        check_finite(self.where, self.last_checkpoint, g_loss=g_loss_mean)
         self.amp.step(G_NAME, g_loss, self.g_optimizer)
-        return float(g_loss.detach())
+        return g_loss_mean
 
     def step(self, reals: torch.Tensor, labels: torch.Tensor) -> StepResult:
         reals, labels = reals.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         d_loss, real_logits, fake_logits = self.d_step(reals, labels)
         count, g_loss = alternate_g_steps(lambda: self.g_step(labels), d_loss, self.hyper.max_g_steps,
                                           self.hyper.g_loss_ratio)
-        return StepResult(d_loss, g_loss, count, float(real_logits.mean()), float(fake_logits.mean()),
-                          real_fake_auroc(real_logits, fake_logits))
+        real_mean, fake_mean = mean_over_ranks(self.ctx, real_logits.mean(), fake_logits.mean())
+        return StepResult(d_loss, g_loss, count, real_mean, fake_mean,
+                          real_fake_auroc(gather(self.ctx, real_logits), gather(self.ctx, fake_logits)))
 
-    def record(self, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None) -> ResumeRecord:
+    def record(self, options: dict, epoch: int, batch: int, step: int,
+               order: torch.Tensor | None) -> ResumeRecord | None:
+        """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
+        rng = capture_rank_rng_states(self.ctx)
+        if not self.ctx.is_main:
+            return None
         return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=capture_rng_state(),
+                            data_order=order if batch else None, rng=rng,
                             models={G_NAME: cpu_state_dict(self.generator), D_NAME: cpu_state_dict(self.discriminator)},
                             optimizers={G_NAME: self.g_optimizer.state_dict(), D_NAME: self.d_optimizer.state_dict()},
                             scalers=self.amp.state_dict())
@@ -391,17 +420,19 @@ class FineTuningResult:
 
 def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str | Path | None = None,
               scores_path: str | Path | None = None, outdir: str | Path | None = None, resume: bool = False,
-              overwrite: bool = False) -> FineTuningResult:
+              overwrite: bool = False, ctx: DistContext | None = None) -> FineTuningResult:
     """Train (or continue, or confirm finished) the v1 run of ``layout`` / ``outdir``; see the module docstring.
 
     Everything a user can get wrong is checked before anything is written: the options, the run folder's
-    state, the published files, the scores CSV, every image, the zoo file.
+    state, the published files, the scores CSV, every image, the zoo file. ``ctx``: this process among those
+    of a torchrun (default: read from the environment; one process without torchrun).
     """
     # The input files are recorded as given (relative to the root, or their name alone: R4), None for the defaults.
     settings = replace(settings, weights=None if weights_path is None else layout.relative(Path(weights_path)),
                        scores=None if scores_path is None else layout.relative(Path(scores_path)))
-    settings.check()
-    device = torch.device(settings.device)
+    ctx = ctx if ctx is not None else training_context(torch.device(settings.device))
+    settings.check(ctx.world_size)
+    device = ctx.device
     scores_csv = Path(scores_path) if scores_path is not None else layout.property_scores_csv(1)
     dataset = ScoredImageDataset.filtered(layout, scores_csv, image_size=(IMAGE_SIZE, IMAGE_SIZE))
     files = layout.training_run(VERSION, outdir)
@@ -409,46 +440,49 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
                files.checkpoint(DISCRIMINATOR_FILES[VERSION]): D_NAME}
     options = settings.options()
     options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint()}
-    run = TrainingRun(files, options, outputs, LOG_COLUMNS)
+    options['world_size'] = ctx.world_size
+    run = TrainingRun(files, options, outputs, LOG_COLUMNS, writer=ctx.is_main)
     plan = run.plan(resume=resume, overwrite=overwrite)
     if plan.finished:
         record = plan.record
+        ctx.barrier()  # the other ranks return once rank 0 has restored what was missing
         return FineTuningResult('already finished', record.epoch, record.batch, record.step, tuple(outputs),
                                 files.folder, plan.restored)
 
-    dataset.verify(workers=settings.workers, progress=not settings.no_progress)
+    dataset.verify(workers=settings.workers, progress=not settings.no_progress and ctx.is_main)
     provenance = {'scores_csv': scores_csv.name, 'images': len(dataset), 'torch': torch.__version__}
     if plan.record is None:
-        zoo = fetch('genforce_stylegan256', layout, weights_path)
+        zoo = main_first(ctx, lambda: fetch('genforce_stylegan256', layout, weights_path))
         generator, discriminator = build_models(zoo, settings.init, settings.seed)
         provenance.update(zoo_file=zoo.name, zoo_sha256=sha256_of(zoo))
     else:
         generator, discriminator = models_from_record(plan.record, files.resume_record)
     group = minibatch_std_group_size(discriminator)
-    check_batch_size(settings.batch_size, group)
+    check_batch_size(settings.batch_size, group, world_size=ctx.world_size)
 
-    trainer = V1Trainer(generator, discriminator, settings, device)
+    trainer = V1Trainer(generator, discriminator, settings, device, ctx)
     if plan.record is not None:
         trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
-    return _train(run, plan, trainer, dataset, settings, group)
+    describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
+    result = _train(run, plan, trainer, dataset, settings, group)
+    ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
+    return result
 
 
 def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredImageDataset,
            settings: FineTuningSettings, group: int) -> FineTuningResult:
-    record = plan.record
+    record, ctx = plan.record, trainer.ctx
     epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
     order = record.data_order if record is not None and record.batch else None
-    if record is None:
-        seed_everything(settings.seed)
-    else:
-        restore_rng_state(record.rng)
+    start_rngs(ctx, settings.seed, record)
+    if record is not None:
         trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
     grid = MonitoringGrid(trainer.generator.z_space_dim, settings.seed, settings.snapshot_z,
-                          cell_size=settings.snapshot_size) if settings.snapshot_every else None
-    per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, group))
+                          cell_size=settings.snapshot_size) if settings.snapshot_every and ctx.is_main else None
+    per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, group, ctx.world_size))
     bar = tqdm(total=(settings.epochs - epoch) * per_epoch - batch, desc='v1 fine-tuning',
-               unit='step', disable=settings.no_progress)
+               unit='step', disable=settings.no_progress or not ctx.is_main)
     meter = Throughput(trainer.device)
     outputs = tuple(run.outputs)
 
@@ -462,8 +496,9 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
             while epoch < settings.epochs:
                 if order is None:
                     order = epoch_order(settings.seed, epoch, len(dataset))
-                batches = epoch_batches(order, settings.batch_size, group)
-                loader = DataLoader(dataset, batch_sampler=batches[batch:], num_workers=settings.workers,
+                batches = epoch_batches(order, settings.batch_size, group, ctx.world_size)
+                loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
+                                    num_workers=settings.workers,
                                     pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
                                     worker_init_fn=ignore_sigint_in_worker)
                 meter.restart()
@@ -471,7 +506,8 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                     trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                     result = trainer.step(items['image'], items['label'])
                     step += 1
-                    rate = meter.tick(len(items['index']))
+                    rate = meter.tick(len(items['index']) * ctx.world_size)  # equal shares
+                    stopping = agree_stop(ctx, stop)
                     run.log.append({'epoch': epoch, 'idx': idx, 'd_loss': result.d_loss, 'g_loss': result.g_loss,
                                     'g_train_count': result.g_train_count,
                                     'real_scores_mean': result.real_scores_mean,
@@ -489,13 +525,13 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                     if idx + 1 == len(batches):
                         checkpoint(epoch + 1, 0, None)
                         paused = True
-                    elif (settings.checkpoint_every and step % settings.checkpoint_every == 0) or stop.requested:
+                    elif (settings.checkpoint_every and step % settings.checkpoint_every == 0) or stopping:
                         checkpoint(epoch, idx + 1, order)
                         paused = True
-                    if stop.requested:
+                    if stopping:
                         done = (epoch + 1, 0) if idx + 1 == len(batches) else (epoch, idx + 1)
                         return FineTuningResult('interrupted', *done, step, outputs, run.files.folder,
-                                                signal=stop.requested)
+                                                signal=stopping)
                     if paused:
                         meter.restart()
                 epoch, batch, order = epoch + 1, 0, None

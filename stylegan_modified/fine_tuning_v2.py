@@ -14,6 +14,9 @@ image, the given CNN or v1 file, both run folders and every output under the no-
 already complete is skipped (a finished run, CSVs made from the same CNN and scores), so a rerun with the same
 options writes nothing. ``resume`` continues the interrupted phase exactly (the CNN run; the generator run if it
 has started); a stop signal ends the call after a complete checkpoint (status 'interrupted').
+
+Several processes (torchrun): the two training phases run on every rank in DDP (see their modules); the scoring
+pass runs on rank 0 alone while the others wait (its ``scoring`` is None on them).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.records import sha256_of
@@ -31,6 +35,7 @@ from ohlora.resume import RESUMABLE_OPTIONS
 from ohlora.weights import SOURCES, fetch
 from stylegan_modified.checkpoint import load_conditional_generator, load_property_cnn
 from stylegan_modified.datasets import ScoredImageDataset
+from stylegan_modified.ddp import main_first, training_context
 from stylegan_modified.property_cnn_scoring import ScoringPass, ScoringResult
 from stylegan_modified.property_cnn_training import BEST, CnnResult, PropertyCnnSettings, PropertyCnnTraining
 from stylegan_modified.property_score_cnn import IMAGE_SIZE, PropertyScoreCNN
@@ -73,15 +78,18 @@ def _given_file(path: str | Path, option: str, source: str) -> Path:
 def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
                  generator_settings: V2GeneratorSettings | None = None, *, scores_path: str | Path | None = None,
                  property_cnn_path: str | Path | None = None, v1_weights_path: str | Path | None = None,
-                 outdir: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> V2Result:
-    """Run the v2 phases (module docstring); returns what each did."""
+                 outdir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                 ctx: DistContext | None = None) -> V2Result:
+    """Run the v2 phases (module docstring); returns what each did. ``ctx``: this process among those of a
+    torchrun (default: from the environment; one process without it)."""
     cnn_settings = replace(cnn_settings, scores=None if scores_path is None else layout.relative(Path(scores_path)))
-    cnn_settings.check()
-    device = torch.device(cnn_settings.device)
+    ctx = ctx if ctx is not None else training_context(torch.device(cnn_settings.device))
+    cnn_settings.check(ctx.world_size)
+    device = ctx.device
     if generator_settings is not None:
         generator_settings = replace(generator_settings, v1_weights=None if v1_weights_path is None
                                      else layout.relative(Path(v1_weights_path)))
-        generator_settings.check()
+        generator_settings.check(ctx.world_size)
     if resume and property_cnn_path is not None and generator_settings is None:
         raise PipelineError('--resume continues a training run, but with --property-cnn and without '
                             '--train-generator nothing is trained')
@@ -98,12 +106,12 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
 
     cnn_phase = cnn_plan = None
     if given_cnn is None:
-        cnn_phase = PropertyCnnTraining(layout, cnn_settings, dataset, outdir)
+        cnn_phase = PropertyCnnTraining(layout, cnn_settings, dataset, outdir, ctx)
         cnn_plan = cnn_phase.plan(resume=resume, overwrite=overwrite)
         cnn_file = cnn_phase.output
     scoring = ScoringPass(layout, dataset, device=device, batch_size=cnn_settings.eval_batch_size,
                           workers=cnn_settings.workers, compat=cnn_settings.compat, seed=cnn_settings.seed,
-                          progress=not cnn_settings.no_progress)
+                          progress=not cnn_settings.no_progress and ctx.is_main)
     scoring.check(overwrite)
 
     v1_state = v1_file = None
@@ -113,7 +121,7 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         # is compared after phase 1 (a second plan), the rest of the generator run is checked now.
         known = cnn_sha256 if given_cnn is not None else None
         early = V2GeneratorTraining(layout, replace(generator_settings, property_cnn=known), outdir,
-                                    changeable=RESUMABLE_OPTIONS + (() if known else ('property_cnn',)))
+                                    changeable=RESUMABLE_OPTIONS + (() if known else ('property_cnn',)), ctx=ctx)
         generator_resume = resume and (given_cnn is not None or early.files.resume_record.is_file())
         needs_v1 = early.plan(resume=generator_resume, overwrite=overwrite).record is None
         if needs_v1 and v1_weights_path is not None:
@@ -124,9 +132,9 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
     finished_sha256 = (state_sha256(cnn_plan.record.models[BEST]) if cnn_plan is not None and cnn_plan.finished
                        else cnn_sha256 if given_cnn is not None else None)
     if finished_sha256 is None or not scoring.up_to_date(finished_sha256):
-        dataset.verify(workers=cnn_settings.workers, progress=not cnn_settings.no_progress)
+        dataset.verify(workers=cnn_settings.workers, progress=not cnn_settings.no_progress and ctx.is_main)
     if needs_v1 and v1_file is None:  # the default file, downloaded if absent: only once every other check passed
-        v1_file = fetch(V1_SOURCE, layout)
+        v1_file = main_first(ctx, lambda: fetch(V1_SOURCE, layout))
         v1_state = cpu_state_dict(load_conditional_generator(v1_file, 'v1'))
 
     # --- phase 1: the CNN ---
@@ -143,13 +151,15 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         cnn_model.load_state_dict(cnn_result.best_state)
         cnn_sha256 = state_sha256(cnn_result.best_state)
 
-    # --- phase 2: the scores of every image ---
-    scoring_result = scoring.run(cnn_model.eval(), cnn_sha256)
+    # --- phase 2: the scores of every image (rank 0; the others wait) ---
+    scoring_result = scoring.run(cnn_model.eval(), cnn_sha256) if ctx.is_main else None
+    ctx.barrier()
 
     # --- phase 3: the generator ---
     generator_result = None
     if generator_settings is not None:
-        generator_phase = V2GeneratorTraining(layout, replace(generator_settings, property_cnn=cnn_sha256), outdir)
+        generator_phase = V2GeneratorTraining(layout, replace(generator_settings, property_cnn=cnn_sha256), outdir,
+                                              ctx=ctx)
         plan = generator_phase.plan(resume=generator_resume, overwrite=overwrite)
         if plan.finished:
             generator_result = generator_phase.finished_result(plan)
@@ -159,4 +169,5 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
             if v1_file is not None:  # a resumed run keeps the provenance of its first start
                 provenance.update(v1_file=v1_file.name, v1_sha256=sha256_of(v1_file))
             generator_result = generator_phase.train(plan, cnn_model, v1_state, provenance)
+    ctx.barrier()  # the other ranks return once rank 0's files are on disk
     return V2Result(cnn_result, cnn_file, scoring_result, generator_result)

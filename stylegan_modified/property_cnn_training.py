@@ -28,6 +28,11 @@ The run is resumable exactly (:mod:`stylegan_modified.training_run`): the record
 weights, AdamW's state, every RNG stream (dropout draws from torch's CPU RNG), the epoch's order and the
 running sums of an epoch in progress. The epoch cap is the run's ``epochs`` total: ``--resume --max-epochs N``
 extends a run that reached its cap; a run that stopped early is finished whatever the cap.
+
+**Several processes** (torchrun; :mod:`stylegan_modified.ddp`): ``--batch-size`` is the batch of a step over all
+processes, each rank trains the DDP-wrapped CNN on its share (dropout draws from each rank's own stream). The
+validation batches are shared out among the ranks and their outputs gathered in order, so every rank computes the
+same metrics from the same numbers and takes the same early-stopping decision. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -43,12 +48,14 @@ from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
 from ohlora.devices import item_generator
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_CNN_FILE, PROPERTY_NAMES, Layout
-from ohlora.resume import STOPPED_EARLY, ResumeRecord, capture_rng_state, restore_rng_state, seed_everything
+from ohlora.resume import STOPPED_EARLY, ResumeRecord, capture_rank_rng_states
 from ohlora.schedules import set_epoch_lr
 from stylegan_modified.attribute_metrics import mean_absolute_error, pearson_r
-from stylegan_modified.datasets import ScoredImageDataset, epoch_batches, epoch_order
+from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
+from stylegan_modified.ddp import agree_stop, describe, mean_over_ranks, share, start_rngs, wrap
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
                                                 ignore_sigint_in_worker)
@@ -101,12 +108,13 @@ class PropertyCnnSettings:
     def schedule(self) -> str:
         return 'upstream' if self.compat == 'upstream' else 'restarts'
 
-    def check(self) -> None:
+    def check(self, world_size: int = 1) -> None:
         for option, value, low in ((EPOCH_OPTION, self.max_epochs, 1), ('--patience', self.patience, 1),
                                    ('--batch-size', self.batch_size, 1), ('--eval-batch-size', self.eval_batch_size, 1),
                                    ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0)):
             if value < low:
                 raise PipelineError(f'{option} must be at least {low}, got {value}')
+        check_batch_size(self.batch_size, 1, world_size=world_size)  # an even split over the processes
 
     def options(self) -> dict:
         """Plain JSON types; the epoch cap is the run's ``epochs`` total (the one value --resume may change)."""
@@ -240,20 +248,22 @@ class PropertyCnnTraining:
     """The CNN phase of one v2 run: its run folder, its checks (:meth:`plan`) and its epochs (:meth:`train`)."""
 
     def __init__(self, layout: Layout, settings: PropertyCnnSettings, dataset: ScoredImageDataset,
-                 outdir: str | Path | None = None):
-        settings.check()
+                 outdir: str | Path | None = None, ctx: DistContext | None = None):
+        self.ctx = ctx if ctx is not None else DistContext(device=torch.device(settings.device))
+        settings.check(self.ctx.world_size)
         self.settings, self.dataset = settings, dataset
-        self.device = torch.device(settings.device)
+        self.device = self.ctx.device
         self.train_indices, self.val_indices = train_validation_split(len(dataset), settings.seed)
         self.files = layout.training_run(VERSION, outdir)
         self.output = self.files.checkpoint(PROPERTY_CNN_FILE)
         options = settings.options()
         options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint(),
                            'train': len(self.train_indices), 'validation': len(self.val_indices)}
+        options['world_size'] = self.ctx.world_size
         self.val_log_rows = min(VALIDATION_LOG_IMAGES, len(self.val_indices))
         self.run = TrainingRun(self.files, options, {self.output: BEST}, LOG_COLUMNS, epochs_option=EPOCH_OPTION,
-                               log_rows=lambda record: record.epoch)
-        self.val_log = TrainLog(self.files.validation_log, VALIDATION_LOG_COLUMNS)
+                               log_rows=lambda record: record.epoch, writer=self.ctx.is_main)
+        self.val_log = TrainLog(self.files.validation_log, VALIDATION_LOG_COLUMNS, enabled=self.ctx.is_main)
 
     def plan(self, resume: bool, overwrite: bool = False) -> RunPlan:
         return self.run.plan(resume=resume, overwrite=overwrite)
@@ -272,17 +282,20 @@ class PropertyCnnTraining:
             model = new_property_cnn(self.settings.seed)
         else:
             model = property_cnn_from_state(record.models.get(MODEL), self.files.resume_record)
-        trainer = _CnnTrainer(model, self.settings, self.device)
+        trainer = _CnnTrainer(model, self.settings, self.device, self.ctx)
         if record is not None:
             trainer.load_record(record, self.files.resume_record)
         self.run.start(plan, provenance)
         if record is None:
             self.val_log.rows = []
             self.val_log.flush()
-        else:
+        elif self.ctx.is_main:
             self.val_log.load(keep=record.epoch * self.val_log_rows)
+        describe(self.ctx, 'v2 property CNN', self.settings.batch_size)
         try:
-            return self._epochs(trainer, record)
+            result = self._epochs(trainer, record)
+            self.ctx.barrier()  # the other ranks go on once rank 0's last checkpoint is on disk
+            return result
         except NonFiniteLoss:
             self.run.log.flush()
             self.val_log.flush()
@@ -291,17 +304,15 @@ class PropertyCnnTraining:
             raise worker_error(exc) from None
 
     def _epochs(self, trainer: '_CnnTrainer', record: ResumeRecord | None) -> CnnResult:
-        settings, dataset = self.settings, self.dataset
+        settings, dataset, ctx = self.settings, self.dataset, self.ctx
         epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
         order = record.data_order if record is not None and record.batch else None
-        if record is None:
-            seed_everything(settings.seed)
-        else:
-            restore_rng_state(record.rng)
+        start_rngs(ctx, settings.seed, record)
+        if record is not None:
             trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
-        per_epoch = len(epoch_batches(range(len(self.train_indices)), settings.batch_size, 1))
+        per_epoch = len(epoch_batches(range(len(self.train_indices)), settings.batch_size, 1, ctx.world_size))
         bar = tqdm(total=(settings.max_epochs - epoch) * per_epoch - batch, desc='v2 property CNN', unit='step',
-                   disable=settings.no_progress)
+                   disable=settings.no_progress or not ctx.is_main)
         val_batches = [self.val_indices[k:k + settings.eval_batch_size].tolist()
                        for k in range(0, len(self.val_indices), settings.eval_batch_size)]
 
@@ -322,28 +333,31 @@ class PropertyCnnTraining:
                     if order is None:
                         order = epoch_train_order(settings.seed, epoch, self.train_indices)
                         trainer.start_epoch()
-                    batches = epoch_batches(order, settings.batch_size, 1)
+                    batches = epoch_batches(order, settings.batch_size, 1, ctx.world_size)
                     lr = trainer.set_lr(epoch)
                     trainer.restart_timer()
-                    for idx, items in enumerate(loader(dataset, batches[batch:], settings.workers, self.device),
-                                                start=batch):
+                    shares = [share(b, ctx) for b in batches[batch:]]
+                    for idx, items in enumerate(loader(dataset, shares, settings.workers, self.device), start=batch):
                         trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                         loss = trainer.step(items['image'], items['label'])
                         step += 1
+                        stopping = agree_stop(ctx, stop)
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, loss=f'{loss:.4f}',
                                         best=f'{trainer.stopping.best_value:.4f}@{trainer.stopping.best_epoch}')
                         last = idx + 1 == len(batches)
                         if not last and ((settings.checkpoint_every and step % settings.checkpoint_every == 0)
-                                         or stop.requested):
+                                         or stopping):
                             trainer.add_train_time()
                             checkpoint(epoch, idx + 1, order)
-                            if stop.requested:
-                                return result('interrupted', epoch, idx + 1, stop.requested)
+                            if stopping:
+                                return result('interrupted', epoch, idx + 1, stopping)
                             trainer.restart_timer()
                     trainer.add_train_time()
                     trainer.where = f'epoch {epoch} (validation)'
-                    validation = trainer.validate(loader(dataset, val_batches, settings.workers, self.device))
+                    # each rank scores every world_size-th validation batch; validate() gathers them in order
+                    mine = val_batches[ctx.rank::ctx.world_size]
+                    validation = trainer.validate(loader(dataset, mine, settings.workers, self.device))
                     self._log_epoch(trainer, epoch, lr, validation)
                     stopped = trainer.stopping.should_stop(epoch)
                     if stopped:
@@ -352,7 +366,7 @@ class PropertyCnnTraining:
                     epoch, batch, order = epoch + 1, 0, None
                     if stopped:
                         return result('stopped early', epoch, 0)
-                    if stop.requested:
+                    if stop.requested:  # agreed: set on every rank by agree_stop after the epoch's last step
                         return result('interrupted', epoch, 0, stop.requested)
         finally:
             bar.close()
@@ -383,9 +397,12 @@ class PropertyCnnTraining:
 class _CnnTrainer:
     """The CNN, its optimiser, AMP, the best weights and the sums of the epoch in progress; writes no files."""
 
-    def __init__(self, model: PropertyScoreCNN, settings: PropertyCnnSettings, device: torch.device):
+    def __init__(self, model: PropertyScoreCNN, settings: PropertyCnnSettings, device: torch.device,
+                 ctx: DistContext | None = None):
         self.model = model.to(device).train()
         self.settings, self.device = settings, device
+        self.ctx = ctx if ctx is not None else DistContext(device=torch.device(device))
+        self.train_model = wrap(self.model, self.ctx)  # every parameter trains
         hyper = settings.hyper
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
         self.amp = MixedPrecision(settings.amp, device, (MODEL,))
@@ -419,13 +436,14 @@ class _CnnTrainer:
         labels = labels.to(self.device, non_blocking=True)
         self.model.train()
         with self.amp.autocast():
-            outputs = self.model(images)
+            outputs = self.train_model(images)
         loss = F.mse_loss(outputs.float(), labels)
-        check_finite(self.where, self.last_checkpoint, loss=loss)
+        value, = mean_over_ranks(self.ctx, loss)  # the whole batch's loss: the same NaN stop on every rank
+        check_finite(self.where, self.last_checkpoint, loss=value)
         self.amp.step(MODEL, loss, self.optimizer)
-        value = float(loss.detach())
-        self.extra['train_loss_sum'] += value * len(labels)
-        self.extra['train_images'] += len(labels)
+        images = len(labels) * self.ctx.world_size  # equal shares
+        self.extra['train_loss_sum'] += value * images
+        self.extra['train_images'] += images
         return value
 
     def epoch_train_loss(self) -> float | None:
@@ -437,7 +455,8 @@ class _CnnTrainer:
         return round(self.extra.get('train_images', 0) / seconds, 2) if seconds > 0 else None
 
     def validate(self, batches) -> tuple[ValidationResult, np.ndarray, np.ndarray, np.ndarray]:
-        """(metrics, outputs, labels, dataset indices) of the validation images, in eval mode."""
+        """(metrics, outputs, labels, dataset indices) of the validation images, in eval mode. With several
+        processes ``batches`` are this rank's (every world_size-th) and the result is every rank's, in order."""
         self.model.eval()
         outputs, labels, indices = [], [], []
         with torch.no_grad():
@@ -448,18 +467,29 @@ class _CnnTrainer:
                 labels.append(items['label'].numpy())
                 indices.append(items['index'].numpy())
         self.model.train()
+        if self.ctx.distributed:
+            ranks, world = self.ctx.all_gather_objects((outputs, labels, indices)), self.ctx.world_size
+            count = sum(len(rank[0]) for rank in ranks)
+            # validation batch k is batch k // world of rank k % world
+            outputs, labels, indices = ([ranks[k % world][part][k // world] for k in range(count)]
+                                        for part in range(3))
         outputs, labels = np.concatenate(outputs), np.concatenate(labels)
         metrics = validation_metrics(outputs, labels)
         check_finite(self.where, self.last_checkpoint, valid_loss=metrics.valid_loss)
         return metrics, outputs, labels, np.concatenate(indices)
 
-    def record(self, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None) -> ResumeRecord:
+    def record(self, options: dict, epoch: int, batch: int, step: int,
+               order: torch.Tensor | None) -> ResumeRecord | None:
+        """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
+        rng = capture_rank_rng_states(self.ctx)
+        if not self.ctx.is_main:
+            return None
         models = {MODEL: cpu_state_dict(self.model)}
         if self.best_state is not None:
             models[BEST] = self.best_state
         extra = {**self.extra, 'early_stopping': self.stopping.state(), 'best_metrics': self.best_metrics}
         return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=capture_rng_state(), models=models,
+                            data_order=order if batch else None, rng=rng, models=models,
                             optimizers={MODEL: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
                             extra=extra)
 

@@ -40,6 +40,10 @@ The rules :meth:`TrainingRun.plan` applies (one ``PipelineError`` line each, bef
 Order of a checkpoint: the published files, then the log, then the resume record. The record is the commit
 point: after a crash, the run resumes from the last complete record and replays the few steps after it
 (deterministically), rewriting the published files it owns.
+
+Several processes (torchrun): every rank makes the same checks (so a bad input is the same one line everywhere),
+but only the writer (``writer=True``: rank 0) writes; on the other ranks :meth:`TrainingRun.start`,
+:meth:`TrainingRun.checkpoint` and the log write nothing.
 """
 from __future__ import annotations
 
@@ -75,10 +79,11 @@ class TrainLog:
     cell), so a resumed run rewrites the rows of its first part byte for byte.
     """
 
-    def __init__(self, path: Path, columns: Sequence[str], flush_every: int = 10):
+    def __init__(self, path: Path, columns: Sequence[str], flush_every: int = 10, enabled: bool = True):
         self.path = Path(path)
         self.columns = list(columns)
         self.flush_every = flush_every
+        self.enabled = enabled  # False: a rank other than 0 of a distributed run keeps and writes nothing
         self.rows: list[str] = []
         self._unflushed = 0
 
@@ -113,12 +118,16 @@ class TrainLog:
         unknown = set(values) - set(self.columns)
         if unknown:
             raise ValueError(f'not columns of {self.path.name}: {", ".join(sorted(unknown))}')
+        if not self.enabled:
+            return
         self.rows.append(self._line([self._cell(values.get(c)) for c in self.columns]))
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
+        if not self.enabled:
+            return
         atomic.write_text(self.path, self._line(self.columns) + ''.join(self.rows))
         self._unflushed = 0
 
@@ -144,12 +153,12 @@ class TrainingRun:
 
     For messages: ``epochs_option`` is the command-line option of the total, ``units`` the names of an epoch
     and a batch (e.g. ``('step groups', 'steps')``). ``log_rows(record)`` is the number of log rows a record
-    keeps (default: one per step)."""
+    keeps (default: one per step). ``writer`` False: a rank other than 0, which checks but writes nothing."""
 
     def __init__(self, files: TrainingRunFolder, options: dict, outputs: dict[Path, str], log_columns: Sequence[str],
                  changeable: Sequence[str] = RESUMABLE_OPTIONS, epochs_option: str = '--epochs',
                  units: tuple[str, str] = ('epochs', 'batches'),
-                 log_rows: Callable[[ResumeRecord], int] = steps_done):
+                 log_rows: Callable[[ResumeRecord], int] = steps_done, writer: bool = True):
         self.files = files
         self.options = options
         self.outputs = {Path(p): name for p, name in outputs.items()}
@@ -157,8 +166,9 @@ class TrainingRun:
         self.epochs_option = epochs_option
         self.units = units
         self.log_rows = log_rows
+        self.writer = writer
         self.owned = OwnedFiles(files.written_files, base=files.outdir)
-        self.log = TrainLog(files.train_log, log_columns)
+        self.log = TrainLog(files.train_log, log_columns, enabled=writer)
         self.provenance: dict = {}
 
     # --- before anything is written ---
@@ -224,6 +234,8 @@ class TrainingRun:
     def _restore_missing(self, record: ResumeRecord) -> tuple[Path, ...]:
         """A finished run writes nothing, except an output the user deleted, re-exported from the record."""
         missing = [p for p, name in self.outputs.items() if not p.exists() and name in record.models]
+        if not self.writer:
+            return tuple(missing)
         for path in missing:
             self.owned.torch_save(path, record.models[self.outputs[path]])
         return tuple(missing)
@@ -231,6 +243,8 @@ class TrainingRun:
     # --- writing ---
     def start(self, plan: RunPlan, provenance: dict | None = None) -> None:
         """Create the run folder, write the options (keeping the first start's provenance), open the log."""
+        if not self.writer:
+            return
         try:
             self.files.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -251,6 +265,8 @@ class TrainingRun:
 
     def checkpoint(self, record: ResumeRecord) -> None:
         """The published files (owned writes), the log, then the resume record (the commit point)."""
+        if not self.writer:
+            return
         for path, name in self.outputs.items():
             if name in record.models:
                 self.owned.torch_save(path, record.models[name])

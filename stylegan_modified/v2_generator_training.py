@@ -26,6 +26,11 @@ group's G is written as ``stylegan_gen_fine_tuned_v2.pth`` (not published upstre
 Log (``train_log_v2.csv``, one row per step): group, idx (step in the group), step, loss, lr, mix (0.9^g),
 group_loss and best_group (on a group's last step), images_per_s, peak_gpu_mem_mb. Resumable exactly like
 the other trainers; a step group is the run's "epoch" (``--max-groups`` is the total).
+
+**Several processes** (torchrun; :mod:`stylegan_modified.ddp`): ``--gen-batch-size`` is the batch of a step over
+all processes; every rank draws the step's whole (z, y) batch (from (seed, step), as one process) and trains G (and
+the CNN in compat mode) in DDP on its rows. ``w_avg`` follows the whole batch's mean w; the logged loss, the
+group loss and early stopping use the loss averaged over the ranks. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -39,12 +44,14 @@ from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
 from ohlora.devices import item_generator
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import V2_GENERATOR_FILE, Layout
-from ohlora.resume import (RESUMABLE_OPTIONS, STOPPED_EARLY, ResumeRecord, capture_rng_state, restore_rng_state,
-                           seed_everything)
+from ohlora.resume import RESUMABLE_OPTIONS, STOPPED_EARLY, ResumeRecord, capture_rank_rng_states
 from ohlora.schedules import set_epoch_lr
 from stylegan_modified.checkpoint import infer_conditional_generator_kwargs
+from stylegan_modified.datasets import check_batch_size
+from stylegan_modified.ddp import agree_stop, describe, distribute_generator, mean_over_ranks, rows, start_rngs, wrap
 from stylegan_modified.property_cnn_training import EarlyStopping
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV2
@@ -90,13 +97,14 @@ class V2GeneratorSettings:
     def schedule(self) -> str:
         return 'upstream' if self.compat == 'upstream' else 'restarts'
 
-    def check(self) -> None:
+    def check(self, world_size: int = 1) -> None:
         for option, value in ((GROUP_OPTION, self.max_groups), ('--gen-patience', self.patience),
                               ('--steps-per-group', self.steps_per_group), ('--gen-batch-size', self.batch_size)):
             if value < 1:
                 raise PipelineError(f'{option} must be at least 1, got {value}')
         if self.checkpoint_every < 0:
             raise PipelineError(f'--checkpoint-every must be at least 0, got {self.checkpoint_every}')
+        check_batch_size(self.batch_size, 1, '--gen-batch-size', world_size)  # an even split over the processes
 
     def options(self) -> dict:
         options = asdict(self)
@@ -143,6 +151,17 @@ def rerandomise_dense0(generator: StyleGANGeneratorForV2, seed: int) -> None:
         dense0.weight.copy_(fresh.to(dense0.weight))
 
 
+def unused_outputs(generator: StyleGANGeneratorForV2) -> list[str]:
+    """The parameters of the ToRGB layers that do not make the image at the generator's lod (at lod 0 every one
+    but the last block's: progressive growing's lower resolutions). They get no gradient; DDP must not wait for
+    one."""
+    synthesis = generator.synthesis
+    lod, max_lod = float(synthesis.lod), synthesis.num_blocks - 1
+    used = {f'output{block}' for block in range(synthesis.num_blocks) if abs(lod - (max_lod - block)) < 1}
+    return [name for name, _ in generator.named_parameters()
+            if name.startswith('synthesis.output') and name.split('.')[1] not in used]
+
+
 @dataclass
 class GeneratorResult:
     status: str            # 'finished', 'stopped early', 'interrupted' or 'already finished'
@@ -165,14 +184,17 @@ class V2GeneratorTraining:
     """The generator phase of one v2 run: its run folder, checks (:meth:`plan`) and step groups (:meth:`train`)."""
 
     def __init__(self, layout: Layout, settings: V2GeneratorSettings, outdir: str | Path | None = None,
-                 changeable: Sequence[str] = RESUMABLE_OPTIONS):
-        settings.check()
+                 changeable: Sequence[str] = RESUMABLE_OPTIONS, ctx: DistContext | None = None):
+        self.ctx = ctx if ctx is not None else DistContext(device=torch.device(settings.device))
+        settings.check(self.ctx.world_size)
         self.settings = settings
-        self.device = torch.device(settings.device)
+        self.device = self.ctx.device
         self.files = layout.training_run(VERSION, outdir)
         self.output = self.files.checkpoint(V2_GENERATOR_FILE)
-        self.run = TrainingRun(self.files, settings.options(), {self.output: BEST_GENERATOR}, LOG_COLUMNS,
-                               changeable=changeable, epochs_option=GROUP_OPTION, units=('step groups', 'steps'))
+        options = {**settings.options(), 'world_size': self.ctx.world_size}
+        self.run = TrainingRun(self.files, options, {self.output: BEST_GENERATOR}, LOG_COLUMNS,
+                               changeable=changeable, epochs_option=GROUP_OPTION, units=('step groups', 'steps'),
+                               writer=self.ctx.is_main)
 
     def plan(self, resume: bool, overwrite: bool = False) -> RunPlan:
         return self.run.plan(resume=resume, overwrite=overwrite)
@@ -202,27 +224,28 @@ class V2GeneratorTraining:
                 if not isinstance(state, dict):
                     raise PipelineError(f'{where} lacks the property CNN that the compat run trains along')
                 load_strict(cnn, state, where, 'property CNN of the resume record')
-        trainer = _GeneratorTrainer(generator, cnn, self.settings, self.device)
+        trainer = _GeneratorTrainer(generator, cnn, self.settings, self.device, self.ctx)
         if record is not None:
             trainer.load_record(record, where)
         self.run.start(plan, provenance)
+        describe(self.ctx, 'v2 generator', self.settings.batch_size, 'z')
         try:
-            return self._groups(trainer, record)
+            result = self._groups(trainer, record)
+            self.ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
+            return result
         except NonFiniteLoss:
             self.run.log.flush()
             raise
 
     def _groups(self, trainer: '_GeneratorTrainer', record: ResumeRecord | None) -> GeneratorResult:
-        settings = self.settings
+        settings, ctx = self.settings, self.ctx
         group, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
-        if record is None:
-            seed_everything(settings.seed)
-        else:
-            restore_rng_state(record.rng)
+        start_rngs(ctx, settings.seed, record)
+        if record is not None:
             trainer.last_checkpoint = (f'the checkpoint of step group {group}, step {batch} (step {step} in all) '
                                        'is kept')
         bar = tqdm(total=(settings.max_groups - group) * settings.steps_per_group - batch, desc='v2 generator',
-                   unit='step', disable=settings.no_progress)
+                   unit='step', disable=settings.no_progress or not ctx.is_main)
         meter = Throughput(self.device)
 
         def checkpoint(next_group, next_batch):
@@ -246,15 +269,17 @@ class V2GeneratorTraining:
                         z, y, mix = curriculum_batch(trainer.z_fixed, trainer.y_fixed, settings.seed, step, group,
                                                      settings.hyper.curriculum_decay)
                         trainer.where = f'step group {group}, step {idx} (step {step + 1} in all)'
-                        loss = trainer.step(z, y)
+                        loss = trainer.step(rows(z, ctx), rows(y, ctx))
                         step += 1
+                        stopping = agree_stop(ctx, stop)
                         row = {'group': group, 'idx': idx, 'step': step - 1, 'loss': loss, 'lr': lr, 'mix': mix,
                                'images_per_s': round(meter.tick(settings.batch_size), 2),
                                'peak_gpu_mem_mb': meter.peak_memory_mb()}
                         last = idx + 1 == settings.steps_per_group
                         if last:
                             group_loss = trainer.extra['group_loss_sum'] / settings.steps_per_group
-                            if trainer.stopping.update(group, group_loss):
+                            improved = trainer.stopping.update(group, group_loss)
+                            if improved and ctx.is_main:  # only rank 0 writes it
                                 trainer.best_state = cpu_state_dict(trainer.generator)
                             row.update(group_loss=group_loss, best_group=trainer.stopping.best_epoch)
                         self.run.log.append(row)
@@ -262,10 +287,10 @@ class V2GeneratorTraining:
                         bar.set_postfix(group=group, loss=f'{loss:.4f}',
                                         best=f'{trainer.stopping.best_value:.4f}@{trainer.stopping.best_epoch}')
                         if not last and ((settings.checkpoint_every and step % settings.checkpoint_every == 0)
-                                         or stop.requested):
+                                         or stopping):
                             checkpoint(group, idx + 1)
-                            if stop.requested:
-                                return result('interrupted', group, idx + 1, stop.requested)
+                            if stopping:
+                                return result('interrupted', group, idx + 1, stopping)
                     stopped = trainer.stopping.should_stop(group)
                     if stopped:
                         trainer.extra[STOPPED_EARLY] = True
@@ -273,7 +298,7 @@ class V2GeneratorTraining:
                     group, batch = group + 1, 0
                     if stopped:
                         return result('stopped early', group, 0)
-                    if stop.requested:
+                    if stop.requested:  # agreed: set on every rank by agree_stop after the group's last step
                         return result('interrupted', group, 0, stop.requested)
         finally:
             bar.close()
@@ -284,14 +309,22 @@ class _GeneratorTrainer:
     """G, the property CNN, the optimiser, AMP, the best G and the group's sums; writes no files."""
 
     def __init__(self, generator: StyleGANGeneratorForV2, cnn: PropertyScoreCNN, settings: V2GeneratorSettings,
-                 device: torch.device):
+                 device: torch.device, ctx: DistContext | None = None):
         self.settings, self.device = settings, device
+        self.ctx = ctx if ctx is not None else DistContext(device=torch.device(device))
         self.generator = generator.to(device).train()
         self.cnn = cnn.to(device)
         self.train_cnn = settings.compat == 'upstream'
         self.cnn.train(self.train_cnn)
         self.cnn.requires_grad_(self.train_cnn)
         self.generator.requires_grad_(True)
+        unused = set(unused_outputs(self.generator))  # never get a gradient: nothing changes by saying so
+        for name, parameter in self.generator.named_parameters():
+            parameter.requires_grad_(name not in unused)
+        # DDP around what trains: G, and the CNN when it trains along (compat); the frozen CNN is called bare
+        self.generator_train = wrap(self.generator, self.ctx)
+        self.cnn_train = wrap(self.cnn, self.ctx) if self.train_cnn else self.cnn
+        distribute_generator(self.generator, self.ctx)
         parameters = list(self.generator.parameters()) + (list(self.cnn.parameters()) if self.train_cnn else [])
         hyper = settings.hyper
         self.optimizer = torch.optim.AdamW(parameters, lr=hyper.lr, weight_decay=hyper.weight_decay)
@@ -311,15 +344,19 @@ class _GeneratorTrainer:
     def step(self, z: torch.Tensor, y: torch.Tensor) -> float:
         z, y = z.to(self.device), y.to(self.device)
         with self.amp.autocast():
-            scores = self.cnn(self.generator(z, y)['image'])
+            scores = self.cnn_train(self.generator_train(z, y)['image'])
         loss = F.mse_loss(scores.float()[:, :SUPERVISED], y[:, :SUPERVISED])
-        check_finite(self.where, self.last_checkpoint, loss=loss)
+        value, = mean_over_ranks(self.ctx, loss)  # the whole batch's loss: the same stop and best group everywhere
+        check_finite(self.where, self.last_checkpoint, loss=value)
         self.amp.step(GENERATOR, loss, self.optimizer)
-        value = float(loss.detach())
         self.extra['group_loss_sum'] = self.extra.get('group_loss_sum', 0.0) + value
         return value
 
-    def record(self, options: dict, group: int, batch: int, step: int) -> ResumeRecord:
+    def record(self, options: dict, group: int, batch: int, step: int) -> ResumeRecord | None:
+        """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
+        rng = capture_rank_rng_states(self.ctx)
+        if not self.ctx.is_main:
+            return None
         models = {GENERATOR: cpu_state_dict(self.generator)}
         if self.best_state is not None:
             models[BEST_GENERATOR] = self.best_state
@@ -328,7 +365,7 @@ class _GeneratorTrainer:
         # load_resume_record wants an order inside an epoch; a step group's "order" is its steps.
         order = torch.arange(self.settings.steps_per_group) if batch else None
         return ResumeRecord(options=options, epoch=group, batch=batch, step=step, data_order=order,
-                            rng=capture_rng_state(), models=models,
+                            rng=rng, models=models,
                             optimizers={GENERATOR: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
                             extra={**self.extra, 'early_stopping': self.stopping.state()})
 

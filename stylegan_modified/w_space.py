@@ -50,16 +50,22 @@ class StyleGANW:
         self.z_dim = int(generator.z_space_dim)
         self.w_dim = int(generator.w_space_dim)
         self.num_layers = int(generator.num_layers)
+        # A mismatch here comes from a file (a directions record, a generator checkpoint): one line, no traceback.
         if not generator.truncation.repeat_w:
-            raise ValueError('the generator maps z to one w per layer (repeat_w=False); directions need one w')
+            raise PipelineError('the generator maps z to one w per layer (repeat_w=False); attribute directions need '
+                                'one w per image')
         self.label_size = int(getattr(generator, 'label_size', 0) or 0)
         if self.label_size:
-            values = torch.zeros(self.label_size) if label is None else torch.as_tensor(label, dtype=torch.float32)
-            if tuple(values.shape) != (self.label_size,):
-                raise ValueError(f'the sampling label must have {self.label_size} values, got {list(values.shape)}')
+            try:
+                values = torch.zeros(self.label_size) if label is None else torch.as_tensor(label, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise PipelineError(f'the sampling label {label!r:.60} is not a list of numbers') from None
+            if tuple(values.shape) != (self.label_size,) or not bool(torch.isfinite(values.float()).all()):
+                raise PipelineError(f'the conditional generator needs a sampling label of {self.label_size} finite '
+                                    f'values, got {label!r:.60}')
             self.label = values.float()
         elif label is not None:
-            raise ValueError('an unconditional generator takes no label')
+            raise PipelineError(f'the unconditional generator takes no sampling label, got {label!r:.60}')
         else:
             self.label = None
 
@@ -111,9 +117,11 @@ def parse_layers(value, num_layers: int, option: str = '--layers') -> tuple[int,
             first, last = (int(v) for v in value)
         except (TypeError, ValueError):
             raise PipelineError(f'{option} {value!r} is not a (first, last) layer pair') from None
+    if first > last:
+        raise PipelineError(f'{option} {first}-{last}: the first layer is after the last (first > last); write the '
+                            f'range as {last}-{first}')
     if not 0 <= first <= last < num_layers:
-        raise PipelineError(f'{option} {first}-{last} is outside the generator\'s layers 0..{num_layers - 1} '
-                            '(or first > last)')
+        raise PipelineError(f'{option} {first}-{last} is outside the generator\'s layers 0..{num_layers - 1}')
     return first, last
 
 

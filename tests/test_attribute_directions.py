@@ -3,6 +3,7 @@ the directions file and DirectionsControl, on constructed generators with known 
 GenForce checkpoint."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.functional import cosine_similarity
@@ -17,7 +18,7 @@ from stylegan_modified.attribute_directions import DirectionsControl, load_direc
 from stylegan_modified.controllable import ControllableGenerator
 from stylegan_modified.direction_fitting import FitOptions, fit_directions, holdout_split, minimum_samples
 from stylegan_modified.direction_sampling import SampleSettings, file_identity, sample_w_and_scores
-from stylegan_modified.directions_file import read_directions, write_directions
+from stylegan_modified.directions_file import AttributeDirections, read_directions, write_directions
 from stylegan_modified.w_space import StyleGANW, broadcast_w, parse_layers
 
 DIM, LAYERS, SIGMA = 16, 4, 0.1
@@ -237,6 +238,11 @@ def test_layer_ranges():
     for bad in ('0-14', '7-3', 'coarse', '-1'):
         with pytest.raises(PipelineError, match='--layers'):
             parse_layers(bad, 14)
+    with pytest.raises(PipelineError, match=r"--layers 3-1: the first layer is after the last \(first > last\); "
+                                            r'write the range as 1-3'):
+        parse_layers('3-1', 14)
+    with pytest.raises(PipelineError, match=r"--layers 2-20 is outside the generator's layers 0..13$"):
+        parse_layers('2-20', 14)
 
 
 def test_directions_file_round_trip_and_refusals(anisotropic, tmp_path):
@@ -264,6 +270,14 @@ def test_directions_file_round_trip_and_refusals(anisotropic, tmp_path):
     refused({**raw, 'weights': nan}, 'NaN or infinite', 'nan.pt')
     refused({**raw, 'directions': raw['directions'][:, :2]}, 'directions of shape', 'shape.pt')
     refused({**raw, 'attributes': ['eyes', 'nose']}, 'invalid attributes', 'names.pt')
+    original = {**raw['generator'], 'kind': 'original'}
+    refused({**raw, 'generator': {**original, 'label': [0.0] * 7}},
+            r'gives the unconditional base generator \(original\) a sampling label \[0.0, 0.0', 'label.pt')
+    for label in (None, [0.0] * 6, [float('nan')] * 7, ['a'] * 7, [True] * 7):
+        refused({**raw, 'generator': {**original, 'kind': 'v1', 'label': label}},
+                'for the v1 base generator; it needs 7 finite numbers', 'v1_label.pt')
+    refused({**raw, 'generator': {**original, 'label': None, 'z_dim': '16'}}, "invalid base generator z_dim '16'",
+            'z_dim.pt')
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(path.read_bytes()[:200])
     with pytest.raises(PipelineError, match='truncated or corrupt'):
@@ -353,3 +367,214 @@ def test_conditional_base_maps_with_the_recorded_label(reference_dir, tmp_path):
     control = DirectionsControl(generator, directions)  # maps with the label the samples were drawn with
     w, _ = control.edited_w(z, torch.zeros(2, 7))
     assert torch.equal(w, generator.mapping(z, torch.full((2, 7), 0.5))['w'])
+
+
+def test_library_seeds_are_derived_for_any_whole_seed():
+    from ohlora.devices import item_generator, library_seed, mixed_seed
+    seeds = (0, 1, -1, 2 ** 32, 2 ** 33, -(2 ** 40), 2 ** 63 + 5)  # (the mix works modulo 2**64)
+    derived = [library_seed(s, 91) for s in seeds]
+    assert all(0 <= d < 2 ** 32 for d in derived) and len(set(derived)) == len(seeds)
+    assert library_seed(5, 91) == library_seed(5, 91) != library_seed(5, 92)
+    # item_generator is unchanged by the refactoring: its seed is the same 64-bit mix, 63 bits kept
+    assert item_generator(7, 3, 2).initial_seed() == mixed_seed(7, 3, 2) & (2 ** 63 - 1) == 7367871952057696629
+    splits = {s: holdout_split(40, 0.25, s) for s in seeds}
+    for s, (train, test) in splits.items():
+        assert len(test) == 10 and sorted([*train, *test]) == list(range(40))
+        assert all(torch.equal(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(holdout_split(40, 0.25, s), (train, test)))
+    assert len({tuple(test) for _, test in splits.values()}) == len(seeds)
+    gen = torch.Generator().manual_seed(0)
+    w, scores = torch.randn(200, DIM, generator=gen), torch.randn(200, 7, generator=gen)
+    for seed in (-1, 2 ** 33):
+        fit(w, scores, method='svm', seed=seed)  # LinearSVC(random_state=seed) raised InvalidParameterError
+
+
+def test_svm_absolute_edits_hit_the_targets_as_ridge_does_on_anisotropic_w():
+    """The reviewer's case (demos/svm_calibration.py): with the slope regressed on w · n alone, svm edits missed
+    the true scores by 0.195 on average (ridge: 0.010) and the slopes were up to 5 % off a · n."""
+    torch.manual_seed(0)
+    d, n = 16, 4000
+    mixing = torch.eye(d) + torch.randn(d, d) / 4
+    w = torch.randn(n, d) @ mixing
+    truth, offsets = torch.randn(7, d), torch.randn(7)
+    scores = w @ truth.T + offsets + 0.05 * torch.randn(n, 7)
+    w0, targets = torch.randn(200, d) @ mixing, 2 * torch.randn(200, 3)
+    errors = {}
+    for method in ('ridge', 'svm'):
+        for orthogonal in (False, True):
+            directions = fit(w, scores, method=method, orthogonal=orthogonal)
+            edited = directions.edit(w0, targets)
+            torch.testing.assert_close(directions.predict(edited)[:, :3], targets.double(), atol=1e-6, rtol=0)
+            if orthogonal:  # the held attributes' predictions stay where they were
+                torch.testing.assert_close(directions.predict(edited)[:, 3:], directions.predict(w0)[:, 3:],
+                                           atol=1e-6, rtol=0)
+            true = edited.double() @ truth.T.double() + offsets.double()
+            errors[method, orthogonal] = float((true[:, CONTROLLED] - targets).abs().mean())
+            if method == 'svm':
+                exact = torch.einsum('fd,fd->f', truth[CONTROLLED + HELD if orthogonal else CONTROLLED].double(),
+                                     directions.normals[0])
+                torch.testing.assert_close(directions.slopes[0], exact, rtol=0.005, atol=0)
+                assert directions.fit_quality['eyes']['cos_gradient'] > 0.99
+    assert max(errors.values()) <= 0.05, errors  # the noise of the scores
+    assert errors['svm', False] <= 2 * errors['ridge', False] + 0.01, errors
+
+
+def test_the_svm_normal_does_not_depend_on_where_w_is():
+    """liblinear penalises the intercept: on uncentred w the normal tilted (cos 0.966 at |mean w| = 20,
+    demos/svm_centering.py)."""
+    from stylegan_modified.direction_fitting import fit_svm_normal
+    rng = np.random.default_rng(0)
+    n, d = 6000, 64
+    a = rng.normal(size=d)
+    a /= (a ** 2).sum() ** 0.5
+    centred = 0.5 * rng.normal(size=(n, d))
+    s = centred @ a + 0.05 * rng.normal(size=n)
+    reference = fit_svm_normal(centred, s, 0.2, 1.0, 0)
+    for offset in (6, 20):
+        mu = rng.normal(size=d)
+        mu *= offset / (mu ** 2).sum() ** 0.5
+        normal = fit_svm_normal(centred + mu, s, 0.2, 1.0, 0)
+        assert normal @ a > 0.997 and normal @ reference > 0.9999
+
+
+def test_a_label_that_does_not_fit_the_base_generator_is_one_line(reference_dir, tmp_path, capsys):
+    """A crafted directions file with a label on an 'original' base crashed stage 6 with a ValueError traceback
+    from StyleGANW; the file is refused when read, and StyleGANW's own refusals are one line too."""
+    import pandas as pd
+    from script_runner import files_of, run_script
+    from stylegan_modified.checkpoint import load_conditional_generator
+
+    checkpoint = reference_dir / 'genforce' / 'tiny_ckpt.pth'
+    record = {'kind': 'original', **file_identity(checkpoint), 'label': None, 'z_dim': 64, 'w_dim': 64,
+              'num_layers': 14}
+    raw = fit_directions(torch.randn(40, 64), torch.randn(40, 7), FitOptions(), generator=record,
+                         layers=(0, 13)).to_dict()
+    raw['generator'] = {**record, 'label': [0.0] * 7}
+    torch.save(raw, tmp_path / 'crafted.pt')
+    pd.DataFrame([[0.1] * 64], columns=[str(k) for k in range(64)]).to_csv(tmp_path / 'z.csv', index=False)
+    root = tmp_path / 'root'
+    root.mkdir()
+    capsys.readouterr()
+    assert run_script('run_fine_tuned_generator.py', '--model', 'directions', '--directions', tmp_path / 'crafted.pt',
+                      '--weights', checkpoint, '--z-csv', tmp_path / 'z.csv', '--root', root, '--device', 'cpu',
+                      '--no-progress', '--num', '1') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    assert 'crafted.pt gives the unconditional base generator (original) a sampling label' in err
+    assert files_of(root) == {}
+
+    with pytest.raises(PipelineError, match='the unconditional generator takes no sampling label'):
+        StyleGANW(load_generator(checkpoint), [0.0] * 7)
+    tiny = torch.load(reference_dir / 'ohlora' / 'cond_stylegan_tiny.pt', map_location='cpu', weights_only=True)
+    torch.save(tiny['state_dicts']['v1_generator'], tmp_path / 'v1.pth')
+    v1 = load_conditional_generator(tmp_path / 'v1.pth', 'v1')
+    for label in ([0.0] * 6, [float('inf')] * 7, 'abc'):
+        with pytest.raises(PipelineError, match='sampling label'):
+            StyleGANW(v1, label)
+
+
+def test_small_edge_cases_of_the_fit():
+    """The reviewer's demos/small_edges.py: a sample in both svm classes, a 2-sample training split, r = ±1 from
+    2 held-out samples, and layers (0, 0) when fit_directions was called without them."""
+    from stylegan_modified.direction_fitting import _top_bottom, minimum_training_samples, split_sizes
+    bottom, top = _top_bottom(np.arange(7.0), 0.5)
+    assert list(bottom) == [0, 1, 2] and list(top) == [4, 5, 6]
+    bottom, top = _top_bottom(np.arange(8.0), 0.5)
+    assert list(bottom) == [0, 1, 2, 3] and list(top) == [4, 5, 6, 7]
+
+    for options in (FitOptions(), FitOptions(holdout=0.999), FitOptions(holdout=0.5),
+                    FitOptions(method='svm', fraction=0.5, holdout=0.9), FitOptions(method='svm', groups=True)):
+        n, needed = minimum_samples(options), minimum_training_samples(options)
+        assert split_sizes(n, options.holdout)[0] >= needed and split_sizes(n, options.holdout)[1] >= 2
+        assert n == max(4, int(np.ceil(2 / options.holdout)) + 2) or split_sizes(n - 1, options.holdout)[0] < needed
+    assert minimum_samples(FitOptions()) == 22 and minimum_samples(FitOptions(method='svm', groups=True)) == 89
+    assert minimum_samples(FitOptions(holdout=0.999)) == 7500  # 8 training samples left
+    with pytest.raises(PipelineError, match=r'24 samples are too few for this fit \(--holdout 0.999 leaves 2 to fit '
+                                            r'on, it needs 8\); --num must be at least 7500'):
+        fit(torch.randn(24, DIM), torch.randn(24, 7), holdout=0.999)
+
+    gen = torch.Generator().manual_seed(1)
+    w, scores = torch.randn(22, DIM, generator=gen), torch.randn(22, 7, generator=gen)
+    directions = fit(w, scores)  # 22 samples: 2 held out
+    assert all(directions.fit_quality[a]['r'] is None and directions.fit_quality[a]['n_test'] == 2
+               for a in directions.attributes)
+    assert fit(torch.randn(40, DIM, generator=gen), torch.randn(40, 7, generator=gen)).fit_quality['eyes']['r'] \
+        is not None
+
+    unranged = fit_directions(w, scores, FitOptions(), generator=TOY_RECORD)
+    assert unranged.layers is None  # all layers, resolved against the generator it is applied to
+    assert DirectionsControl(LinearToy(DIM, LAYERS), unranged).layers == (0, LAYERS - 1)
+    assert AttributeDirections.from_dict(unranged.to_dict()).layers is None
+
+
+class TextureImages:
+    """Fine stripes whose frequencies follow z and the label: JPEG moves their pixels (flat blocks it would not)."""
+    name, z_dim, score_algorithm, trained_attributes = 'texture', 4, 2, PROPERTY_NAMES
+    device = torch.device('cpu')
+
+    def images(self, z, values):
+        axis = torch.linspace(0, 60, 256)
+        a = 1 + z[:, :1].float().abs() + values[:, :1].float()
+        b = 1 + z[:, 1:2].float().abs()
+        phase = a[:, :, None, None] * axis[None, None, :, None] + b[:, :, None, None] * axis[None, None, None, :]
+        return torch.cat([torch.sin(phase), torch.cos(phase), torch.sin(0.5 * phase)], dim=1) * 0.9
+
+
+def test_the_sampler_scores_the_pixels_the_evaluation_measures(tmp_path):
+    """The sampler fed the raw float images to the CNN, the evaluation the uint8 + JPEG pixels: absolute targets
+    fitted on one and measured on the other differed by the format alone."""
+    import pandas as pd
+    from ohlora.layout import AttributeControlFolder
+    from stylegan.postprocess import to_uint8, to_uint8_tensor
+    from stylegan_modified.attribute_measurers import PropertyCNNMeasurer
+    from stylegan_modified.attribute_metrics import grid_labels
+    from stylegan_modified.direction_sampling import PropertyCNNScorer
+    from stylegan_modified.evaluation_inputs import seeded_z
+    from stylegan_modified.evaluation_run import MEASURED_COLUMNS, EvaluationInputs, evaluate
+
+    raw = torch.randn(3, 3, 8, 8, dtype=torch.float64) * 1.2
+    raw[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, -1.0 + 1 / 255, 2 * (100.5 / 255) - 1])  # exact halves, the ends
+    assert np.array_equal(to_uint8_tensor(raw).numpy(), to_uint8(raw))
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(16, 7))
+    generator, grid = TextureImages(), {'eyes': (-1.0, 0.5, 1.0)}
+    inputs = EvaluationInputs(generator, PropertyCNNMeasurer(cnn, None), seeded_z(0, 1, 4), grid, z_source='seed 0')
+    folder = AttributeControlFolder(tmp_path / 'run')
+    evaluate(inputs, folder, batch_size=3, progress=False)
+    measured = pd.read_csv(folder.z_scores(0))[MEASURED_COLUMNS].to_numpy()
+    images = generator.images(torch.from_numpy(inputs.z).expand(3, -1), torch.from_numpy(grid_labels(grid)))
+    sampled = PropertyCNNScorer(cnn)(images).double().numpy()
+    np.testing.assert_allclose(np.round(sampled, 4), measured, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert np.abs(cnn(images).double().numpy() - measured).max() > 1e-3  # raw pixels would have been off
+    with pytest.raises(PipelineError, match='the base generator gave NaN or infinite pixels'):
+        PropertyCNNScorer(cnn)(images * float('nan'))
+
+
+def test_saved_sample_images_are_written_by_the_batch_writer(tmp_path, monkeypatch):
+    import stylegan_modified.direction_sampling as sampling
+    from ohlora.image_writer import BatchImageWriter
+
+    batches = []
+
+    class Recording(BatchImageWriter):
+        def submit(self, images):
+            images = list(images)
+            batches.append([path.name for path, _ in images])
+            super().submit(images)
+
+    monkeypatch.setattr(sampling, 'BatchImageWriter', Recording)
+
+    class Pixels(LinearToy):  # images a JPEG can hold: [N, 3, 8, 8]
+        def images(self, wp):
+            pixels = torch.tanh(wp.mean(dim=1)[:, :12].reshape(-1, 3, 2, 2))
+            return pixels.repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+    files = DirectionSamplesFolder(tmp_path)
+    sample_w_and_scores(Pixels(DIM, LAYERS), lambda images: torch.zeros(len(images), 7), files,
+                        settings(chunk_size=5), 7, 2, save_images=True, progress=False)
+    # one submit per batch (batches start at chunk boundaries), every image on disk once the run returns
+    assert batches == [['000000.jpg', '000001.jpg'], ['000002.jpg', '000003.jpg'], ['000004.jpg'],
+                       ['000005.jpg', '000006.jpg']]
+    assert sorted(p.name for p in files.images_dir.iterdir()) == [f'{n:06d}.jpg' for n in range(7)]

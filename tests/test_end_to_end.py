@@ -479,13 +479,16 @@ def _directions(p: Pipeline, tiny: Path, num: int) -> None:
             quality = report['fit_quality'][name]
             assert quality['n_test'] > 0 and -1 <= quality['r'] <= 1, name
 
-        # Sample i is stage 1's z_i through the tiny G, scored by the v2 CNN.
+        # Sample i is stage 1's z_i through the tiny G, scored by the v2 CNN as the evaluation measures it (uint8,
+        # JPEG and back).
+        from stylegan_modified.delivered_images import cnn_input, delivered
         chunk = torch.load(layout.direction_samples().chunk(0), map_location='cpu', weights_only=True)
         generator, cnn = load_generator(tiny), load_property_cnn(layout.fine_tuned(V2_CNN))
         z = torch.tensor(pd.read_csv(layout.synthesized_z_csv).iloc[:2, 1:].to_numpy(), dtype=torch.float32)
         with torch.no_grad():
             w = generator.mapping(z)['w']
-            scores = cnn(generator.synthesis(w[:, None].repeat(1, generator.num_layers, 1))['image'])
+            images = generator.synthesis(w[:, None].repeat(1, generator.num_layers, 1))['image']
+            scores = cnn(cnn_input(delivered(images), torch.device('cpu')))
         assert torch.allclose(chunk['w'][:2], w, atol=1e-5)
         assert torch.allclose(chunk['scores'][:2], scores, atol=1e-4)
         edited = directions.edit(w, torch.tensor([[1.0, -0.5, 2.0]] * 2))  # what stage 6 and the evaluation do

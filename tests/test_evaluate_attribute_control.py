@@ -2,6 +2,7 @@
 on drawn faces, resume and refusal, identity, shares, the published-v3 path end to end, bad input."""
 import itertools
 import json
+import re
 
 import cv2
 import numpy as np
@@ -292,6 +293,31 @@ def test_no_face_gives_a_row_of_nan():
     assert np.isfinite(measured[0]).all() and np.isnan(measured[1]).all()
 
 
+
+def test_a_detector_failure_or_a_too_small_image_is_one_unmeasured_row(caplog):
+    """Stage 3's guards: MTCNN raising on one image stopped the whole evaluation with a traceback, and an image
+    smaller than MTCNN's min_face_size made it fail inside torch.cat."""
+    class FailsOnDark(FixedBox):
+        calls = 0
+
+        def detect(self, image):
+            FailsOnDark.calls += 1
+            if np.asarray(image).mean() < 1:
+                raise RuntimeError('torch.cat(): expected a non-empty list of Tensors')
+            return super().detect(image)
+    unit = {c: ColumnStats(0.0, 1.0, 2) for c in SCORE_COLUMNS}
+    face = to_uint8(DrawnFaces().images(None, torch.zeros(1, 7)))[0]
+    measurer = ParsingMeasurer(ColourParser(), FailsOnDark(), 2, unit)
+    measured = measurer.measure(np.stack([face, np.zeros_like(face), face]))
+    assert np.isfinite(measured[[0, 2]]).all() and np.isnan(measured[1]).all()
+    np.testing.assert_array_equal(measured[0], measured[2])
+    FailsOnDark.calls = 0
+    with caplog.at_level('WARNING'):
+        small = measurer.measure(np.full((2, 16, 16, 3), 128, np.uint8))
+    assert np.isnan(small).all() and FailsOnDark.calls == 0  # never handed to the detector
+    assert 'images of 16x16 pixels are too small for face detection (at least 20x20)' in caplog.text
+
+
 # --- resume and refusal ---------------------------------------------------------------------------------------
 
 def test_rerun_skips_everything_resumes_parts_and_refuses_other_settings(tmp_path):
@@ -345,6 +371,86 @@ def test_a_measurer_that_needs_another_image_size_is_refused_before_writing(tmp_
     with pytest.raises(PipelineError, match='draws 32x32 images, but the read-back measurer reads 256x256'):
         run(tmp_path, inputs_for(PixelGenerator(), measurer, num_z=1, grid=SMALL_GRID))
     assert not (tmp_path / 'run').exists()
+
+
+
+class NaNGenerator(PixelGenerator):
+    """A generator with broken (NaN) weights: NaN pixels for the labels ``broken`` picks (default: all)."""
+
+    def __init__(self, broken=lambda values: torch.ones(len(values), dtype=torch.bool), **kwargs):
+        super().__init__(**kwargs)
+        self.broken = broken
+
+    def images(self, z, values):
+        images = super().images(z, values)
+        images[self.broken(values)] = float('nan')
+        return images
+
+
+def test_nan_pixels_stop_the_run_in_one_line_before_they_are_written(tmp_path):
+    """Without the check, NaN images became black JPEGs, were measured and reported with exit status 0."""
+    with pytest.raises(PipelineError, match=r'the generator gave NaN or infinite pixels for image z 0 label 0 '
+                                            r'\(1 of 1 in its batch\); nothing of that batch was written; check '
+                                            r"the generator's weights"):
+        run(tmp_path, inputs_for(NaNGenerator(), num_z=2, grid=SMALL_GRID))
+    assert not (tmp_path / 'run').exists()
+    # NaN only where mouth = 1.6: the batch holding z 0's last label stops the run, none of its images is written
+    generator = NaNGenerator(lambda values: values[:, 3] > 1.0)
+    with pytest.raises(PipelineError, match=r'for image z 0 label 1 \(2 of 4 in its batch\)'):
+        run(tmp_path, inputs_for(generator, num_z=2, grid=SMALL_GRID), batch_size=4)
+    folder = AttributeControlFolder(tmp_path / 'run')
+    assert not list(folder.folder.rglob('*.jpg')) and not folder.scores_dir.exists()
+
+
+def test_values_beyond_float32_are_refused_before_anything_runs(tmp_path, tiny_files, capsys, monkeypatch):
+    """A grid value or a z beyond float32 became inf in the generator's input: NaN images, exit status 0."""
+    def fails(*argv, match):
+        capsys.readouterr()
+        assert run_script(SCRIPT, *argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('error: ') and '\n' not in err and match in err, err
+        assert not (tmp_path / 'root').exists()
+
+    base = tiny_args(tiny_files, tmp_path / 'root')
+    fails(*base[:-2], '--grid', 'eyes=-1e39,1e39', match='--grid eyes=-1e39,1e39: must be in [-1000, 1000], got -1e+39')
+    fails(*base[:-2], '--grid', 'eyes=0,2000', match='--grid eyes=0,2000: must be in [-1000, 1000], got 2000')
+    pd.DataFrame([[0.5] * 32, [1e39] * 32], columns=[str(k) for k in range(32)]).to_csv(tmp_path / 'huge.csv',
+                                                                                        index=False)
+    fails(*base[:-4], *base[-2:], '--z-csv', tmp_path / 'huge.csv',
+          match='huge.csv has NaN or infinite values, or values beyond float32 (z vector CSV, data row 1)')
+    with pytest.raises(PipelineError, match='values beyond float32'):
+        read_z_rows(tmp_path / 'huge.csv', 32)
+    # a generator with NaN weights, through the script: one line, exit status 2, nothing written
+    monkeypatch.setitem(generator_registry.GENERATORS, 'nan', GeneratorEntry(
+        lambda layout, weights, device, directions=None: LoadedGenerator(NaNGenerator(size=256), ()), 'NaN'))
+    fails('--model', 'nan', '--property-cnn', tiny_files / 'property_cnn.pth', '--root', tmp_path / 'root',
+          '--no-progress', '--num', 1, '--grid', 'mouth=0,1', '--device', 'cpu', '--no-identity', '--no-shares',
+          match='the generator gave NaN or infinite pixels for image z 0 label 0')
+
+
+
+@pytest.mark.parametrize('blocker, message', [
+    ('scores', 'cannot write into {folder}/scores: it is a file'),
+    ('images', 'cannot write into {folder}/images/z000000: {folder}/images is a file'),
+    ('summary.md/', 'cannot write {folder}/summary.md: it is a folder; move it away'),
+    ('evaluation_settings.json/', 'cannot write {folder}/evaluation_settings.json: it is a folder'),
+    ('plots/leakage.png/', 'cannot write {folder}/plots/leakage.png: it is a folder'),
+    ('images/z000001/000003.jpg/', 'cannot write {folder}/images/z000001/000003.jpg: it is a folder'),
+])
+def test_every_output_path_is_checked_before_anything_is_written(tmp_path, blocker, message):
+    """A file where a folder goes (or a folder where a file goes) stopped the run only when that path was written,
+    after the images, scores and records before it."""
+    folder = tmp_path / 'run'
+    target = folder / blocker.rstrip('/')
+    if blocker.endswith('/'):
+        (target / 'keep').mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text('x')
+    before = files_of(folder)
+    with pytest.raises(PipelineError, match=re.escape(message.format(folder=folder))):
+        run(tmp_path, inputs_for(PixelGenerator(), num_z=2, grid=SMALL_GRID))
+    assert files_of(folder) == before and sorted(p.name for p in folder.iterdir()) == [blocker.split('/')[0]]
 
 
 # --- identity and shares --------------------------------------------------------------------------------------
@@ -456,6 +562,18 @@ def test_grid_and_z_inputs(tmp_path):
     np.testing.assert_array_equal(read_z_rows(tmp_path / 'z.csv', 5), rows.astype(np.float32))
     with pytest.raises(PipelineError, match='holds z of 5 values, but the generator takes z of 4'):
         read_z_rows(tmp_path / 'z.csv', 4)
+
+
+
+def test_evaluation_z_are_not_the_z_of_stage_1_or_the_direction_samples():
+    """With stream 0 the evaluation's z_i were stage 1's and the direction sampler's z_i: --model directions was
+    partly evaluated on its own training samples."""
+    from stylegan.sampling import MIX_Z_STREAM, Z_STREAM, sampled_latent
+    for seed in (0, 3):
+        evaluation = torch.from_numpy(seeded_z(seed, 100, 16))
+        for stream in (Z_STREAM, MIX_Z_STREAM):
+            sampled = torch.stack([sampled_latent(seed, i, 16, stream) for i in range(200)])
+            assert torch.cdist(evaluation, sampled).min() > 1.0  # no z shared (equal ones would be at distance 0)
 
 
 # --- the script -------------------------------------------------------------------------------------------------
@@ -574,10 +692,11 @@ def test_published_v3_path_end_to_end_on_stand_in_weights(tmp_path, random_embed
     assert files_of(folder.folder) == before
 
 
-def write_stats(path, stats, algorithm):
+def write_stats(path, stats, algorithm=None):
     from ohlora import atomic
     from segmentation.score_normalization import stats_document
-    atomic.write_json(path, stats_document(stats, pd.DataFrame(), algorithm=algorithm))
+    extra = {} if algorithm is None else {'algorithm': algorithm}
+    atomic.write_json(path, stats_document(stats, pd.DataFrame(), **extra))
 
 
 def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys, monkeypatch):
@@ -608,6 +727,8 @@ def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys
     layout.property_scores_dir.mkdir(parents=True)
     write_stats(layout.property_scores_stats(2), stats, algorithm=1)
     fails('--facexformer', parser_file, match='holds the statistics of algorithm 1, not of algorithm 2')
+    write_stats(layout.property_scores_stats(2), stats)  # no "algorithm": its scale is unknown, refused as stage 4 does
+    fails('--facexformer', parser_file, match='does not say which algorithm its statistics belong to (no "algorithm")')
     write_stats(layout.property_scores_stats(2), stats, algorithm=2)
     fails(match='--facexformer PATH')  # offline without the 1.1 GB parser
 

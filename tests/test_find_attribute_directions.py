@@ -104,8 +104,8 @@ def test_an_interrupted_run_resumes_to_the_same_directions(inputs, tmp_path, sta
 
 def test_the_upstream_recipe_on_a_v1_base(inputs, tmp_path, stand_in, capsys):
     output = tmp_path / 'out' / 'upstream.pt'
-    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--compat', 'upstream', '--num', '160',
-                                     '--output', output, '--chunk-size', '80', '--batch-size', '40',
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--compat', 'upstream', '--num', '200',
+                                     '--output', output, '--chunk-size', '100', '--batch-size', '50',
                                      weights=inputs['v1'])) == 0
     assert 'svm directions for eyes, mouth, pose' in capsys.readouterr().out
     directions = read_directions(output)
@@ -123,6 +123,7 @@ def test_the_upstream_recipe_on_a_v1_base(inputs, tmp_path, stand_in, capsys):
     (['--num', '5'], '--num 5 is too few samples'),
     (['--method', 'svm', '--fraction', '0.6'], '--fraction must be in'),
     (['--holdout', '1.5'], '--holdout must be in'),
+    (['--holdout', '0.999'], '--num 30 is too few samples for this fit; use at least 7500'),
     (['--layers', '0-20'], 'outside the generator\'s layers 0..13'),
     (['--layers', 'fine'], "--layers 'fine' is not a layer range"),
     (['--generator', 'v1'], 'not the Oh-LoRA v1 generator'),
@@ -135,6 +136,51 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, extr
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err and err.count('\n') == 1
     assert files_of(root) == {'keep.txt': b'x'}
+
+
+
+@pytest.mark.parametrize('seed, method', [(-1, 'ridge'), (2 ** 40, 'svm'), (-(2 ** 70), 'svm')])
+def test_any_whole_seed_samples_and_fits(inputs, tmp_path, stand_in, capsys, seed, method):
+    """numpy's default_rng and LinearSVC refuse seeds outside [0, 2**32): theirs are derived from --seed, so a
+    negative or huge seed no longer ends in a traceback after sampling."""
+    root = tmp_path / 'root'
+    assert run_script(SCRIPT, *args(inputs, root, '--num', '24', '--seed', str(seed), '--method', method,
+                                     '--fraction' if method == 'svm' else '--holdout', '0.25')) == 0
+    assert 'directions for eyes, mouth, pose from 24 samples' in capsys.readouterr().out
+    directions = read_directions(root / 'stylegan_modified' / 'attribute_directions.pt')
+    assert directions.seed == seed and directions.method == method
+
+
+
+@pytest.mark.parametrize('where, message', [
+    ('output_parent_file', 'cannot write into {out}/afile: it is a file'),
+    ('report_folder', 'cannot write {out}/dirs_fit_quality.json: it is a folder'),
+    ('chunk_folder', 'cannot write {samples}/chunk_000001.pt: it is a folder'),
+    ('images_file', 'cannot write into {samples}/images: it is a file'),
+])
+def test_output_paths_are_checked_before_sampling(inputs, tmp_path, capsys, stand_in, where, message):
+    """--output was checked only after sampling: the samples were written, then the run stopped."""
+    out, samples = tmp_path / 'out', tmp_path / 'samples'
+    out.mkdir()
+    output = out / 'dirs.pt'
+    extra = ['--num', '24', '--chunk-size', '12', '--samples-dir', samples]
+    if where == 'output_parent_file':
+        (out / 'afile').write_text('x')
+        output = out / 'afile' / 'dirs.pt'
+    elif where == 'report_folder':
+        (out / 'dirs_fit_quality.json').mkdir()
+    elif where == 'chunk_folder':
+        (samples / 'chunk_000001.pt').mkdir(parents=True)
+    else:
+        samples.mkdir()
+        (samples / 'images').write_text('x')
+        extra.append('--save-images')
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*'))
+    assert run_script(SCRIPT, *args(inputs, tmp_path / 'root', '--output', output, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1
+    assert message.format(out=out, samples=samples) in err, err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*')) == before
 
 
 def test_bad_files_are_one_line_and_write_nothing(inputs, tmp_path, capsys, stand_in):
@@ -220,7 +266,7 @@ def test_the_evaluation_measures_the_directions(inputs, tmp_path, stand_in, caps
                   '--root', root, '--device', 'cpu', '--no-progress', '--num', '1', '--grid', 'eyes=-1,1',
                   '--grid', 'mouth=0', '--grid', 'pose=0', '--no-identity', '--no-shares']
     assert run_script('evaluate_attribute_control.py', *evaluation) == 0
-    capsys.readouterr()
+    assert 'were fitted with the property CNN' not in capsys.readouterr().err  # the same CNN: no warning
     folder = Layout(root).attribute_control_dir('directions', 'property-cnn')
     summary = json.loads((folder / 'summary.json').read_text())
     assert summary['run']['model'] == 'directions' and summary['run']['measure'] == 'property-cnn'
@@ -229,3 +275,12 @@ def test_the_evaluation_measures_the_directions(inputs, tmp_path, stand_in, caps
     assert sha256_of(Layout(root).attribute_directions) in text and sha256_of(inputs['genforce']) in text
     assert run_script('evaluate_attribute_control.py', *evaluation, '--directions', tmp_path / 'none.pt') == 2
     assert 'no such directions file' in capsys.readouterr().err
+
+    torch.manual_seed(5)
+    torch.save(PropertyScoreCNN().state_dict(), tmp_path / 'other_cnn.pth')
+    other = [a if a != inputs['cnn'] else tmp_path / 'other_cnn.pth' for a in evaluation]
+    assert run_script('evaluate_attribute_control.py', *other, '--outdir', tmp_path / 'other') == 0
+    err = capsys.readouterr().err
+    assert (f'warning: the directions were fitted with the property CNN cnn.pth (SHA-256 '
+            f'{sha256_of(inputs["cnn"])[:12]}…), but another one measures them (SHA-256 '
+            f'{sha256_of(tmp_path / "other_cnn.pth")[:12]}…)') in err, err

@@ -97,3 +97,27 @@ def test_other_widths_and_a_label():
     with torch.no_grad():
         logits = model(torch.randn(4, 3, 32, 32), label=torch.eye(3)[[0, 1, 2, 0]])
     assert logits.shape == (4, 1) and torch.isfinite(logits).all()
+
+
+def test_the_blur_gradients_are_the_depthwise_convs_to_second_order():
+    """The blur's own autograd function (fast R1 double backward) gives the gradients of the plain depthwise conv."""
+    import torch.nn.functional as F
+
+    from stylegan.genforce_layers import BlurLayer
+
+    torch.manual_seed(0)
+    layer = BlurLayer(3).double()
+    layer.kernel.copy_(torch.rand(3, 1, 3, 3, dtype=torch.float64))  # not symmetric: the flip must be right
+    assert torch.autograd.gradcheck(layer, (torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradgradcheck(layer, (torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True),))
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    grads = []
+    for blur in (layer, lambda t: F.conv2d(t, layer.kernel, padding=1, groups=3)):
+        (first,) = torch.autograd.grad((blur(x) ** 2 * weight).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(first.square().sum(), x)  # what R1's backward differentiates
+        grads.append((first.detach(), second))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12) and torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.conv2d(x, layer.kernel, padding=1, groups=3))  # forward unchanged

@@ -246,3 +246,25 @@ def test_a_non_finite_loss_is_one_line():
     check_finite('epoch 0', 'kept', d_loss=torch.tensor(1.0), g_loss=2.0)
     with pytest.raises(NonFiniteLoss, match=r'^g_loss became inf at epoch 0, batch 3; stopped .*kept$'):
         check_finite('epoch 0, batch 3', 'the last checkpoint is kept', d_loss=1.0, g_loss=torch.tensor(np.inf))
+
+
+def test_float32_overflow_and_folders_under_published_names_are_refused_up_front(tmp_path):
+    """A label of 1e39 is finite in float64 but inf for the models; a folder where a checkpoint goes would only
+    fail at the first save (after an epoch), even with --overwrite: both are refused before any work."""
+    import pandas as pd
+
+    from ohlora.errors import PipelineError
+    from ohlora.owned_files import OwnedFiles
+    from ohlora.tables import float32_matrix
+
+    frame = pd.DataFrame({'a': [1.0, 1e39]})
+    with pytest.raises(PipelineError, match='beyond the float32 range'):
+        float32_matrix(frame, ['a'], tmp_path / 'x.csv', 'scores')
+    assert float32_matrix(pd.DataFrame({'a': [1.0, 3e38]}), ['a'], tmp_path / 'x.csv', 'scores').dtype.name == 'float32'
+
+    (tmp_path / 'ckpt.pth').mkdir()
+    owned = OwnedFiles(tmp_path / 'written.json', tmp_path, 'use --outdir')
+    for overwrite in (False, True):
+        with pytest.raises(PipelineError, match='ckpt.pth: it is a folder'):
+            owned.check([tmp_path / 'ckpt.pth'], overwrite=overwrite)
+    assert not (tmp_path / 'written.json').exists()
