@@ -8,6 +8,11 @@ SHA-256 of their files), the SHA-256 of every scored image and, once finished, o
 same models and mode reuses the rows of images whose bytes are unchanged and scores the rest (new, replaced or
 earlier unreadable images); other settings start over, and the earlier final CSVs stay in place until the new ones
 replace them.
+
+A split run (``--shard i/n`` or torchrun) scores the whole batches k with k mod n = i of the images one process
+would score, so every image is scored in the batch one process scores it in. A shard reads the final CSVs (never
+writes them) and keeps its rows in its own data files beside its shard record; :func:`merge_shard_rows` gathers
+them for :func:`finish`, which writes exactly what one process writes.
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ from tqdm import tqdm
 from cnn.ensemble import ensemble_outputs, final_scores, round4, set_dropout
 from cnn.images import IMAGE_HW, ImageFiles, image_loader, to_unit_range
 from ohlora import atomic
+from ohlora.amp import AMP_NAME, autocast
 from ohlora.constants import NUM_FOLDS
 from ohlora.devices import item_generator
 from ohlora.errors import PipelineError
+from ohlora.distributed import Shard
 from ohlora.layout import Layout, image_name
-from ohlora.records import load_record, sha256_bytes, sha256_of, weights_digest
+from ohlora.records import aligned_batches, load_record, sha256_bytes, sha256_of, weights_digest
+from ohlora.sharding import ShardRecords
 
 DROPOUT_STREAM = 20  # item_generator stream of the compat-mode dropout draws
 
@@ -43,12 +51,15 @@ def partial_columns(prop: str) -> list[str]:
     return inference_columns(prop) + [IMAGE_DIGEST]
 
 
-def scoring_settings(weights: dict[str, list[Path]], dropout: bool, seed: int, batch_size: int) -> dict:
+def scoring_settings(weights: dict[str, list[Path]], dropout: bool, seed: int, batch_size: int,
+                     amp: bool = False) -> dict:
     """What the scores depend on besides each image's content; rows made under other settings are not reused."""
     settings = {'models': {prop: [weights_digest(p) for p in paths] for prop, paths in sorted(weights.items())},
                 'mode': 'dropout on (--compat upstream)' if dropout else 'eval'}
     if dropout:  # the dropout draws depend on the seed and on how images are batched
         settings.update(seed=seed, batch_size=batch_size)
+    if amp:  # float32 settings stay as they were
+        settings['amp'] = AMP_NAME
     return settings
 
 
@@ -163,9 +174,124 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
     frames, changed, replaced = resume_rows(layout, props, settings, todo)
     done = set(frames[props[0]]['img_no'].tolist()) if props else set()
     remaining = sorted(todo - done)
+    frames, skipped = _score(layout, ensembles, frames, remaining, lambda rows: _save_partial(layout, rows),
+                             device=device, batch_size=batch_size, workers=workers, dropout_seed=dropout_seed,
+                             amp='amp' in settings, checkpoint_every=checkpoint_every, progress=progress)
+    require_some_scores(frames, skipped)
+    finish(layout, frames, settings)
+    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed, len(done), replaced)
+
+
+def shard_images(img_nos: list[int], batch_size: int, shard: Shard) -> list[int]:
+    """The images of a shard: the whole batches k (of ``batch_size`` images, as one process forms them from
+    ``img_nos``) with k mod n = i."""
+    return [n for batch in aligned_batches(list(img_nos), set(), batch_size, shard) for n in batch]
+
+
+def _shard_rows(records: ShardRecords, shard: Shard, prop: str) -> Path:
+    return records.files.data(shard.index, shard.count, prop)
+
+
+def score_shard(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos: list[int], settings: dict, *,
+                shard: Shard, records: ShardRecords, key: dict, device: torch.device, batch_size: int = 32,
+                workers: int = 0, dropout_seed: int | None = None, checkpoint_every: int = 1024,
+                progress: bool = True) -> ScoringResult:
+    """Score this shard's share of ``img_nos`` (see :func:`shard_images`) into its shard record and data files;
+    rows of the final CSVs (when made with ``settings``) and of this shard's earlier run are reused for images
+    whose bytes are unchanged. Nothing shared is written."""
+    props = list(ensembles)
+    own = records.check_start(shard, key)
+    mine = shard_images(img_nos, batch_size, shard)
+    frames, changed = _reusable_rows(layout, props, settings, set(mine),
+                                     [_shard_rows(records, shard, prop) for prop in props] if own else [])
+    done = set(frames[props[0]]['img_no'].tolist()) if props else set()
+    remaining = [n for n in mine if n not in done]
+
+    def save(rows: dict[str, pd.DataFrame], finished: bool = False, skipped=()) -> None:
+        for prop, frame in rows.items():
+            atomic.write_text(_shard_rows(records, shard, prop), _csv_text(frame, partial_columns(prop)))
+        records.write(shard, key, finished=finished, skipped=[[int(n), str(r)] for n, r in skipped],
+                      scored=len(remaining) - len(skipped), reused=len(done), changed=changed)
+
+    frames, skipped = _score(layout, ensembles, frames, remaining, save, device=device, batch_size=batch_size,
+                             workers=workers, dropout_seed=dropout_seed, amp='amp' in settings,
+                             checkpoint_every=checkpoint_every, progress=progress)
+    save(frames, finished=True, skipped=sorted(skipped))
+    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed, len(done))
+
+
+def _reusable_rows(layout: Layout, props: list[str], settings: dict, todo: set[int],
+                   extra: list[Path]) -> tuple[dict[str, pd.DataFrame], int]:
+    """Rows a shard may reuse, read only: the final CSVs' (when the record vouches for them and names
+    ``settings``) and those in ``extra`` (its own earlier rows, one file per property), for images in ``todo``
+    whose file still holds the bytes scored."""
+    record = load_record(layout.cnn_scoring_record)
+    same = record is not None and record.get('settings') == settings
+    vouched = (record.get('outputs') or {}) if same else {}
+    scored_from = record.get('images') if same and isinstance(record.get('images'), dict) else {}
+    previous = {}
+    for position, prop in enumerate(props):
+        parts = []
+        final = layout.cnn_inference_csv(prop)
+        if vouched.get(prop) and final.is_file() and sha256_of(final) == vouched.get(prop):
+            rows = _read_rows(final, inference_columns(prop))
+            if rows is not None:
+                rows[IMAGE_DIGEST] = [scored_from.get(str(n)) for n in rows['img_no']]
+                parts.append(rows.dropna(subset=[IMAGE_DIGEST]))
+        if extra:
+            parts.append(_read_rows(extra[position], partial_columns(prop)))
+        parts = [part for part in parts if part is not None and not part.empty]
+        frame = pd.concat(parts, ignore_index=True).drop_duplicates('img_no', keep='last') if parts else _empty(prop)
+        previous[prop] = frame[frame['img_no'].isin(todo)]
+    common = set.intersection(*(set(frame['img_no'].tolist()) for frame in previous.values())) if previous else set()
+    current = {n: _file_digest(layout.synthesized_image(n)) for n in sorted(common)}
+    kept, changed = {}, set()
+    for prop, frame in previous.items():
+        same_bytes = np.array([n in current and current[n] == digest
+                               for n, digest in zip(frame['img_no'], frame[IMAGE_DIGEST])], dtype=bool)
+        changed |= {int(n) for n, ok in zip(frame['img_no'], same_bytes) if n in current and not ok}
+        kept[prop] = frame[same_bytes]
+    common = set.intersection(*(set(frame['img_no'].tolist()) for frame in kept.values())) if kept else set()
+    return {prop: frame[frame['img_no'].isin(common)].sort_values('img_no', kind='stable').reset_index(drop=True)
+            for prop, frame in kept.items()}, len(changed)
+
+
+def merge_shard_rows(records: ShardRecords, shards: list[dict], props: list[str],
+                     img_nos: list[int]) -> tuple[dict[str, pd.DataFrame], list[tuple[int, str]]]:
+    """The rows of every shard, as one run's frames, and the images they skipped; an image of ``img_nos`` that no
+    shard scored or skipped is a one-line error."""
+    frames, skipped = {}, []
+    for record in shards:
+        skipped += [(int(n), str(reason)) for n, reason in record.get('skipped', [])]
+    for prop in props:
+        parts = []
+        for record in shards:
+            path = records.files.data(record['index'], record['count'], prop)
+            rows = _read_rows(path, partial_columns(prop))
+            if rows is None and path.exists():
+                raise PipelineError(f'{path} is not a scores file of this stage; rerun shard '
+                                    f'{record["index"]}/{record["count"]}')
+            if rows is not None:
+                parts.append(rows)
+        frame = pd.concat(parts, ignore_index=True) if parts else _empty(prop)
+        frames[prop] = frame.sort_values('img_no', kind='stable').reset_index(drop=True)
+    covered = set.intersection(*(set(frame['img_no'].tolist()) for frame in frames.values())) | {n for n, _ in skipped}
+    lost = [n for n in img_nos if n not in covered]
+    if lost:
+        raise PipelineError(f'no shard scored image {lost[0]:06d} ({len(lost)} images in all); rerun the shards with '
+                            'the same stage-1 images and options, then merge')
+    return frames, sorted(skipped)
+
+
+def _score(layout: Layout, ensembles: dict[str, list[nn.Module]], frames: dict[str, pd.DataFrame],
+           remaining: list[int], save, *, device: torch.device, batch_size: int, workers: int,
+           dropout_seed: int | None, amp: bool, checkpoint_every: int,
+           progress: bool) -> tuple[dict[str, pd.DataFrame], list[tuple[int, str]]]:
+    """Score ``remaining`` in batches of ``batch_size`` (in this order) onto ``frames``; ``save(frames)`` keeps
+    the rows every ``checkpoint_every`` images and on Ctrl-C. Returns the frames and the unreadable images."""
+    props = list(ensembles)
     for models in ensembles.values():
         set_dropout(models, dropout_seed is not None)
-
     image_dir = layout.relative(layout.synthesized_dir)
     dataset = ImageFiles(remaining, [layout.synthesized_image(n) for n in remaining], size=IMAGE_HW)
     pending: dict[str, list[dict]] = {prop: [] for prop in props}
@@ -181,10 +307,12 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
             images = to_unit_range(batch.images.to(device, non_blocking=True))
             for prop, models in ensembles.items():
                 if dropout_seed is None:
-                    outputs = ensemble_outputs(models, images)
+                    with autocast(device, amp):
+                        outputs = ensemble_outputs(models, images)
                 else:
                     # Dropout draws depend on (seed, first image of the batch): reruns give the same scores.
-                    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), \
+                            autocast(device, amp):
                         torch.manual_seed(item_generator(dropout_seed, batch.img_nos[0], DROPOUT_STREAM).initial_seed())
                         outputs = ensemble_outputs(models, images)
                 finals, rounded = final_scores(outputs), round4(outputs)
@@ -197,19 +325,20 @@ def score_images(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos:
             since_save += len(batch.img_nos)
             if since_save >= checkpoint_every:
                 frames = _merge(frames, pending)
-                _save_partial(layout, frames)
+                save(frames)
                 since_save = 0
     except KeyboardInterrupt:  # keep what was scored; the rerun resumes from it
         if any(pending.values()):
-            _save_partial(layout, _merge(frames, pending))
+            save(_merge(frames, pending))
         raise
     finally:
         bar.close()
-    frames = _merge(frames, pending)
-    if props and frames[props[0]].empty and skipped:
-        raise PipelineError(f'none of the {len(skipped)} images could be scored (first: {skipped[0][1]})')
-    finish(layout, frames, settings)
-    return ScoringResult(frames, sorted(skipped), len(remaining) - len(skipped), changed, len(done), replaced)
+    return _merge(frames, pending), skipped
+
+
+def require_some_scores(frames: dict[str, pd.DataFrame], skipped: list[tuple[int, str]]) -> None:
+    if frames and next(iter(frames.values())).empty and skipped:
+        raise PipelineError(f'none of the {len(skipped)} images could be scored (first: {sorted(skipped)[0][1]})')
 
 
 def _merge(frames: dict[str, pd.DataFrame], pending: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:

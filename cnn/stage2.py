@@ -3,6 +3,10 @@
 Every check a user can fail (options, output folders, the stage-1 images, the labels) comes before anything is
 fetched, trained or written. Progress notes go to the log; what the run did comes back as a :class:`Stage2Report`
 whose :meth:`~Stage2Report.lines` the script prints.
+
+Only the ensemble scoring is split over several processes (torchrun ranks or ``--shard i/n`` jobs); the merge
+(rank 0 under torchrun, else :func:`merge_stage2_shards`) writes the score CSVs and the scoring record, then merges,
+filters and links as one process does.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from cnn.images import IMAGE_HW
 from cnn.labels import Labels, applicable_labels
 from cnn.models import MODEL_CLASSES
 from cnn.properties import GENDER, PROPERTIES, QUALITY
-from cnn.scoring import ScoringResult, score_images, scoring_settings
+from cnn.scoring import (ScoringResult, finish, merge_shard_rows, require_some_scores, score_images, score_shard,
+                         scoring_settings)
 from cnn.training import TrainingConfig, TrainingOutcome, TrainingSamples, train_all
 from ohlora.atomic import check_replaceable, check_writable
 from ohlora.cli import check_float
@@ -25,6 +30,8 @@ from ohlora.constants import NUM_FOLDS
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.records import load_record, sha256_bytes
+from ohlora.sharding import ShardRecords, Sharding, check_shard_option, start
 from stylegan.sampling import existing_images, image_source
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,8 @@ class Stage2Request:
     device: str | None = None
     compat: bool = False                     # --compat upstream: dropout on while scoring, upstream LR schedule
     progress: bool = True
+    shard: str | None = None                 # 'i/n': this job's share of the scoring (then merge the shards)
+    amp: bool = False                        # bfloat16 autocast while scoring (recorded in the scoring record)
 
 
 @dataclass
@@ -63,9 +72,18 @@ class Stage2Report:
     filtered: FilterResult
     trained: dict[str, TrainingOutcome] = field(default_factory=dict)
 
+    shard: str | None = None     # a --shard job: its share ('i/n'); merging, filtering and linking are to come
+    quiet: bool = False          # a torchrun rank other than 0 prints nothing
+
     def lines(self) -> list[str]:
         """What the script prints (stdout): retraining, scoring, filtering, in the order they happened."""
         layout, result = self.layout, self.scoring
+        if self.quiet:
+            return []
+        if self.shard is not None:
+            return [f'shard {self.shard}: scored {result.scored_now} images (reused {result.reused} scores'
+                    + (f', {len(result.skipped)} unreadable' if result.skipped else '')
+                    + f'); once every shard has finished, merge them: {merge_command(layout)}']
         out = []
         for prop, outcome in self.trained.items():
             if outcome.up_to_date:
@@ -107,6 +125,22 @@ def check_request(request: Stage2Request, layout: Layout) -> None:
                             f'{layout.relative(layout.cnn_models_dir)} itself')
     if request.workers < 0:
         raise PipelineError(f'--workers must be 0 or more, got {request.workers}')
+    check_shard_option(request.shard)
+    if request.retrain and request.shard is not None:
+        raise PipelineError('--retrain trains in one process; retrain first, then score with --shard')
+
+
+def merge_command(layout: Layout) -> str:
+    return f'merge_shards.py --stage 2 --root {layout.root}'
+
+
+def shard_records(layout: Layout) -> ShardRecords:
+    return ShardRecords(layout.shard_records('2'), merge_command(layout))
+
+
+def images_digest(img_nos: list[int]) -> str:
+    """Which images are scored (every shard must split the same list)."""
+    return sha256_bytes(','.join(map(str, img_nos)).encode('ascii'))
 
 
 def output_folders(layout: Layout, retrain: bool) -> list[Path]:
@@ -160,7 +194,10 @@ def run_stage2(request: Stage2Request) -> Stage2Report:
     available = stage1_images(layout)
     existing_images(layout.filtered_dir)  # a filtered folder with foreign files fails now, not after scoring
     labels = applicable_labels(layout, request.labels, available)
-    device = resolve_device(request.device)
+    sharding = start(resolve_device(request.device), request.shard)
+    device = sharding.ctx.device
+    if sharding.active and request.retrain:
+        raise PipelineError('--retrain trains in one process; retrain first, then score under torchrun')
     disable_tf32()
     trained = retrain(request, layout, labels, device) if request.retrain else {}
 
@@ -168,16 +205,82 @@ def run_stage2(request: Stage2Request) -> Stage2Report:
     ensembles = {prop: load_ensemble(prop, paths, device) for prop, paths in weights.items()}
     labelled = set() if labels is None else set(int(n) for n in labels.img_nos)
     to_score = sorted(available - labelled)
-    settings = scoring_settings(weights, request.compat, request.seed, request.batch_size)
-    result = score_images(layout, ensembles, to_score, settings, device=device, batch_size=request.batch_size,
-                          workers=request.workers, dropout_seed=request.seed if request.compat else None,
-                          progress=request.progress)
+    settings = scoring_settings(weights, request.compat, request.seed, request.batch_size, request.amp)
+    options = dict(device=device, batch_size=request.batch_size, workers=request.workers,
+                   dropout_seed=request.seed if request.compat else None, progress=request.progress)
+    records = shard_records(layout)
+    if sharding.active:
+        return _score_share(request, layout, sharding, records, ensembles, labels, labelled, to_score, settings,
+                            options)
+    records.refuse_unmerged()
+    result = score_images(layout, ensembles, to_score, settings, **options)
     for img_no, reason in result.skipped:
         logger.warning('image %06d skipped: %s', img_no, reason)
+    return _merge_and_filter(request, layout, available, labels, len(labelled), to_score, result, trained)
 
+
+def _merge_and_filter(request: Stage2Request, layout: Layout, available: set[int], labels: Labels | None,
+                      labelled: int, to_score: list[int], result: ScoringResult,
+                      trained: dict[str, TrainingOutcome] | None = None) -> Stage2Report:
+    """The merged CSV and the filtered folder from the scores (one process, or the merge of a split run)."""
     merged = merge_scores(layout, sorted(available), labels, result.frames)
     write_table_if_changed(layout.cnn_merged_csv, merged)
     keep = select(merged, request.gender_threshold, request.quality_threshold)
     filtered = sync_filtered(layout, keep, progress=request.progress)
-    return Stage2Report(layout, request, labels, len(labelled), len(to_score), result,
-                        score_summary(merged, request.gender_threshold, request.quality_threshold), filtered, trained)
+    return Stage2Report(layout, request, labels, labelled, len(to_score), result,
+                        score_summary(merged, request.gender_threshold, request.quality_threshold), filtered,
+                        trained or {})
+
+
+def _shard_key(request: Stage2Request, settings: dict, to_score: list[int]) -> dict:
+    """What every shard must share: the scoring settings, the images and batches split, and what the merge does
+    with the scores (labels, thresholds)."""
+    return {'settings': settings, 'batch_size': request.batch_size, 'images_sha256': images_digest(to_score),
+            'labels': None if request.labels is None else str(request.labels),
+            'gender_threshold': request.gender_threshold, 'quality_threshold': request.quality_threshold}
+
+
+def _score_share(request: Stage2Request, layout: Layout, sharding: Sharding, records: ShardRecords, ensembles,
+                 labels: Labels | None, labelled: set[int], to_score: list[int], settings: dict,
+                 options: dict) -> Stage2Report:
+    result = score_shard(layout, ensembles, to_score, settings, shard=sharding.shard, records=records,
+                         key=_shard_key(request, settings, to_score), **options)
+    if not sharding.torchrun:
+        return Stage2Report(layout, request, labels, len(labelled), len(to_score), result, '', FilterResult(0, 0, 0, 0, []),
+                            shard=str(sharding.shard))
+    report = sharding.finish(lambda: merge_stage2_shards(layout.root, progress=request.progress))
+    return report if report is not None else Stage2Report(layout, request, labels, len(labelled), len(to_score),
+                                                          result, '', FilterResult(0, 0, 0, 0, []), quiet=True)
+
+
+def merge_stage2_shards(root: str | Path | None, progress: bool = True) -> Stage2Report:
+    """``merge_shards.py --stage 2``: the score CSVs and the scoring record from the rows of every shard, then the
+    merged CSV and the filtered folder, exactly as one process writes them."""
+    layout = Layout(root)
+    records = shard_records(layout)
+    shards = records.collect()
+    key = shards[0]['key']
+    request = Stage2Request(root=root, labels=key['labels'], gender_threshold=key['gender_threshold'],
+                            quality_threshold=key['quality_threshold'], batch_size=key['batch_size'],
+                            compat=key['settings'].get('mode', '').startswith('dropout'), progress=progress)
+    check_writable(*output_folders(layout, False))
+    available = stage1_images(layout)
+    labels = applicable_labels(layout, request.labels, available)
+    labelled = set() if labels is None else set(int(n) for n in labels.img_nos)
+    to_score = sorted(available - labelled)
+    if images_digest(to_score) != key['images_sha256']:
+        raise PipelineError(f'the images to score in {layout.synthesized_dir} (or the labels) changed since the shards '
+                            'ran; rerun every shard, then merge')
+    frames, skipped = merge_shard_rows(records, shards, list(PROPERTIES), to_score)
+    require_some_scores(frames, skipped)
+    earlier = load_record(layout.cnn_scoring_record)
+    finals = [layout.cnn_inference_csv(p) for p in PROPERTIES if layout.cnn_inference_csv(p).exists()]
+    replaced = finals[0].parent if finals and (earlier is None or earlier.get('settings') != key['settings']) else None
+    finish(layout, frames, key['settings'])
+    for img_no, reason in skipped:
+        logger.warning('image %06d skipped: %s', img_no, reason)
+    result = ScoringResult(frames, skipped, sum(r.get('scored', 0) for r in shards),
+                           sum(r.get('changed', 0) for r in shards), sum(r.get('reused', 0) for r in shards), replaced)
+    report = _merge_and_filter(request, layout, available, labels, len(labelled), to_score, result)
+    records.remove()
+    return report

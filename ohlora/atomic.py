@@ -1,8 +1,11 @@
 """Atomic writes: every file is written to a temporary name in the same folder, then renamed (R14).
 
 A crash therefore leaves either the old file or the new one, never a truncated image, CSV or checkpoint.
-Temporary names are ``.tmp-<pid>-<random><suffix>``: folder scans ignore them, and a later run removes those
-of processes that no longer exist (a run killed with ``kill -9`` cannot clean up after itself).
+Temporary names are ``.tmp-<pid>h<host>-<random><suffix>``: folder scans ignore them, and a later run removes
+those of processes of this machine that no longer exist (a run killed with ``kill -9`` cannot clean up after
+itself). ``<host>`` (8 hex digits of the host name's SHA-256) keeps a job on one machine from removing the live
+temporaries of a job on another that writes into the same shared folder (``--shard`` jobs, multi-node torchrun),
+whose process ids mean nothing here. Names without it (written before it existed) count as this machine's.
 
 A write that fails (disk full, file too large, a folder in the way, no permission) raises a one-line
 :class:`PipelineError` naming the path; the temporary file is removed, the old file stays as it was.
@@ -10,24 +13,28 @@ A write that fails (disk full, file too large, a folder in the way, no permissio
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from pathlib import Path
 
 from ohlora.errors import PipelineError
 
 TMP_PREFIX = '.tmp-'
-_OWNED_TMP = re.compile(re.escape(TMP_PREFIX) + r'(\d+)-')
+_OWNED_TMP = re.compile(re.escape(TMP_PREFIX) + r'(\d+)(?:h([0-9a-f]{8}))?-')  # groups: pid, host
+HOST_TAG = hashlib.sha256(socket.gethostname().encode('utf-8')).hexdigest()[:8]
 
 
 def temporary_name(path: Path, tag: str = '') -> Path:
-    """A fresh temporary name beside ``path`` that records this process (see :func:`remove_stale_temporaries`)."""
-    return path.parent / f'{TMP_PREFIX}{os.getpid()}-{tag}{secrets.token_hex(6)}{path.suffix}'
+    """A fresh temporary name beside ``path`` that records this process and machine (see
+    :func:`remove_stale_temporaries`)."""
+    return path.parent / f'{TMP_PREFIX}{os.getpid()}h{HOST_TAG}-{tag}{secrets.token_hex(6)}{path.suffix}'
 
 
 def write_error(path: Path, exc: OSError) -> PipelineError:
@@ -141,7 +148,8 @@ def _process_exists(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files and folders that processes which no longer run left in ``folder``."""
+    """Remove the temporary files and folders that processes of this machine which no longer run left in
+    ``folder`` (another machine's are left alone: its process ids cannot be checked from here)."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -149,7 +157,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _OWNED_TMP.match(entry.name)
-        if match is None or _process_exists(int(match.group(1))):
+        if match is None or match.group(2) not in (None, HOST_TAG) or _process_exists(int(match.group(1))):
             continue
         path = Path(entry.path)
         with contextlib.suppress(OSError):

@@ -55,6 +55,18 @@ def add_common_options(parser: argparse.ArgumentParser, *, batch_size: int | Non
                             help="'upstream' switches on this stage's upstream behaviours (see README)")
 
 
+def add_scale_options(parser: argparse.ArgumentParser, *, amp: bool = True, unit: str = 'images') -> None:
+    """``--shard I/N`` (one of N independent jobs; torchrun splits by rank instead) and ``--amp`` (bfloat16 autocast,
+    opt-in) for the stages that spread their work (docs/scale-out-inference.md)."""
+    parser.add_argument('--shard', default=None, metavar='I/N',
+                        help=f'take share I of N (0-based) of the {unit}, as one of N independent jobs; then merge '
+                             'with merge_shards.py (under torchrun the ranks split the work instead)')
+    if amp:
+        parser.add_argument('--amp', action='store_true',
+                            help='run the networks under bfloat16 autocast (faster on recent GPUs; outputs within '
+                                 'the tolerance stated in docs/scale-out-inference.md, recorded in the settings)')
+
+
 class VerboseAction(argparse.Action):
     """``--verbose``: switches the progress notes of :mod:`ohlora.logs` on as soon as it is parsed."""
 
@@ -112,3 +124,7 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     except KeyboardInterrupt:
         print('interrupted; finished outputs are kept and a rerun resumes', file=sys.stderr)
         sys.exit(130)
+    finally:
+        from ohlora.distributed import close
+
+        close()  # the torchrun process group of a sharded stage, if one was started

@@ -3,8 +3,10 @@
 OpenCV's encoders release the GIL, so the encoding and atomic writes of batch k run in threads while the caller
 renders batch k + 1; when batch k + 1 is handed over, batch k's files are waited for, before batch k + 2 is
 rendered. So at most two batches of images are held, and a failed write (one line, from :mod:`ohlora.atomic`)
-stops the run one batch later at the latest. Leaving the ``with`` block waits for the rest; after an error or
-Ctrl-C the writes already running finish (each is atomic) and the queued ones are dropped.
+stops the run one batch later at the latest. Leaving the ``with`` block waits for the rest, after Ctrl-C (or
+another stop signal) too: those images are rendered already, at most two batches, and keeping them is work a
+resume need not redo (and which images exist does not depend on thread timing). After an error the writes already
+running finish (each is atomic) and the queued ones are dropped.
 """
 from __future__ import annotations
 
@@ -47,4 +49,5 @@ class BatchImageWriter:
                 while self._in_flight:
                     self._finish(self._in_flight.popleft())
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None and not interrupted)

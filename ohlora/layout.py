@@ -99,6 +99,38 @@ def cnn_model_name(prop: str, fold: int) -> str:
     return f'{prop}_model_{fold}.pt'
 
 
+# --- sharded runs (--shard i/n, torchrun): per-shard records, merged into the files one process writes ---
+SHARD_RECORDS_FOLDER = 'shard_records'
+
+
+class ShardRecordsFolder:
+    """The records of the shards of one sharded run of a stage: ``shard_I_of_N.json`` per shard (what it ran with,
+    how far it got) and its data files ``shard_I_of_N_<part>.csv``; the merge step turns them into the stage's own
+    files and removes the folder."""
+
+    PATTERN = re.compile(r'shard_(\d+)_of_(\d+)\.json')
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def record(self, index: int, count: int) -> Path:
+        return self.folder / f'shard_{index}_of_{count}.json'
+
+    def data(self, index: int, count: int, part: str) -> Path:
+        return self.folder / f'shard_{index}_of_{count}_{part}.csv'
+
+    def records(self) -> list[tuple[int, int, Path]]:
+        """(index, count, path) of every shard record in the folder, by count then index."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.iterdir():
+            match = self.PATTERN.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), int(match.group(2)), path))
+        return sorted(found, key=lambda item: (item[1], item[0]))
+
+
 class Layout:
     """Every path of the pipeline, relative to ``root``."""
 
@@ -245,6 +277,15 @@ class Layout:
     @property
     def segmentation_meta(self) -> Path:
         return self.segmentation_dir / 'segmentation_meta.json'
+
+    # --- sharded runs of stages 1, 2 and 3 (stage 6 and the directions keep theirs in their output folder) ---
+    def shard_records(self, stage: str) -> ShardRecordsFolder:
+        """The shard records of a sharded run of stage ``stage`` ('1', '2', '3') under the root."""
+        return ShardRecordsFolder(self.shard_records_root / f'stage{stage}')
+
+    @property
+    def shard_records_root(self) -> Path:
+        return self.root / SHARD_RECORDS_FOLDER
 
     # --- stage 4: property scores ---
     @property
@@ -437,6 +478,10 @@ class GenerationFolder:
     def image(self, img_no: int, value: float | None = None) -> Path:
         return self.folder / self.image_name(img_no, value)
 
+    @property
+    def shard_records(self) -> ShardRecordsFolder:
+        return ShardRecordsFolder(self.folder / SHARD_RECORDS_FOLDER)
+
 
 class DirectionSamplesFolder:
     """Sampling output of the directions fit: ``samples_settings.json`` (what every chunk was made with),
@@ -464,6 +509,10 @@ class DirectionSamplesFolder:
 
     def image(self, index: int) -> Path:
         return self.images_dir / image_name(index)
+
+    @property
+    def shard_records(self) -> ShardRecordsFolder:
+        return ShardRecordsFolder(self.folder / SHARD_RECORDS_FOLDER)
 
 
 class AttributeControlFolder:

@@ -198,15 +198,18 @@ def scan_outputs(folder: str | Path, pattern: re.Pattern, noun: str) -> FolderSc
 
 # --- resuming work in batches ----------------------------------------------------------------------------------
 
-def aligned_batches(items: list, done, batch_size: int) -> list[list]:
-    """The batches ``items[k*B:(k+1)*B]`` that hold an item not ``done``, whole.
+def aligned_batches(items: list, done, batch_size: int, shard=None) -> list[list]:
+    """The batches ``items[k*B:(k+1)*B]`` that hold an item not ``done``, whole; with ``shard`` (an
+    :class:`ohlora.distributed.Shard`) only the batches k it owns (k mod n = i).
 
     Float results can depend on which images share a batch; rendering the same batches as an uninterrupted run
     (and writing only what is missing) makes a resumed run's files byte-identical to it, at the price of at most
-    one batch rendered twice.
+    one batch rendered twice. Sharding whole batches keeps that: every image of a split run is rendered in the
+    batch one process would have rendered it in.
     """
     batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-    return [batch for batch in batches if any(item not in done for item in batch)]
+    return [batch for k, batch in enumerate(batches)
+            if (shard is None or shard.owns(k)) and any(item not in done for item in batch)]
 
 
 # --- z records -------------------------------------------------------------------------------------------------

@@ -13,10 +13,17 @@ are unchanged; a replaced image, or any image after a change of weights, is pars
 MTCNN finds no face, that are too small for it, or that cannot be decoded, are listed in ``skipped.csv``
 (``img_no,reason``) and the run goes on (R5). Both models are built once; FaceXFormer runs on batches on the
 chosen device (R7).
+
+A split run (``--shard i/n`` or torchrun) parses the images at positions k mod n = i of the sorted input list; a
+shard keeps its record entries and skip list in its shard record (:class:`ShardStageRecord`) and the merge
+(:func:`merge_shard_records`) writes the record and ``skipped.csv`` one process writes. Which faces share a
+FaceXFormer batch then differs from one process, so a map can differ at near-tie pixels (as with another
+``--batch-size``).
 """
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +37,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.amp import AMP_NAME, autocast
+from ohlora.distributed import Shard
 from ohlora.errors import PipelineError, first_line
 from ohlora.layout import (SEGMENTATION_OUTPUT_PATTERN, Layout, image_name, is_input_image, name_form,
                            parse_img_no)
 from ohlora.records import load_record, scan_outputs, sha256_bytes, sha256_of
+from ohlora.sharding import ShardRecords
 from segmentation.face_detection import FaceBox, FaceDetector
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
 
@@ -112,15 +122,19 @@ def is_finished(layout: Layout, img_no: int) -> bool:
                                      layout.parsing_map(img_no)))
 
 
-def stage_settings(weights_sha256: str) -> dict:
-    """What the three files of an image depend on besides the image's bytes."""
+def stage_settings(weights_sha256: str, amp: bool = False) -> dict:
+    """What the three files of an image depend on besides the image's bytes (``amp``: FaceXFormer under bfloat16
+    autocast; left out when off, so float32 records stay as they were)."""
     from importlib import metadata
 
     from segmentation.face_detection import MARGIN_PERCENTAGE
 
-    return {'weights_sha256': weights_sha256,
-            'mtcnn': {'package': f'facenet-pytorch {metadata.version("facenet-pytorch")}', 'device': 'cpu',
-                      'face': 'largest box', 'margin_percentage': MARGIN_PERCENTAGE}}
+    settings = {'weights_sha256': weights_sha256,
+                'mtcnn': {'package': f'facenet-pytorch {metadata.version("facenet-pytorch")}', 'device': 'cpu',
+                          'face': 'largest box', 'margin_percentage': MARGIN_PERCENTAGE}}
+    if amp:
+        settings['amp'] = AMP_NAME
+    return settings
 
 
 @dataclass(frozen=True)
@@ -148,13 +162,17 @@ def check_outputs(layout: Layout) -> None:
     scan_outputs(layout.segmentation_dir, SEGMENTATION_OUTPUT_PATTERN, 'a stage-3 result file')
 
 
-def plan_work(layout: Layout, inputs: InputImages, settings: dict) -> WorkPlan:
+def plan_work(layout: Layout, inputs: InputImages, settings: dict, shard_record: dict | None = None) -> WorkPlan:
     """Images whose results (all three files, or a skip entry) were made from the same bytes with the same settings
-    are not redone; every other image is pending."""
+    are not redone; every other image is pending. ``shard_record``: a shard's own earlier record (same settings),
+    whose entries and skips count as well."""
     check_outputs(layout)
     record = read_stage_record(layout)
     recorded = record['inputs'] if record is not None and record.get('settings') == settings else {}
     earlier = read_skip_list(layout.segmentation_skipped_csv)
+    if shard_record is not None:
+        recorded = {**recorded, **shard_record.get('inputs', {})}
+        earlier = {**earlier, **{int(n): str(r) for n, r in shard_record.get('skipped', {}).items()}}
     pending, finished, settled, standing, changed = [], 0, {}, {}, 0
     for img_no, path in inputs.images:
         try:
@@ -190,6 +208,8 @@ def prepare(detector: FaceDetector, img_no: int, path: Path) -> PreparedFace | S
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow's messages quote the full path; the CSV must not hold absolute paths (R4).
         text = str(exc).replace(str(path), path.name).strip()
+        # Pillow names the in-memory buffer by its address, which differs between runs: name the file instead.
+        text = re.sub(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>', path.name, text)
         reason = f'unreadable image: {text.splitlines()[0][:120] if text else type(exc).__name__}'
         try:
             digest = sha256_of(path)
@@ -225,11 +245,13 @@ def write_outputs(layout: Layout, img_no: int, face_rgb: np.ndarray, class_map: 
     atomic.write_image(layout.parsing_map(img_no), class_map.astype(np.uint8))
 
 
-def parse_faces(model, faces: list[PreparedFace], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(B×224×224 uint8 class maps, B×224×224×3 uint8 face.png pixels) of a batch of crops."""
+def parse_faces(model, faces: list[PreparedFace], device: torch.device,
+                amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(B×224×224 uint8 class maps, B×224×224×3 uint8 face.png pixels) of a batch of crops; ``amp``: FaceXFormer
+    under bfloat16 autocast."""
     inputs = normalize(np.stack([f.crop for f in faces]))
-    with torch.inference_mode():
-        logits = model.segment(inputs.to(device))
+    with torch.inference_mode(), autocast(device, amp):
+        logits = model.segment(inputs.to(device)).float()
         # argmax of the logits is the upstream softmax-argmax (softmax is monotonic).
         class_maps = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
     return class_maps, face_png_pixels(inputs)
@@ -313,18 +335,86 @@ class StageRecord:
                                                           'inputs': dict(sorted(self.inputs.items())), **self.info})
         self.unsaved = 0
 
+    def read_skips(self) -> dict[int, str]:
+        """The skip list of earlier runs (the stage's ``skipped.csv``)."""
+        return read_skip_list(self.layout.segmentation_skipped_csv)
+
+    def write_skips(self, skipped: dict[int, str]) -> None:
+        write_skip_list(self.layout.segmentation_skipped_csv, skipped)
+
+
+class ShardStageRecord(StageRecord):
+    """A shard's :class:`StageRecord`: its entries, skip list and run info go into its shard record (unfinished
+    until :meth:`finish`), never into the stage's own record or ``skipped.csv``."""
+
+    def __init__(self, layout: Layout, settings: dict, standing: dict[str, dict], info: dict, *,
+                 records: ShardRecords, shard: Shard, key: dict, earlier_skips: dict[int, str], already_done: int):
+        super().__init__(layout, settings, standing, info)
+        self.records, self.shard, self.key = records, shard, key
+        self.skipped = dict(earlier_skips)
+        self.already_done = already_done
+        self.ran = False          # whether this shard parsed anything (one process writes its record only then)
+        self.new_skips: dict[int, str] = {}
+
+    def save(self, **info) -> None:
+        self.info.update(info)
+        self.ran = True
+        self._write(finished=False)
+        self.unsaved = 0
+
+    def read_skips(self) -> dict[int, str]:
+        return dict(self.skipped)
+
+    def write_skips(self, skipped: dict[int, str]) -> None:
+        self.skipped = dict(skipped)
+
+    def finish(self, new_skips: dict[int, str]) -> None:
+        self.new_skips = dict(new_skips)
+        self._write(finished=True)
+
+    def _write(self, finished: bool) -> None:
+        self.records.write(self.shard, self.key, finished=finished, ran=self.ran, already_done=self.already_done,
+                           inputs=dict(sorted(self.inputs.items())),
+                           skipped={f'{n:06d}': r for n, r in sorted(self.skipped.items())},
+                           new_skips={f'{n:06d}': r for n, r in sorted(self.new_skips.items())}, info=self.info)
+
+
+def merge_shard_records(layout: Layout, shards: list[dict], settings: dict, inputs: InputImages) -> ParsingSummary | None:
+    """The stage record and ``skipped.csv`` of a split run, as one process writes them, from its shards' records
+    (nothing is written when no shard had anything to parse, as one process writes nothing then). Every input
+    image must have its results or a skip entry."""
+    skipped = {int(n): str(r) for record in shards for n, r in record.get('skipped', {}).items()}
+    lost = [n for n, _ in inputs.images if not is_finished(layout, n) and n not in skipped]
+    if lost:
+        raise PipelineError(f'{layout.parsing_map(lost[0])} is missing and no shard skipped image {lost[0]:06d} '
+                            f'({len(lost)} images in all); rerun the shards, then merge')
+    ran = [record for record in shards if record.get('ran')]
+    if not ran:
+        return None
+    summary = ParsingSummary(parsed=sum(r['info'].get('parsed_this_run', 0) for r in ran),
+                             already_done=sum(r.get('already_done', 0) for r in shards),
+                             skipped={int(n): str(reason) for r in shards for n, reason in r.get('new_skips', {}).items()})
+    info = dict(ran[0]['info'])
+    info.update(already_done=summary.already_done, parsed_this_run=summary.parsed,
+                skipped_this_run=len(summary.skipped))
+    entries = {name: entry for record in shards for name, entry in record.get('inputs', {}).items()}
+    write_skip_list(layout.segmentation_skipped_csv, skipped)
+    atomic.write_json(layout.segmentation_meta, {'settings': settings, 'inputs': dict(sorted(entries.items())), **info})
+    return summary
+
 
 def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple[int, Path]],
               batch_size: int, device: torch.device, progress: bool = True,
-              present: set[int] | None = None, record: StageRecord | None = None) -> ParsingSummary:
-    """Parse ``pending`` images in batches, write their files, and keep ``skipped.csv`` and the record up to date.
+              present: set[int] | None = None, record: StageRecord | None = None, amp: bool = False) -> ParsingSummary:
+    """Parse ``pending`` images in batches, write their files, and keep ``skipped.csv`` and the record up to date
+    (a shard's :class:`ShardStageRecord` keeps both in its shard record).
 
     Skip entries of earlier runs are kept for images this run did not reach (an interrupted run) that are
     still unfinished and, when ``present`` (every input number) is given, still in the input folder.
     """
     summary = ParsingSummary()
     layout.segmentation_dir.mkdir(parents=True, exist_ok=True)
-    earlier = read_skip_list(layout.segmentation_skipped_csv)
+    earlier = record.read_skips() if record is not None else read_skip_list(layout.segmentation_skipped_csv)
     paths = dict(pending)
     reached: set[int] = set()
     skips: list[Skip] = []
@@ -334,7 +424,7 @@ def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple
         with tqdm(total=len(pending), unit='img', desc='parsing', disable=not progress) as bar:
             batches = _batches(pending, detector, batch_size, skips, bar)
             for batch in _prefetched(batches, enabled=device.type != 'cpu'):
-                class_maps, face_pixels = parse_faces(model, batch, device)
+                class_maps, face_pixels = parse_faces(model, batch, device, amp)
                 for face, class_map, pixels in zip(batch, class_maps, face_pixels):
                     write_outputs(layout, face.img_no, pixels, class_map)
                     reached.add(face.img_no)
@@ -349,7 +439,10 @@ def run_stage(layout: Layout, model, detector: FaceDetector, pending: list[tuple
         reached.update(summary.skipped)
         kept = {n: r for n, r in earlier.items() if n not in reached and not is_finished(layout, n)
                 and (present is None or n in present)}
-        write_skip_list(layout.segmentation_skipped_csv, {**kept, **summary.skipped})
+        if record is not None:
+            record.write_skips({**kept, **summary.skipped})
+        else:
+            write_skip_list(layout.segmentation_skipped_csv, {**kept, **summary.skipped})
         if record is not None:
             for skip in skips:  # after skipped.csv lists them
                 record.add(skip.img_no, paths[skip.img_no], skip.digest)

@@ -10,7 +10,7 @@ samples folder made with another generator, property CNN or seed is refused.
 """
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, positive_int, run
+from ohlora.cli import add_common_options, add_scale_options, make_parser, positive_int, run
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.errors import PipelineError
 from stylegan_modified.direction_finding import (DEFAULT_CHUNK_SIZE, DEFAULT_NUM, FindRequest,
@@ -29,6 +29,12 @@ EXAMPLES = '''
       --weights stylegan_celeba_partial256.pth --property-cnn stylegan_gen_fine_tuned_v2_cnn.pth
   # the hair colour as well, and keep the sampled images (JPEGs beside the samples)
   python stylegan_and_segmentation/find_attribute_directions.py --attributes eyes,mouth,pose,hair_color --save-images
+  # 300,000 samples on 4 GPUs: every rank samples its chunks, rank 0 merges and fits
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/find_attribute_directions.py --num 300000
+  # or as 4 cluster jobs that only sample (job 2 of 4 here), then the merge, then the fit (reuses every sample)
+  python stylegan_and_segmentation/find_attribute_directions.py --num 300000 --shard 2/4
+  python stylegan_and_segmentation/merge_shards.py --stage directions
+  python stylegan_and_segmentation/find_attribute_directions.py --num 300000
 '''
 
 
@@ -78,6 +84,7 @@ def build_parser():
                         help='L2 penalty of the least-squares fits: ridge, and the svm calibration (default: 1.0)')
     parser.add_argument('--svm-c', type=float, default=1.0, help="svm: LinearSVC's C (default: 1.0)")
     add_common_options(parser, batch_size=32, batch_size_help='images per generator + CNN pass')
+    add_scale_options(parser, unit='sample chunks')
     return parser
 
 
@@ -96,7 +103,7 @@ def request_of(args) -> FindRequest:
                        property_cnn=args.property_cnn, num=args.num, layers=args.layers,
                        save_images=args.save_images, output=args.output, samples_dir=args.samples_dir,
                        chunk_size=args.chunk_size, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                       root=args.root, progress=not args.no_progress)
+                       root=args.root, progress=not args.no_progress, shard=args.shard, amp=args.amp)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import os
 from cnn.properties import GENDER, QUALITY
 from cnn.stage2 import Stage2Request, run_stage2
 from cnn.training import TrainingConfig
-from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
+from ohlora.cli import add_common_options, add_scale_options, make_parser, positive_int, request_from, run
 
 EXAMPLES = '''
   # score images 0..9999 with the published CNNs (downloaded into cnn/models/ if absent) and filter them
@@ -25,6 +25,11 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_cnn.py --labels my_labels.csv --retrain --seed 3
   # upstream behaviour: dropout on while scoring, upstream LR schedule when retraining
   python stylegan_and_segmentation/run_cnn.py --compat upstream
+  # score on 4 GPUs (rank 0 then writes the CSVs and fills the filtered folder)
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/run_cnn.py --workers 2
+  # or as job 0 of 4 cluster jobs (score only), then the merge writes, filters and links
+  python stylegan_and_segmentation/run_cnn.py --shard 0/4
+  python stylegan_and_segmentation/merge_shards.py --stage 2
 '''
 
 
@@ -56,6 +61,7 @@ def build_parser():
                         help='processes decoding JPEGs in the background; 0 decodes in the main process '
                              '(default: min(4, CPUs))')
     add_common_options(parser, batch_size=32)
+    add_scale_options(parser)
     return parser
 
 

@@ -12,7 +12,7 @@ are refused (float32 maths overflows long before the largest floats).
 """
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, positive_int, request_from, run
+from ohlora.cli import add_common_options, add_scale_options, make_parser, positive_int, request_from, run
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.weights import SOURCES
 from stylegan_modified.labels import UPSTREAM_LABEL, option_name
@@ -32,6 +32,10 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_fine_tuned_generator.py --model directions --eyes 1.0 --mouth 2.0 --pose 0.5
   # another z: a one-row CSV with the header 0,1,...,511
   python stylegan_and_segmentation/run_fine_tuned_generator.py --z-csv stylegan_modified/test_z_vector_0007.csv
+  # 1,000 images on 2 GPUs (rank 0 writes the records), or as job 0 of 2 cluster jobs and then the merge
+  torchrun --standalone --nproc_per_node 2 -- stylegan_and_segmentation/run_fine_tuned_generator.py --num 1000
+  python stylegan_and_segmentation/run_fine_tuned_generator.py --num 1000 --shard 0/2
+  python stylegan_and_segmentation/merge_shards.py --stage 6 --model v3
 '''
 
 
@@ -71,6 +75,7 @@ def build_parser():
     parser.add_argument('--values', default=None, metavar='A,B,...',
                         help=f'comma-separated values for --sweep (default: {DEFAULT_SWEEP_VALUES})')
     add_common_options(parser, batch_size=4)
+    add_scale_options(parser)
     return parser
 
 

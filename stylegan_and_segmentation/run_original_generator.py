@@ -1,7 +1,7 @@
 """Stage 1: sample faces from GenForce's pretrained StyleGAN (celeba_partial-256x256), or import the published set."""
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, request_from, run
+from ohlora.cli import add_common_options, add_scale_options, make_parser, request_from, run
 from stylegan.stage1 import Stage1Request, run_stage1
 
 EXAMPLES = '''
@@ -13,6 +13,11 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_original_generator.py --published
   # upstream-like sampling: 90 % style mixing (drawn per image from the seed)
   python stylegan_and_segmentation/run_original_generator.py --compat upstream
+  # 4 GPUs of one machine: each renders a quarter, rank 0 then writes the meta and the z record
+  torchrun --standalone --nproc_per_node 4 -- stylegan_and_segmentation/run_original_generator.py --num 100000
+  # job 3 of 8 independent cluster jobs, then (once all 8 have finished) the merge
+  python stylegan_and_segmentation/run_original_generator.py --num 100000 --shard 3/8
+  python stylegan_and_segmentation/merge_shards.py --stage 1
 '''
 
 
@@ -32,6 +37,7 @@ def build_parser():
     parser.add_argument('--published', action='store_true',
                         help='download the published 10,000 images instead of sampling')
     add_common_options(parser, batch_size=16)
+    add_scale_options(parser)
     return parser
 
 

@@ -9,7 +9,7 @@ Nothing here is random (--seed is only recorded), and the upstream fixes of this
 """
 from __future__ import annotations
 
-from ohlora.cli import add_common_options, make_parser, request_from, run
+from ohlora.cli import add_common_options, add_scale_options, make_parser, request_from, run
 from segmentation.stage3 import Stage3Request, run_stage3
 
 EXAMPLES = '''
@@ -19,6 +19,10 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_segmentation.py --device cuda --batch-size 64 --weights model.pt
   # another folder of NNNNNN.jpg images, results under another root
   python stylegan_and_segmentation/run_segmentation.py --images my_faces/ --root runs/demo
+  # 8 GPUs of one machine (rank 0 writes the record and skipped.csv), or job 1 of 8 and then the merge
+  torchrun --standalone --nproc_per_node 8 -- stylegan_and_segmentation/run_segmentation.py --batch-size 64
+  python stylegan_and_segmentation/run_segmentation.py --shard 1/8
+  python stylegan_and_segmentation/merge_shards.py --stage 3
 '''
 
 
@@ -30,6 +34,7 @@ def build_parser():
     parser.add_argument('--images', default=None, metavar='DIR',
                         help='folder of NNNNNN.jpg images (default: stylegan/synthesize_results_filtered)')
     add_common_options(parser, batch_size=16)
+    add_scale_options(parser)
     return parser
 
 

@@ -2,7 +2,9 @@
 sample (resumably), fit, and write the directions file and its fit-quality report.
 
 Every option is checked before any file is fetched, read or written; the layer range once the generator's
-depth is known, still before anything is written.
+depth is known, still before anything is written. The sampling can be split: under torchrun every rank samples
+its chunks and rank 0 merges and fits; ``--shard i/n`` jobs only sample, then ``merge_shards.py --stage
+directions`` and a run without ``--shard`` (which reuses every sample) fit.
 """
 from __future__ import annotations
 
@@ -10,15 +12,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ohlora import atomic
+from ohlora.amp import AMP_NAME
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.sharding import check_shard_option, start
 from ohlora.weights import fetch
 from stylegan_modified.attribute_directions import BASE_GENERATORS, load_base_generator
 from stylegan_modified.checkpoint import published_property_cnn
 from stylegan_modified.direction_fitting import FitOptions, check_fit_options, fit_directions, minimum_samples
 from stylegan_modified.direction_sampling import (PropertyCNNScorer, SampleSettings, chunk_plan, file_identity,
-                                                  sample_w_and_scores)
+                                                  merge_shards, sample_w_and_scores)
 from stylegan_modified.directions_file import AttributeDirections, write_directions
 from stylegan_modified.w_space import StyleGANW, parse_layers
 
@@ -43,6 +47,39 @@ class FindRequest:
     device: str | None = None
     root: str | None = None
     progress: bool = True
+    shard: str | None = None              # 'i/n': sample this job's chunks only (then merge, then fit)
+    amp: bool = False                     # generator and property CNN under bfloat16 autocast (recorded)
+
+
+@dataclass
+class ShardSamplingReport:
+    """What a ``--shard`` job (or a torchrun rank other than 0) did: its chunks, no fit."""
+    samples_folder: Path
+    shard: str
+    computed: int
+    reused: int
+    merge_command: str
+    quiet: bool = False
+
+    def lines(self) -> list[str]:
+        if self.quiet:
+            return []
+        return [f'shard {self.shard}: sampled {self.computed} images ({self.reused} reused) into {self.samples_folder}; '
+                f'once every shard has finished, merge them ({self.merge_command}), then fit: rerun without --shard '
+                '(every sample is reused)']
+
+
+def merge_command(root, samples_dir) -> str:
+    return f'merge_shards.py --stage directions --root {Layout(root).root}' + \
+        (f' --samples-dir {samples_dir}' if samples_dir else '')
+
+
+def merge_direction_shards(root, samples_dir=None) -> list[str]:
+    """``merge_shards.py --stage directions``: the samples record of a split sampling."""
+    files = Layout(root).direction_samples(samples_dir)
+    num, shards = merge_shards(files, merge_command(root, samples_dir))
+    return [f'merged {shards} shards: {num} samples in {files.folder}; now fit with find_attribute_directions.py '
+            '(the same options, without --shard: every sample is reused)']
 
 
 @dataclass
@@ -74,6 +111,7 @@ def check_request(request: FindRequest) -> None:
     if request.chunk_size < 1 or request.batch_size < 1:
         raise PipelineError('--chunk-size and --batch-size must be at least 1')
     parse_layers(request.layers, 10 ** 6)  # the syntax now; the range once the generator is loaded
+    check_shard_option(request.shard)
     if request.output is not None and Path(request.output).is_dir():
         raise PipelineError(f'--output {request.output} is a folder; give the directions file\'s path')
 
@@ -106,15 +144,17 @@ def _quality_lines(directions: AttributeDirections) -> list[str]:
     return lines
 
 
-def find_attribute_directions(request: FindRequest) -> FindResult:
-    """Sample, fit, write; returns what was written and the fit quality (:meth:`FindResult.lines`)."""
+def find_attribute_directions(request: FindRequest) -> FindResult | ShardSamplingReport:
+    """Sample, fit, write; returns what was written and the fit quality (:meth:`FindResult.lines`). A ``--shard``
+    job only samples its chunks (:class:`ShardSamplingReport`); under torchrun rank 0 merges and fits."""
     check_request(request)
     layout = Layout(request.root)
     output = Path(request.output) if request.output is not None else layout.attribute_directions
     files = layout.direction_samples(request.samples_dir)
     check_outputs(request, output, files)
 
-    device = resolve_device(request.device)
+    sharding = start(resolve_device(request.device), request.shard)
+    device = sharding.ctx.device
     disable_tf32()
     weights = fetch(BASE_GENERATORS[request.generator], layout, request.weights)
     generator = load_base_generator(request.generator, weights, device)
@@ -130,9 +170,23 @@ def find_attribute_directions(request: FindRequest) -> FindResult:
     cnn_record = file_identity(cnn_path)
     settings = SampleSettings(generator=generator_record, scorer=cnn_record, seed=request.seed,
                               z_dim=w_generator.z_dim, w_dim=w_generator.w_dim, num_layers=w_generator.num_layers,
-                              chunk_size=request.chunk_size)
+                              chunk_size=request.chunk_size, extra={'amp': AMP_NAME} if request.amp else {})
+    command = merge_command(request.root, request.samples_dir)
+    if sharding.active:
+        share = sample_w_and_scores(w_generator, scorer, files, settings, request.num, request.batch_size,
+                                    request.save_images, request.progress, shard=sharding.shard, merge_command=command)
+        report = ShardSamplingReport(files.folder, str(sharding.shard), share.computed, share.reused, command)
+        if not sharding.torchrun:
+            return report
+        computed = sharding.total(share.computed)
+        sharding.finish(lambda: merge_shards(files, command))
+        if not sharding.ctx.is_main:
+            report.quiet = True
+            return report
     samples = sample_w_and_scores(w_generator, scorer, files, settings, request.num, request.batch_size,
                                   request.save_images, request.progress)
+    if sharding.torchrun:
+        samples.computed, samples.reused = computed, request.num - computed
     directions = fit_directions(samples.w, samples.scores, replace(request.fit, seed=request.seed),
                                 generator=generator_record, property_cnn=cnn_record, num=samples.num,
                                 seed=request.seed, layers=layers)

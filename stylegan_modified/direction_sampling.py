@@ -12,6 +12,10 @@ resumed run computes every chunk exactly as an uninterrupted one (bit for bit on
 size). The folder's ``samples_settings.json`` records what decides the numbers (the base generator's and
 the scorer's SHA-256, the seed, the widths, the chunk size); a run with other settings is refused in one
 line instead of mixing two populations.
+
+A split run (``--shard i/n`` or torchrun) computes the chunks k with k mod n = i; each shard records its settings
+in its shard record, and :func:`merge_shards` writes ``samples_settings.json`` once every chunk is there, so the
+folder holds exactly what one process writes.
 """
 from __future__ import annotations
 
@@ -28,11 +32,14 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.amp import autocast
 from ohlora.constants import PROPERTY_NAMES
+from ohlora.distributed import Shard
 from ohlora.errors import PipelineError
 from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import DirectionSamplesFolder
 from ohlora.records import differences, read_record, sha256_of
+from ohlora.sharding import ShardRecords
 from stylegan.postprocess import to_uint8
 from stylegan.sampling import Z_STREAM, sampled_latent
 from stylegan_modified.delivered_images import CNN_INPUT, ENCODING, cnn_input, delivered
@@ -114,13 +121,15 @@ def chunk_plan(num: int, chunk_size: int) -> list[tuple[int, int, int]]:
     return [(k, k * chunk_size, min(chunk_size, num - k * chunk_size)) for k in range(math.ceil(num / chunk_size))]
 
 
-def check_settings(files: DirectionSamplesFolder, settings: SampleSettings) -> bool:
-    """True when the folder already records ``settings``; a folder of other settings is refused in one line."""
+def check_settings(files: DirectionSamplesFolder, settings: SampleSettings, vouched_by_shards: bool = False) -> bool:
+    """True when the folder already records ``settings``; a folder of other settings is refused in one line.
+    ``vouched_by_shards``: without a record, the shard records of a split run (checked to hold these settings)
+    say how the chunks were made."""
     recorded = read_record(files.settings_json, 'samples record of the directions tool',
                            f'delete the folder {files.folder} or choose another --samples-dir')
     chunks = files.chunk_files()
     if recorded is None:
-        if chunks:
+        if chunks and not vouched_by_shards:
             raise PipelineError(f'{files.folder} holds {len(chunks)} sample chunks but no {files.settings_json.name} '
                                 'says how they were made; delete them or choose another --samples-dir')
         return False
@@ -155,7 +164,7 @@ def _load_chunk(path: Path, digest: str, start: int, count: int, w_dim: int) -> 
 def _ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'{atomic.TMP_PREFIX}probe'
+        probe = atomic.temporary_name(folder / 'probe')  # this process's own: shards probe the folder at once
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as exc:
@@ -171,17 +180,20 @@ def _check_scores(scores: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int, count: int, batch_size: int,
-                  image_paths: Callable[[int], Path] | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [count, w_dim] and scores [count, 7] of images start..start+count-1, in batches from ``start``."""
+                  image_paths: Callable[[int], Path] | None = None, bar=None,
+                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [count, w_dim] and scores [count, 7] of images start..start+count-1, in batches from ``start``;
+    ``amp``: the synthesis and the scorer under bfloat16 autocast (w stays float32, the scores are kept so)."""
     ws, scores = [], []
     with BatchImageWriter() as writer:  # JPEGs written while the next batch renders; all done when it returns
         for offset in range(0, count, batch_size):
             numbers = range(start + offset, start + min(offset + batch_size, count))
             z = torch.stack([sampled_latent(seed, n, w_generator.z_dim) for n in numbers])
             with torch.inference_mode():
-                w = w_generator.w(z)
-                images = w_generator.images(broadcast_w(w, w_generator.num_layers))
-                batch_scores = _check_scores(scorer(images), len(numbers))
+                w = w_generator.w(z)  # float32 under --amp too: w is what the fit is made of
+                with autocast(w_generator.device, amp):
+                    images = w_generator.images(broadcast_w(w, w_generator.num_layers)).float()
+                    batch_scores = _check_scores(scorer(images).float(), len(numbers))
             if image_paths is not None:
                 writer.submit([(image_paths(n), np.ascontiguousarray(rgb[:, :, ::-1]))
                                for n, rgb in zip(numbers, to_uint8(images))])
@@ -192,10 +204,19 @@ def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int
     return torch.cat(ws), torch.cat(scores)
 
 
+def shard_records(files: DirectionSamplesFolder, merge_command: str = 'merge_shards.py --stage directions') \
+        -> ShardRecords:
+    return ShardRecords(files.shard_records, merge_command)
+
+
 def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: DirectionSamplesFolder,
                         settings: SampleSettings, num: int, batch_size: int, save_images: bool = False,
-                        progress: bool = True) -> SampleSet:
-    """w and scores of images 0..num-1: chunks already in ``files`` are reused, the others computed and written."""
+                        progress: bool = True, shard: Shard | None = None,
+                        merge_command: str = 'merge_shards.py --stage directions') -> SampleSet:
+    """w and scores of images 0..num-1: chunks already in ``files`` are reused, the others computed and written.
+
+    With ``shard``, only its chunks (k mod n = i) and its shard record instead of ``samples_settings.json``; the
+    SampleSet then holds the shard's chunks only (the fit waits for the merge, :func:`merge_shards`)."""
     if num < 1:
         raise PipelineError(f'--num must be at least 1, got {num}')
     if batch_size < 1 or settings.chunk_size < 1:
@@ -203,9 +224,15 @@ def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: Directio
     if (w_generator.z_dim, w_generator.w_dim, w_generator.num_layers) != \
             (settings.z_dim, settings.w_dim, settings.num_layers):
         raise ValueError('the settings do not describe this generator (z, w widths or layers differ)')
-    recorded = check_settings(files, settings)
+    shard = shard or Shard()
+    records, key = shard_records(files, merge_command), _shard_key(settings, num, save_images)
+    if shard.whole:
+        records.refuse_unmerged()
+    else:
+        records.check_start(shard, key)
+    recorded = check_settings(files, settings, vouched_by_shards=not shard.whole and records.exist())
     digest = settings.digest()
-    plan = chunk_plan(num, settings.chunk_size)
+    plan = [item for item in chunk_plan(num, settings.chunk_size) if shard.whole or shard.owns(item[0])]
 
     parts: dict[int, dict] = {}
     for index, start, count in plan:
@@ -215,19 +242,56 @@ def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: Directio
             parts[index] = chunk
     todo = [item for item in plan if item[0] not in parts]
     reused = sum(count for index, _, count in plan if index in parts)
-    if todo:
+    if todo or not shard.whole:
         _ensure_writable(files.folder)
-        if not recorded:
+        if not shard.whole:
+            records.write(shard, key, finished=False)
+        elif not recorded:
             atomic.write_json(files.settings_json, settings.as_json())
+    amp = 'amp' in settings.extra
     bar = tqdm(total=sum(c for _, _, c in todo), desc='sampling w + scores', unit='img', disable=not progress)
     for index, start, count in todo:
         w, scores = compute_chunk(w_generator, scorer, settings.seed, start, count, batch_size,
-                                  files.image if save_images else None, bar)
+                                  files.image if save_images else None, bar, amp=amp)
         # written last: a chunk on disk means its images (if asked) are there too
         atomic.torch_save(files.chunk(index), {'format': CHUNK_FORMAT, 'settings_sha256': digest, 'start': start,
                                                'count': count, 'w': w, 'scores': scores})
         parts[index] = {'w': w, 'scores': scores}
     bar.close()
+    if not shard.whole:
+        records.write(shard, key, finished=True, computed=sum(c for _, _, c in todo))
     ordered = [parts[index] for index, _, _ in plan]
+    total = sum(count for _, _, count in plan)
+    if not ordered:  # a shard without chunks (fewer chunks than shards)
+        return SampleSet(w=torch.zeros(0, settings.w_dim), scores=torch.zeros(0, NUM_SCORES), settings=settings)
     return SampleSet(w=torch.cat([p['w'] for p in ordered]), scores=torch.cat([p['scores'] for p in ordered]),
-                     settings=settings, computed=num - reused, reused=reused)
+                     settings=settings, computed=total - reused, reused=reused)
+
+
+def _shard_key(settings: SampleSettings, num: int, save_images: bool) -> dict:
+    """What every shard of a split sampling must share (the settings decide the numbers; num and --save-images
+    what the folder holds once merged)."""
+    return {'settings': settings.as_json(), 'num': num, 'save_images': save_images}
+
+
+def merge_shards(files: DirectionSamplesFolder, merge_command: str = 'merge_shards.py --stage directions') \
+        -> tuple[int, int]:
+    """``samples_settings.json`` of a split sampling, as one process writes it, once every chunk of its finished
+    shards is there (their records are then removed); returns (samples, shards)."""
+    records = shard_records(files, merge_command)
+    shards = records.collect()
+    key = shards[0]['key']
+    settings = SampleSettings(**key['settings'])
+    recorded = check_settings(files, settings, vouched_by_shards=True)
+    digest, count = settings.digest(), len(shards)
+    for index, start, size in chunk_plan(key['num'], settings.chunk_size):
+        there = _load_chunk(files.chunk(index), digest, start, size, settings.w_dim) is not None
+        if there and key['save_images']:
+            there = all(files.image(n).is_file() for n in range(start, start + size))
+        if not there:
+            raise PipelineError(f'{files.chunk(index)} is missing or not a chunk of these settings, although every '
+                                f'shard finished; rerun shard {index % count}/{count}, then merge')
+    if not recorded:
+        atomic.write_json(files.settings_json, settings.as_json())
+    records.remove()
+    return key['num'], count

@@ -22,13 +22,16 @@ import torch
 from tqdm import tqdm
 
 from ohlora import atomic
+from ohlora.amp import autocast
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import item_generator
+from ohlora.distributed import Shard
 from ohlora.errors import PipelineError
 from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import GenerationFolder
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
                             write_record, write_z_record)
+from ohlora.sharding import ShardRecords
 from ohlora.tables import read_table
 from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified.controllable import ControllableGenerator
@@ -51,11 +54,13 @@ class GenerationSettings:
     sweep: str | None = None
     z_rule: str = Z_RULE
     directions_sha256: str | None = None        # --model directions: the directions file, by content
+    amp: str | None = None                      # --amp: the autocast dtype (None: float32)
 
     def as_json(self) -> dict:
         record = asdict(self)
-        if record['directions_sha256'] is None:  # the conditional models' records stay as they were
-            del record['directions_sha256']
+        for key in ('directions_sha256', 'amp'):  # absent when unused: the earlier records stay as they were
+            if record[key] is None:
+                del record[key]
         return record
 
 
@@ -91,10 +96,11 @@ def varied_latent(base_z: np.ndarray, seed: int, img_no: int, variation: float) 
 
 @torch.inference_mode()
 def render_labelled(generator: ControllableGenerator, z: torch.Tensor, labels: torch.Tensor,
-                    img_nos: list[int]) -> np.ndarray:
+                    img_nos: list[int], amp: bool = False) -> np.ndarray:
     """uint8 NHWC RGB images for z and the requested values (for the conditional generators: G(z, label) with
-    upstream's inference settings, no truncation and the stored noise)."""
-    image = generator.images(z, labels)
+    upstream's inference settings, no truncation and the stored noise); ``amp``: under bfloat16 autocast."""
+    with autocast(generator.device, amp):
+        image = generator.images(z, labels).float()
     require_finite(image, img_nos, 'check the weights file and the attribute values')
     return to_uint8(image)
 
@@ -117,13 +123,31 @@ def read_settings(files: GenerationFolder) -> dict | None:
                        'delete it together with the images it describes, or choose another --outdir')
 
 
-def resumable_images(files: GenerationFolder, settings: GenerationSettings) -> dict[str, int]:
-    """The images already there, after making sure they were made with ``settings`` (else one-line error)."""
+def resumable_images(files: GenerationFolder, settings: GenerationSettings | dict,
+                     vouched_by_shards: bool = False) -> dict[str, int]:
+    """The images already there, after making sure they were made with ``settings`` (else one-line error).
+    ``vouched_by_shards``: without a settings record, the records of a split run (checked to hold these settings)
+    say how the images were made."""
     existing = images_present(files)
-    refuse_other_settings(read_settings(files), settings.as_json(), outputs=len(existing), folder=files.folder,
-                          record_path=files.settings_json, noun='images',
+    recorded = read_settings(files)
+    if recorded is None and vouched_by_shards:
+        return existing
+    refuse_other_settings(recorded, settings if isinstance(settings, dict) else settings.as_json(),
+                          outputs=len(existing), folder=files.folder, record_path=files.settings_json, noun='images',
                           remedy='choose another --outdir or move them away')
     return existing
+
+
+def shard_records(files: GenerationFolder, merge_command: str = 'merge_shards.py --stage 6') -> ShardRecords:
+    return ShardRecords(files.shard_records, merge_command)
+
+
+def write_folder_records(files: GenerationFolder, settings: dict, names: dict | None, img_nos: list[int],
+                         base_z: np.ndarray) -> None:
+    """The settings record and the z record of the images ``img_nos`` (each written only if it changes)."""
+    write_record(files.settings_json, settings, **(names or {}))
+    write_z_record(files.z_csv, img_nos, torch.stack([varied_latent(base_z, settings['seed'], n, settings['variation'])
+                                                      for n in img_nos]).numpy())
 
 
 @dataclass
@@ -141,62 +165,110 @@ def _value_label(attribute: str, value: float) -> str:
 def generate_images(generator: ControllableGenerator, files: GenerationFolder, settings: GenerationSettings,
                     base_z: np.ndarray, values: dict[str, float], num: int, batch_size: int,
                     sweep_values: list[float] | None = None, progress: bool = True,
-                    names: dict | None = None) -> GenerationResult:
+                    names: dict | None = None, shard: Shard | None = None,
+                    merge_command: str = 'merge_shards.py --stage 6') -> GenerationResult:
     """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
 
     ``names`` (e.g. the weights and z file names) go into the settings record for the reader; they decide nothing.
+    With ``shard``, only the images of its batches, and its shard record instead of the folder's records and grid
+    (see :func:`merge_shards`; ``merge_command`` is how its messages name the merge).
     """
     if num < 1:
         raise PipelineError(f'--num must be at least 1, got {num}')
     sweep = files.sweep
     if (sweep is None) != (sweep_values is None):
         raise PipelineError('a sweep needs both an attribute and its values')
+    shard = shard or Shard()
     check_outputs(files)
     columns = [None] if sweep is None else list(sweep_values)
-    existing = resumable_images(files, settings)
+    records = shard_records(files, merge_command)
+    key = {'settings': settings.as_json(), 'num': num, 'batch_size': batch_size, 'columns': columns,
+           'values': dict(values), 'base_z': [float(v) for v in np.asarray(base_z, dtype=np.float64)]}
+    if shard.whole:
+        records.refuse_unmerged()
+    else:
+        records.check_start(shard, key)
+    existing = resumable_images(files, settings, vouched_by_shards=not shard.whole and records.exist())
     items = [(n, value) for n in range(num) for value in columns]  # row-major: the grid's reading order
-    todo = [(n, v) for n, v in items if files.image_name(n, v) not in existing]
+    batches = aligned_batches(items, {item for item in items if files.image_name(*item) in existing}, batch_size,
+                              None if shard.whole else shard)
+    todo = [(n, v) for batch in batches for n, v in batch if files.image_name(n, v) not in existing]
     img_nos = sorted(set(existing.values()) | {n for n, _ in items})
 
-    def record() -> None:  # after the first batch rendered: a refused batch leaves the folder as it was
-        write_record(files.settings_json, settings.as_json(), **(names or {}))
-        write_z_record(files.z_csv, img_nos, torch.stack([varied_latent(base_z, settings.seed, n, settings.variation)
-                                                          for n in img_nos]).numpy())
+    def record(finished: bool = False) -> None:  # after the first batch rendered: a refused batch changes nothing
+        if shard.whole:
+            write_folder_records(files, settings.as_json(), names, img_nos, base_z)
+        else:
+            records.write(shard, key, finished=finished, names=names or {})
 
     missing = set(todo)
     bar = tqdm(total=len(todo), desc=f'generating ({settings.model})', unit='img', disable=not progress)
     with BatchImageWriter(on_written=bar.update) as writer:  # JPEGs are written while the next batch renders
-        for index, batch in enumerate(aligned_batches(items, set(items) - missing, batch_size)):
+        for index, batch in enumerate(batches):
             z = torch.stack([varied_latent(base_z, settings.seed, n, settings.variation) for n, _ in batch])
             labels = torch.from_numpy(np.stack([label_vector({**values, **({sweep: v} if sweep else {})})
                                                 for _, v in batch]))
-            images = render_labelled(generator, z, labels, [n for n, _ in batch])
+            images = render_labelled(generator, z, labels, [n for n, _ in batch], amp=settings.amp is not None)
             if index == 0:
                 record()
             writer.submit((files.image(n, v), rgb[:, :, ::-1]) for (n, v), rgb in zip(batch, images)
                           if (n, v) in missing)
     bar.close()
-    if not todo:
-        record()  # a finished rerun writes nothing: both records are written only when they change
+    if not todo or not shard.whole:
+        record(finished=True)  # a finished rerun writes nothing: both records are written only when they change
 
     result = GenerationResult(written=len(todo), skipped=len(items) - len(todo), folder=files.folder)
-    if sweep is not None:
-        # The cells are the JPEGs read back one at a time as the grid is drawn (nothing of the run is kept in
-        # memory), so a resumed run composes exactly the grid of an uninterrupted one.
-        def cell(row: int, column: int) -> np.ndarray:
-            path = files.image(row, columns[column])
-            try:
-                image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
-            except OSError as exc:
-                raise PipelineError(f'cannot read {path} for the grid: {exc.strerror or exc}') from None
-            if image is None:
-                raise PipelineError(f'{path} is not a readable image; delete it and rerun to render it again')
-            return image
+    if sweep is not None and shard.whole:
+        result.grid = write_grid(files, settings.as_json(), num, columns, values)
+    return result
 
-        rows = ['z 0 (CSV)' if n == 0 else f'z {n}' for n in range(num)]
-        others = ', '.join(f'{k} {values.get(k, 0.0):g}' for k in PROPERTY_NAMES if k != sweep)
-        title = f'{settings.model}: {sweep} sweep, seed {settings.seed}; {others}'
-        grid = sweep_grid(cell, rows, [_value_label(sweep, v) for v in columns], title)
-        write_if_changed(files.grid, atomic.encode_image(files.grid.suffix, grid))
-        result.grid = files.grid
+
+def write_grid(files: GenerationFolder, settings: dict, num: int, columns: list[float], values: dict) -> Path:
+    """The labelled grid of a sweep folder (rows = z, columns = values), written only if it changes.
+
+    The cells are the JPEGs read back one at a time as the grid is drawn (nothing of the run is kept in memory),
+    so a resumed or merged run composes exactly the grid of an uninterrupted one."""
+    sweep = files.sweep
+
+    def cell(row: int, column: int) -> np.ndarray:
+        path = files.image(row, columns[column])
+        try:
+            image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+        except OSError as exc:
+            raise PipelineError(f'cannot read {path} for the grid: {exc.strerror or exc}') from None
+        if image is None:
+            raise PipelineError(f'{path} is not a readable image; delete it and rerun to render it again')
+        return image
+
+    rows = ['z 0 (CSV)' if n == 0 else f'z {n}' for n in range(num)]
+    others = ', '.join(f'{k} {values.get(k, 0.0):g}' for k in PROPERTY_NAMES if k != sweep)
+    title = f'{settings["model"]}: {sweep} sweep, seed {settings["seed"]}; {others}'
+    grid = sweep_grid(cell, rows, [_value_label(sweep, v) for v in columns], title)
+    write_if_changed(files.grid, atomic.encode_image(files.grid.suffix, grid))
+    return files.grid
+
+
+def merge_shards(files: GenerationFolder, merge_command: str = 'merge_shards.py --stage 6') -> GenerationResult:
+    """The settings record, the z record and (for a sweep) the grid of a split run, exactly as one process writes
+    them, from the records of its finished shards (then removed)."""
+    records = shard_records(files, merge_command)
+    shards = records.collect()
+    key, names = shards[0]['key'], shards[0].get('names') or {}
+    settings, num, columns = key['settings'], key['num'], key['columns']
+    if (files.sweep is None) != (columns == [None]) or settings.get('sweep') != files.sweep:
+        raise PipelineError(f'the shard records in {records.folder} are not those of this folder\'s sweep')
+    check_outputs(files)
+    existing = resumable_images(files, settings, vouched_by_shards=True)
+    items = [(n, value) for n in range(num) for value in columns]
+    missing = [item for item in items if files.image_name(*item) not in existing]
+    if missing:
+        count, position = len(shards), items.index(missing[0])
+        raise PipelineError(f'{files.image(*missing[0])} is missing, although every shard finished (deleted since?); '
+                            f'rerun shard {(position // key["batch_size"]) % count}/{count}, then merge')
+    base_z = np.asarray(key['base_z'], dtype=np.float64)
+    write_folder_records(files, settings, names, sorted(set(existing.values()) | set(range(num))), base_z)
+    result = GenerationResult(written=0, skipped=len(items), folder=files.folder)
+    if files.sweep is not None:
+        result.grid = write_grid(files, settings, num, columns, key['values'])
+    records.remove()
     return result

@@ -10,15 +10,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ohlora.amp import amp_setting
 from ohlora.cli import check_float
 from ohlora.constants import PROPERTY_NAMES
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import array_digest, weights_digest
+from ohlora.sharding import check_shard_option, start
 from stylegan_modified.generator_registry import GENERATORS, load_generator
 from stylegan_modified.generation import (GenerationResult, GenerationSettings, check_outputs, generate_images,
-                                          read_z_csv)
+                                          merge_shards, read_z_csv)
 from stylegan_modified.labels import UPSTREAM_LABEL, label_warnings, option_name, score_ranges
 
 logger = logging.getLogger(__name__)
@@ -47,16 +49,47 @@ class Stage6Request:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    shard: str | None = None                # 'i/n': this job's share of a split run (then merge the shards)
+    amp: bool = False                       # bfloat16 autocast (recorded in the settings)
 
 
 @dataclass
 class Stage6Report:
     result: GenerationResult
+    shard: str | None = None     # a --shard job: its share ('i/n'); the merge is still to come
+    merge_command: str = ''
+    processes: int = 1           # torchrun: the ranks that rendered (the report is rank 0's)
+    quiet: bool = False          # a torchrun rank other than 0 prints nothing
 
     def lines(self) -> list[str]:
         result = self.result
-        return [f'wrote {result.written} images ({result.skipped} already there) into {result.folder}'
+        if self.quiet:
+            return []
+        if self.shard is not None:
+            return [f'shard {self.shard}: wrote {result.written} images into {result.folder}; once every shard has '
+                    f'finished, merge them: {self.merge_command}']
+        ranks = f' ({self.processes} processes)' if self.processes > 1 else ''
+        return [f'wrote {result.written} images ({result.skipped} already there) into {result.folder}{ranks}'
                 + (f'; grid: {result.grid}' if result.grid else '')]
+
+
+def merge_command(root, model: str, outdir, sweep: str | None) -> str:
+    """How the user merges the shards of this stage-6 folder (for the messages)."""
+    options = [f'--root {Layout(root).root}', f'--model {model}'] + ([f'--outdir {outdir}'] if outdir else []) \
+        + ([f'--sweep {sweep}'] if sweep else [])
+    return 'merge_shards.py --stage 6 ' + ' '.join(options)
+
+
+def merge_stage6_shards(root, model: str = 'v3', outdir=None, sweep: str | None = None) -> list[str]:
+    """``merge_shards.py --stage 6``: the settings record, z record and grid of a split run's folder."""
+    if model not in MODELS:
+        raise PipelineError(f'--model {model!r}: choose one of {", ".join(MODELS)}')
+    if sweep is not None and sweep not in PROPERTY_NAMES:
+        raise PipelineError(f'--sweep {sweep!r}: choose one of {", ".join(PROPERTY_NAMES)}')
+    files = Layout(root).generation_folder(model, outdir, sweep)
+    result = merge_shards(files, merge_command(root, model, outdir, sweep))
+    return [f'merged the shards: {result.skipped} images in {result.folder}'
+            + (f'; grid: {result.grid}' if result.grid else '')]
 
 
 def parse_sweep_values(sweep: str | None, text: str | None) -> list[float] | None:
@@ -104,10 +137,13 @@ def run_stage6(request: Stage6Request) -> Stage6Report:
     if num > MAX_IMAGES:
         raise PipelineError(f'--num must be at most {MAX_IMAGES} (image names have six digits), got {num}')
 
+    check_shard_option(request.shard)
+
     layout = Layout(request.root)
     files = layout.generation_folder(request.model, request.outdir, request.sweep)
     check_outputs(files)
-    device = resolve_device(request.device)
+    sharding = start(resolve_device(request.device), request.shard)
+    device = sharding.ctx.device
     disable_tf32()
     loaded = load_generator(request.model, layout, request.weights, device, request.directions)
     generator, weights, directions = loaded.generator, loaded.weights, loaded.directions
@@ -119,9 +155,17 @@ def run_stage6(request: Stage6Request) -> Stage6Report:
     settings = GenerationSettings(model=request.model, weights_sha256=weights_digest(weights),
                                   z_sha256=array_digest(base_z), seed=request.seed, variation=request.variation,
                                   label=label, sweep=request.sweep,
-                                  directions_sha256=None if directions is None else weights_digest(directions))
+                                  directions_sha256=None if directions is None else weights_digest(directions),
+                                  amp=amp_setting(request.amp))
     names = {'weights_file': weights.name, 'z_file': Path(z_csv).name,
              **({'directions_file': directions.name} if directions is not None else {})}
+    command = merge_command(request.root, request.model, request.outdir, request.sweep)
     result = generate_images(generator, files, settings, base_z, values, num, request.batch_size, columns,
-                             progress=request.progress, names=names)
-    return Stage6Report(result)
+                             progress=request.progress, names=names, shard=sharding.shard, merge_command=command)
+    if sharding.torchrun:
+        written = sharding.total(result.written)
+        merged = sharding.finish(lambda: merge_shards(files, command))
+        result.written, result.skipped = written, len(columns or [None]) * num - written
+        result.grid = merged.grid if merged is not None else None
+        return Stage6Report(result, processes=sharding.ctx.world_size, quiet=not sharding.ctx.is_main)
+    return Stage6Report(result, shard=str(sharding.shard) if sharding.active else None, merge_command=command)

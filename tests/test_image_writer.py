@@ -45,3 +45,22 @@ def test_a_failed_write_stops_the_run_with_its_one_line_error(tmp_path):
             writer.submit([(tmp_path / image_name(1), image(1))])
     assert '\n' not in str(info.value) and str(blocked) in str(info.value)
     assert not list(tmp_path.glob('.tmp-*'))
+
+
+def test_ctrl_c_keeps_every_rendered_image(tmp_path, monkeypatch):
+    """The images already handed over are written even when Ctrl-C comes before the writer threads pick them up
+    (a resume need not render them again, and which files exist does not depend on thread timing)."""
+    release = threading.Event()
+    real = image_writer.atomic.write_image
+
+    def held_write(path, bgr):
+        assert release.wait(10)
+        real(path, bgr)
+
+    monkeypatch.setattr(image_writer.atomic, 'write_image', held_write)
+    with pytest.raises(KeyboardInterrupt):
+        with image_writer.BatchImageWriter(workers=1) as writer:
+            writer.submit([(tmp_path / image_name(n), image(n)) for n in range(3)])  # one runs, two are queued
+            threading.Timer(0.2, release.set).start()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(n) for n in range(3)]
