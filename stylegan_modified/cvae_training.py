@@ -62,8 +62,8 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, m
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
-                                                ignore_sigint_in_worker)
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
+                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
                                              run_epoch_test, z_csv_bytes)
@@ -477,12 +477,14 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                 loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
                                     num_workers=settings.workers,
                                     pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
-                                    worker_init_fn=ignore_sigint_in_worker)
+                                    worker_init_fn=ignore_stop_signals_in_worker)
                 meter.restart()
-                for idx, items in enumerate(loader, start=batch):
+                done = batch  # batches of this epoch whose step is complete
+                for idx, items in enumerate(stop.batches(loader), start=batch):
                     trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                     losses = trainer.step(items['image'], items['label'])
                     step += 1
+                    done = idx + 1
                     extra['loss_sum'] += losses.total_loss
                     extra['loss_count'] += 1
                     images = len(items['index']) * ctx.world_size  # equal shares
@@ -515,6 +517,13 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                     if last or settings.checkpoint_every:
                         meter.restart()
                 epoch, batch, order = epoch + 1, 0, None
+    except WorkersStopped:  # the stop signal killed a worker as it started: the stop, found between two steps
+        if ctx.distributed:
+            raise workers_stopped_error(stop, trainer.last_checkpoint) from None
+        if done < len(batches):  # (after an epoch's last step, its test and checkpoint are done already)
+            checkpoint(epoch, done, order)
+        position = (epoch + 1, 0) if done == len(batches) else (epoch, done)
+        return result('interrupted', *position, signal=stop.requested)
     except NonFiniteLoss:
         run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
         raise

@@ -38,7 +38,7 @@ from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.datasets import ScoredImageDataset
 from stylegan_modified.property_cnn_training import DECIMALS, worker_error
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_control import ignore_sigint_in_worker
+from stylegan_modified.training_control import ignore_stop_signals_in_worker
 
 DROPOUT_STREAM = 73  # item_generator stream of an image's dropout in compat mode
 WAY_OUT = 'choose another --root, or pass --overwrite to replace it'
@@ -55,7 +55,7 @@ def score_dataset(model: PropertyScoreCNN, dataset: ScoredImageDataset, device: 
     model = model.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == 'cuda', generator=torch.Generator(),
-                        worker_init_fn=ignore_sigint_in_worker)
+                        worker_init_fn=ignore_stop_signals_in_worker)
     scores = []
     was_training = model.training
     model.train(dropout_seed is not None)

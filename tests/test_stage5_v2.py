@@ -21,9 +21,11 @@ from ohlora import atomic
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
+from rerun_helpers import kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import property_cnn_training
 from stylegan_modified.checkpoint import load_property_cnn
+from stylegan_modified.datasets import epoch_order
 from stylegan_modified.property_cnn_training import (LOG_COLUMNS, VALIDATION_LOG_COLUMNS, EarlyStopping,
                                                      PropertyCnnSettings, _CnnTrainer, new_property_cnn,
                                                      train_validation_split, validation_metrics)
@@ -228,6 +230,41 @@ def test_extension_and_sigterm_mid_epoch_resume_equal_the_uninterrupted_run(temp
 
 
 # --- early stopping, the cap and the LR curves, with scripted losses ---
+@pytest.mark.parametrize('where', ['training', 'validation'])
+def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, fresh, tmp_path, monkeypatch, capsys, where):
+    """A worker that the group's SIGTERM kills before it could ignore it: in epoch 1's training (its second batch,
+    while the first trains) or in epoch 1's validation. Either way a checkpoint of what is done, status 130, and
+    --resume (which then validates) equals the uninterrupted run."""
+    root = new_root(template, tmp_path)
+    train, validation = train_validation_split(len(IMG_NOS), seed=0)
+    if where == 'training':
+        fatal, armed, position = int(train[epoch_order(0, 1, len(train))][2]), '(step 2)', (1, 1, 3)
+    else:
+        fatal, armed, position = int(validation[0]), '(step 4)', (1, 2, 4)
+    kill_a_worker_after_the_stop(monkeypatch, _CnnTrainer, armed, fatal, tmp_path / 'armed')
+    run_args = args(root, '--max-epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch {}, batch {} (step {})'.format(*position)), err
+    assert err.count('\n') == 1, err
+    record = load_resume_record(run_files(root).resume_record)
+    assert (record.epoch, record.batch, record.step) == position
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_stops_cleanly_and_resumes_exactly(template, fresh, tmp_path):
+    root = new_root(template, tmp_path)
+    run_args = args(root, '--max-epochs', 2, '--workers', 2, '--checkpoint-every', 1)
+    status, err, left = sigterm_group_when(SCRIPT, run_args, run_files(root).resume_record.exists)
+    assert status == 130 and re.match(r'stopped by SIGTERM at epoch \d, batch \d \(step [1-4]\)', err), err
+    assert err.count('\n') == 1 and left == [], err
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
 def scripted(monkeypatch, values):
     """The training step only nudges one bias (so each epoch's weights differ) and validation reports
     ``values[epoch]`` as the loss of every property."""

@@ -23,12 +23,14 @@ from ohlora.layout import SCORE_COLUMNS, Layout, V3Outputs
 from ohlora.owned_files import OwnedFiles
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
+from rerun_helpers import kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import cvae_training
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, grid_labels
 from stylegan_modified.checkpoint import load_conditional_generator, load_cvae_encoder
 from stylegan_modified.cvae_encoder import reparameterize
 from stylegan_modified.cvae_training import (LOG_COLUMNS, CVAETrainer, EpochOutputs, StepLosses, V3Settings)
+from stylegan_modified.datasets import epoch_order
 from stylegan_modified.generation import read_z_csv
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.v3_epoch_test import EpochTestResult, EpochTestSettings, MuLogvarHistory, run_epoch_test
@@ -419,12 +421,21 @@ def test_sigterm_inside_an_epoch_then_resume_equals_the_uninterrupted_run(templa
     assert run_script(SCRIPT, *args(root, inputs, '--epochs', 2)) == 2  # without --resume: refused
     assert 'pass --resume to continue it' in capsys.readouterr().err
     assert run_script(SCRIPT, *args(root, inputs, '--epochs', 2, '--resume')) == 0
+    assert_same_run(fresh, root)
 
+
+def assert_same_run(fresh, root):
     a, b = files_of(fresh / 'stylegan_modified'), files_of(root / 'stylegan_modified')
     assert sorted(a) == sorted(b)
-    skip = {'fine_tuning_v3/train_log_v3.csv', 'fine_tuning_v3/resume_record.pt'}
+    options = 'fine_tuning_v3/training_options.json'
+    skip = {'fine_tuning_v3/train_log_v3.csv', 'fine_tuning_v3/resume_record.pt', options}
     different = [name for name in a if name not in skip and a[name] != b[name]]
     assert different == []  # checkpoints, z CSVs, every test CSV and image, the final files: byte for byte
+    recorded = [json.loads(files[options]) for files in (a, b)]
+    for record in recorded:
+        for name in ('workers', 'checkpoint_every'):  # they do not change the results
+            record['options'].pop(name)
+    assert recorded[0] == recorded[1]
     pd.testing.assert_frame_equal(log_frame(fresh)[DETERMINISTIC_COLUMNS], log_frame(root)[DETERMINISTIC_COLUMNS])
     ra, rb = (load_resume_record(outputs(r).files.resume_record) for r in (fresh, root))
     assert torch.equal(ra.rng['torch_cpu'], rb.rng['torch_cpu'])
@@ -433,6 +444,33 @@ def test_sigterm_inside_an_epoch_then_resume_equals_the_uninterrupted_run(templa
     for index, values in ra.optimizers['cvae']['state'].items():
         for key, tensor in values.items():
             assert torch.equal(tensor, rb.optimizers['cvae']['state'][index][key])
+
+
+def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, inputs, fresh, tmp_path, monkeypatch, capsys):
+    """The worker of epoch 1's second batch dies of the group's SIGTERM (it had not yet ignored it) while batch 0
+    trains: the step ends, the stop writes its checkpoint, and --resume equals the uninterrupted run."""
+    root = new_root(template, tmp_path)
+    fatal = int(epoch_order(0, 1, len(IMG_NOS))[2])
+    kill_a_worker_after_the_stop(monkeypatch, CVAETrainer, '(step 2)', fatal, tmp_path / 'armed')
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch 1, batch 1 (step 3)') and err.count('\n') == 1, err
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_stops_cleanly_and_resumes_exactly(template, inputs, fresh, tmp_path):
+    root = new_root(template, tmp_path)
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2, '--checkpoint-every', 1)
+    status, err, left = sigterm_group_when(SCRIPT, run_args, outputs(root).files.resume_record.exists)
+    assert status == 130 and re.fullmatch(r'stopped by SIGTERM at epoch \d, batch \d \(step [1-3]\); the '
+                                          r'checkpoint is complete; continue with --resume\n', err), err
+    assert left == []
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
 
 
 def test_a_plain_rerun_of_a_finished_run_writes_nothing(fresh, inputs, capsys):
