@@ -491,7 +491,6 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                     row = {'epoch': epoch, 'idx': idx, **asdict(losses), 'lr_generator': lrs[0],
                            'lr_encoder': lrs[1], 'images_per_s': round(meter.tick(images), 2),
                            'peak_gpu_mem_mb': meter.peak_memory_mb()}
-                    stopping = agree_stop(ctx, stop)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f'{losses.total_loss:.3f}', img_s=f'{meter.smoothed:.1f}')
                     last = idx + 1 == len(batches)
@@ -501,6 +500,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                                                          extra, settings)
                         row.update(epoch_mean_loss=summary.mean_loss, passing_z=summary.passing_z,
                                    best_z=summary.best_z)
+                    stopping = agree_stop(ctx, stop)  # after the epoch's test: a signal during it stops here
                     run.log.append(row)
                     if last:
                         final = epoch + 1 == settings.epochs or stop_early

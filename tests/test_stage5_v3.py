@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from ohlora.layout import SCORE_COLUMNS, Layout, V3Outputs
 from ohlora.owned_files import OwnedFiles
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
-from rerun_helpers import kill_a_worker_after_the_stop, sigterm_group_when
+from rerun_helpers import descendants, kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import cvae_training
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, grid_labels
@@ -456,6 +457,32 @@ def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, inputs, fresh,
     assert run_script(SCRIPT, *run_args) == 130
     err = capsys.readouterr().err
     assert err.startswith('stopped by SIGTERM at epoch 1, batch 1 (step 3)') and err.count('\n') == 1, err
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+def test_a_worker_killed_during_the_epoch_test_after_the_stop(template, inputs, fresh, tmp_path, monkeypatch,
+                                                             capsys):
+    """The group's SIGTERM during epoch 0's test, which runs while the epoch's loader (and its workers) still
+    lives, and one of those workers dies of it: the test and the epoch's checkpoint complete, then the stop."""
+    root = new_root(template, tmp_path)
+    original = cvae_training.run_epoch_test
+
+    def test_under_signal(*test_args, **kwargs):
+        if test_args[4] == 0:  # the epoch
+            workers = descendants(os.getpid())
+            assert workers, 'no DataLoader worker alive during the epoch test'
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(0.5)  # its SIGCHLD arrives during the test (before the fix: a RuntimeError right here)
+        return original(*test_args, **kwargs)
+
+    monkeypatch.setattr(cvae_training, 'run_epoch_test', test_under_signal)
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch 1, batch 0 (step 2)') and err.count('\n') == 1, err
     monkeypatch.undo()
     assert run_script(SCRIPT, *run_args, '--resume') == 0
     assert_same_run(fresh, root)
