@@ -67,8 +67,8 @@ from stylegan_modified.training_control import (GracefulStop, MixedPrecision, No
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
                                              run_epoch_test, z_csv_bytes)
-from stylegan_modified.v3_inputs import (build_v3_models, fetch_input, load_gender_cnn, scores_csv_path,
-                                         v3_models_from_state)
+from stylegan_modified.v3_inputs import (build_v3_models, check_labels_cnn, fetch_input, load_gender_cnn,
+                                         scores_csv_path, v3_models_from_state)
 
 VERSION = 'v3'
 IMAGE_RESOLUTION = 256
@@ -385,7 +385,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
     options = settings.options(rule)
     options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint()}
     # The frozen CNNs are read again on every resume: a different file would make it another run.
-    options['inputs'] = {'property_cnn_sha256': sha256_of(property_path), 'gender_cnn_sha256': sha256_of(gender_path)}
+    property_sha256 = sha256_of(property_path)
+    options['inputs'] = {'property_cnn_sha256': property_sha256, 'gender_cnn_sha256': sha256_of(gender_path)}
     options['world_size'] = ctx.world_size
     run = TrainingRun(files, options, {outputs.final_generator: G_NAME, outputs.final_encoder: E_NAME}, LOG_COLUMNS,
                       writer=ctx.is_main)
@@ -405,6 +406,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
         ctx.barrier()
         return V3Result('already finished', record.epoch, record.batch, record.step, finals, files.folder,
                         _summaries(record), restored=plan.restored)
+    if plan.record is None:  # a resumed run keeps its labels and CNN (both are part of its options)
+        check_labels_cnn(layout, scores_csv, scores_path is not None, property_path, property_sha256)
     epoch_outputs = EpochOutputs(outputs, run.owned)
     epoch_outputs.check(range(0 if plan.record is None else plan.record.epoch, settings.epochs), overwrite)
 

@@ -5,6 +5,7 @@ The expensive runs (a fresh 2-epoch run, the same run split by --max-epochs 1 + 
 --resume) are made once per module. Early stopping, the cap and the LR curves are tested with the training step
 and the validation replaced by scripted stand-ins (the loop, the logs and the files stay real).
 """
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from ohlora import atomic
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
-from rerun_helpers import kill_a_worker_after_the_stop, sigterm_group_when
+from rerun_helpers import assert_refused, kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import property_cnn_training
 from stylegan_modified.checkpoint import load_property_cnn
@@ -442,6 +443,41 @@ def test_files_the_run_did_not_write_are_never_overwritten(template, cnn_file, r
     assert files_of(root) == before
     assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file, '--overwrite')) == 0
     assert csvs(root)[0].read_bytes() != upstream_csv.read_bytes()
+
+
+def test_a_scores_csv_another_cnn_made_is_not_replaced_without_overwrite(fresh, cnn_file, tmp_path, capsys):
+    """The CSVs live in the root whatever --outdir says, so v2 runs with other --outdir (or another --property-cnn)
+    share them: replacing the labels that a v3 run was trained on takes --overwrite, and the refusal names both
+    CNNs. The same run's CNN still updates its own CSVs (the extension test)."""
+    root = tmp_path / 'root'
+    shutil.copytree(fresh, root)  # the CSVs of the CNN of the run stylegan_modified/fine_tuning_v2_cnn
+    run_sha = hashlib.sha256(published(root).read_bytes()).hexdigest()
+    other = tmp_path / 'other_cnn.pth'
+    torch.save(new_property_cnn(5).state_dict(), other)
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    record = json.loads(Layout(root).property_cnn_scoring_record.read_text())
+    assert record['inputs']['property_cnn_sha256'] == run_sha
+    assert record['property_cnn'] == {'file': 'stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth',
+                                      'run': 'stylegan_modified/fine_tuning_v2_cnn'}
+    scored_by = (f'the CNN of the v2 run stylegan_modified/fine_tuning_v2_cnn '
+                 f'(stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth), SHA-256 {run_sha[:16]}')
+
+    # another run (its own --outdir) would train another CNN: refused before any training
+    err = assert_refused(capsys, root, SCRIPT, *args(root, '--max-epochs', 1, '--outdir', root / 'runs' / 'b'),
+                         match='all_scores_v2_cnn.csv holds the scores of another property CNN')
+    assert scored_by in err and 'the CNN of the v2 run runs/b/fine_tuning_v2_cnn' in err and '--overwrite' in err
+    # another given CNN
+    err = assert_refused(capsys, root, SCRIPT, *args(root, '--property-cnn', other), match=scored_by)
+    assert f'--property-cnn ../{other.name}, SHA-256 {other_sha[:16]}' in err  # recorded from the root
+    # the same CNN as a given file is no other CNN: up to date
+    assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file)) == 0
+    assert 'are up to date' in capsys.readouterr().out
+    # --overwrite: the user's choice; the record then names the new CNN
+    assert run_script(SCRIPT, *args(root, '--property-cnn', other, '--overwrite')) == 0
+    record = json.loads(Layout(root).property_cnn_scoring_record.read_text())
+    assert record['inputs']['property_cnn_sha256'] == other_sha
+    assert record['property_cnn'] == {'file': f'../{other.name}', 'run': None}
+    assert csvs(root)[0].read_bytes() != csvs(fresh)[0].read_bytes()
 
 
 def edit_scores(root, edit):

@@ -5,7 +5,9 @@ At batch 2 an epoch is 2 steps. The two expensive runs (a fresh 2-epoch run with
 run stopped by SIGTERM inside epoch 1 and resumed) are made once per module; everything else is a unit test, a
 run refused before training, or a run whose steps are replaced by known losses.
 """
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,7 +26,7 @@ from ohlora.layout import SCORE_COLUMNS, Layout, V3Outputs
 from ohlora.owned_files import OwnedFiles
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
-from rerun_helpers import descendants, kill_a_worker_after_the_stop, sigterm_group_when
+from rerun_helpers import assert_refused, descendants, kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import cvae_training
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, grid_labels
@@ -35,7 +37,7 @@ from stylegan_modified.datasets import epoch_order
 from stylegan_modified.generation import read_z_csv
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.v3_epoch_test import EpochTestResult, EpochTestSettings, MuLogvarHistory, run_epoch_test
-from stylegan_modified.v3_inputs import build_v3_models, load_gender_cnn
+from stylegan_modified.v3_inputs import build_v3_models, check_labels_cnn, load_gender_cnn
 from test_training_toolkit import write_images
 
 SCRIPT = 'run_stylegan_fine_tuning_v3.py'
@@ -599,6 +601,61 @@ def test_a_published_checkpoint_is_never_overwritten_without_overwrite(template,
     epoch_outputs = EpochOutputs(outs, OwnedFiles(outs.files.written_files, outs.files.outdir))
     epoch_outputs.check(range(0, 5), overwrite=False)  # epochs 0-4 do not touch it
     epoch_outputs.check(range(0, 6), overwrite=True)   # --overwrite lets the run replace it
+
+
+class MeanScores(torch.nn.Module):
+    """A stand-in property CNN for the scoring pass: 7 values per image."""
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3)).repeat(1, 3)[:, :7]
+
+
+def scored_by(template, tmp_path, cnn_sha256):
+    """A root whose all_scores_v2_cnn.csv was written by v2's scoring pass, its record naming ``cnn_sha256`` (the
+    CNN of the v2 run stylegan_modified/fine_tuning_v2_cnn)."""
+    from stylegan_modified.datasets import ScoredImageDataset
+    from stylegan_modified.property_cnn_scoring import ScoringPass
+    from test_training_toolkit import upstream_scores_csv
+
+    root = new_root(template, tmp_path)
+    layout = Layout(root)
+    layout.property_cnn_scores_csv.unlink()
+    upstream_scores_csv(layout.property_scores_csv(2), IMG_NOS)
+    scoring = ScoringPass(layout, ScoredImageDataset.filtered(layout, layout.property_scores_csv(2)),
+                          device=torch.device('cpu'))
+    source = {'file': 'stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth',
+              'run': 'stylegan_modified/fine_tuning_v2_cnn'}
+    scoring.run(MeanScores(), cnn_sha256, source)
+    return root
+
+
+def test_labels_of_another_property_cnn_are_refused(template, inputs, tmp_path, capsys, caplog):
+    """v2's scoring record names the CNN that scored all_scores_v2_cnn.csv: a run that would train on its labels
+    but compute its loss and test with another CNN is refused in one line naming both and the ways out."""
+    other = 'ab' * 32
+    root = scored_by(template, tmp_path, other)
+    err = assert_refused(capsys, root, SCRIPT, *args(root, inputs, '--epochs', 1),
+                         match='all_scores_v2_cnn.csv was scored by another property CNN (the CNN of the v2 run '
+                               'stylegan_modified/fine_tuning_v2_cnn (stylegan_modified/'
+                               'stylegan_gen_fine_tuned_v2_cnn.pth), SHA-256 abababababababab…) than the one this '
+                               'run trains and tests with')
+    mine = hashlib.sha256(inputs['property'].read_bytes()).hexdigest()
+    assert f'{inputs["property"]}, SHA-256 {mine[:16]}…' in err
+    assert err.endswith('pass --property-cnn with the CNN that scored it, or --scores CSV to choose the labels '
+                        'yourself')
+    assert not outputs(root).files.folder.exists()
+
+    layout = Layout(root)
+    csv = layout.property_cnn_scores_csv
+    check_labels_cnn(layout, csv, False, inputs['property'], other)  # the CNN that scored them: no objection
+    with caplog.at_level(logging.INFO, logger='stylegan_modified.v3_inputs'):
+        check_labels_cnn(layout, csv, True, inputs['property'], mine)  # --scores given: the user's choice
+        assert [r.levelname for r in caplog.records] == ['WARNING']
+        assert 'training on these labels as asked' in caplog.records[0].getMessage()
+        caplog.clear()
+        csv.write_bytes(csv.read_bytes() + b'\n')  # no longer the CSV the record describes (e.g. upstream's)
+        check_labels_cnn(layout, csv, False, inputs['property'], mine)
+        assert [r.levelname for r in caplog.records] == ['INFO'] and 'has no scoring record' in caplog.text
 
 
 @pytest.fixture(scope='module')
