@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ohlora.devices import tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, shipped_with_code
@@ -111,6 +112,7 @@ class V3Settings:
     pass_max_mae: dict = field(default_factory=dict)  # (None: no MAE bound for that attribute)
     test_random: int = 30
     amp: bool = False
+    tf32: bool = False
     v1_weights: str | None = None
     property_cnn: str | None = None
     gender_cnn: str | None = None
@@ -426,7 +428,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
         trainer.load_record(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
+    with tf32(settings.tf32):
+        result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
     ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
     return result
 
@@ -548,7 +551,8 @@ def _end_epoch(epoch: int, trainer: CVAETrainer, test_settings: EpochTestSetting
     ctx = trainer.ctx
     outcome = None
     if ctx.is_main:
-        test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
+        with tf32(False):  # the test decides which z are saved: full float32 whatever --tf32 and --amp say
+            test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
         written = epoch_outputs.write(epoch, test, cpu_state_dict(trainer.generator),
                                       cpu_state_dict(trainer.encoder))
         outcome = (test.num_passed, test.best, [p.name for p in written])

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
@@ -117,6 +117,7 @@ class FineTuningSettings:
     snapshot_size: int = 128
     checkpoint_every: int = 0
     amp: bool = False
+    tf32: bool = False
     weights: str | None = None
     scores: str | None = None
     compat: str | None = None
@@ -465,7 +466,8 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
         trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    result = _train(run, plan, trainer, dataset, settings, group)
+    with tf32(settings.tf32):
+        result = _train(run, plan, trainer, dataset, settings, group)
     ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
     return result
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora import atomic
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout, image_name
 from ohlora.owned_files import OwnedFiles
@@ -67,7 +67,7 @@ def score_dataset(model: PropertyScoreCNN, dataset: ScoredImageDataset, device: 
     model.train(dropout_seed is not None)
     bar = tqdm(total=len(dataset), desc='property CNN scores', unit='img', disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tf32(False):  # the labels of v3: full float32 whatever a trainer's --tf32 says
             for items in loader:
                 images = items['image'].to(device, non_blocking=True)
                 if dropout_seed is None:

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_CNN_FILE, PROPERTY_NAMES, Layout
@@ -99,6 +99,7 @@ class PropertyCnnSettings:
     device: str = 'cpu'
     checkpoint_every: int = 0
     amp: bool = False
+    tf32: bool = False
     compat: str | None = None
     scores: str | None = None
     no_progress: bool = False
@@ -293,7 +294,8 @@ class PropertyCnnTraining:
             self.val_log.load(keep=record.epoch * self.val_log_rows)
         describe(self.ctx, 'v2 property CNN', self.settings.batch_size)
         try:
-            result = self._epochs(trainer, record)
+            with tf32(self.settings.tf32):
+                result = self._epochs(trainer, record)
             self.ctx.barrier()  # the other ranks go on once rank 0's last checkpoint is on disk
             return result
         except NonFiniteLoss:

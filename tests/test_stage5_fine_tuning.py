@@ -302,6 +302,30 @@ def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, zoo, fresh, tm
     assert_same_run(fresh, root)
 
 
+def tf32_flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_is_an_option_of_the_run_on_for_its_steps_and_may_change_on_resume(template, zoo, fresh, tmp_path,
+                                                                              monkeypatch):
+    root = new_root(template, tmp_path)
+    seen, step = [], V1Trainer.step
+
+    def spy(self, reals, labels):
+        seen.append(tf32_flags())
+        return step(self, reals, labels)
+
+    monkeypatch.setattr(V1Trainer, 'step', spy)
+    assert run_script(SCRIPT, *args(root, zoo, '--epochs', 1, '--tf32')) == 0
+    assert seen == [(True, True)] * 2 and tf32_flags() == (False, False)  # off again after the run
+    assert json.loads(run_files(root).options_json.read_text())['options']['tf32'] is True
+    assert load_resume_record(run_files(root).resume_record).options['tf32'] is True
+    seen.clear()
+    assert run_script(SCRIPT, *args(root, zoo, '--epochs', 2, '--resume')) == 0  # without --tf32: allowed
+    assert seen == [(False, False)] * 2
+    assert_same_run(fresh, root)  # TF32 changes nothing on a CPU
+
+
 def test_a_plain_rerun_of_a_finished_run_writes_nothing(fresh, zoo, capsys):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in fresh.rglob('*') if p.is_file()}
     assert run_script(SCRIPT, *args(fresh, zoo, '--epochs', 2)) == 0

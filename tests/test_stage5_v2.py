@@ -26,7 +26,9 @@ from rerun_helpers import assert_refused, kill_a_worker_after_the_stop, sigterm_
 from script_runner import files_of, run_script
 from stylegan_modified import property_cnn_training
 from stylegan_modified.checkpoint import load_property_cnn
-from stylegan_modified.datasets import epoch_order
+from ohlora.devices import tf32
+from stylegan_modified.datasets import ScoredImageDataset, epoch_order
+from stylegan_modified.property_cnn_scoring import score_dataset
 from stylegan_modified.property_cnn_training import (LOG_COLUMNS, VALIDATION_LOG_COLUMNS, EarlyStopping,
                                                      PropertyCnnSettings, _CnnTrainer, new_property_cnn,
                                                      train_validation_split, validation_metrics)
@@ -329,6 +331,32 @@ def test_the_cap_ends_a_run_that_resume_can_extend_and_compat_gives_upstreams_lr
     assert run_script(SCRIPT, *args(compat, '--max-epochs', 11, '--compat', 'upstream')) == 0
     lrs = pd.read_csv(run_files(compat).train_log)['lr'].tolist()
     assert lrs[:10] == log['lr'].tolist()[:10] and lrs[10] == 0.0  # CosineAnnealingLR(T_max=10) stepped past 10
+
+
+def test_tf32_is_on_for_the_cnn_steps_and_off_for_the_scores(template, tmp_path, monkeypatch, capsys):
+    root = new_root(template, tmp_path)
+    scripted(monkeypatch, [1.0, 0.5])
+    seen, step = [], _CnnTrainer.step
+
+    def spy(self, images, labels):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return step(self, images, labels)
+
+    monkeypatch.setattr(_CnnTrainer, 'step', spy)
+    assert run_script(SCRIPT, *args(root, '--max-epochs', 1, '--tf32')) == 0
+    assert seen == [(True, True)] * 2
+    assert json.loads(run_files(root).options_json.read_text())['options']['tf32'] is True
+    assert run_script(SCRIPT, *args(root, '--max-epochs', 2, '--resume')) == 0  # --tf32 may change
+    assert seen[2:] == [(False, False)] * 2
+
+    class Flags(torch.nn.Module):  # the scoring pass stays float32 even inside a --tf32 block
+        def forward(self, images):
+            flags = float(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+            return torch.full((len(images), 7), flags)
+
+    dataset = ScoredImageDataset.filtered(Layout(root), Layout(root).property_scores_csv(2))
+    with tf32(True):
+        assert not score_dataset(Flags(), dataset, torch.device('cpu')).any()
 
 
 def test_metrics_and_early_stopping_units():

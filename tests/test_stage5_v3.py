@@ -537,6 +537,21 @@ def test_patience_stops_when_the_epoch_loss_stops_improving(template, inputs, tm
     assert files_of(root) == before
 
 
+def test_tf32_is_on_for_the_steps_and_off_for_the_epoch_test(template, inputs, tmp_path, monkeypatch):
+    root = new_root(template, tmp_path)
+    fake_steps(monkeypatch, [1.0, 1.0])
+    seen, step, test = [], CVAETrainer.step, cvae_training.run_epoch_test
+
+    def flags(what):
+        seen.append((what, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    monkeypatch.setattr(CVAETrainer, 'step', lambda *a: (flags('step'), step(*a))[1])
+    monkeypatch.setattr(cvae_training, 'run_epoch_test', lambda *a, **k: (flags('test'), test(*a, **k))[1])
+    assert run_script(SCRIPT, *args(root, inputs, '--epochs', 1, '--tf32')) == 0
+    assert seen == [('step', True, True), ('step', True, True), ('test', False, False)]
+    assert json.loads(outputs(root).files.options_json.read_text())['options']['tf32'] is True
+
+
 def test_a_nan_loss_stops_in_one_line_before_the_optimiser_step(template, inputs, tmp_path, monkeypatch, capsys):
     root = new_root(template, tmp_path)
     original = CVAETrainer.losses
