@@ -202,6 +202,9 @@ class CVAETrainer:
                                             {'params': list(self.encoder.parameters()), 'lr': self.base_lrs[1]}],
                                            betas=self.hyper.betas, weight_decay=self.hyper.weight_decay)
         self.amp = MixedPrecision(settings.amp, self.device, (AMP_NAME,))
+        # the supervised label columns as a device index (indexing with a Python tuple copies one to the GPU, and
+        # waits for it, at every step)
+        self.supervised = torch.tensor(SUPERVISED, device=self.device)
         self.history = MuLogvarHistory(self.hyper.history_size)
         self.lrs = list(self.base_lrs)
         self.where = ''
@@ -230,13 +233,16 @@ class CVAETrainer:
         mu, logvar = mu.float(), logvar.float()
         if eps is None:
             eps = torch.randn(mu.shape)  # the CPU RNG, whatever the device (as the v1 trainer's z)
-        z = reparameterize(mu, logvar, eps.to(self.device))
+            if self.device.type == 'cuda':  # a copy from pinned memory does not wait for the GPU
+                eps = eps.pin_memory()
+        z = reparameterize(mu, logvar, eps.to(self.device, non_blocking=True))
         with self.amp.autocast():
             generated = self.generator_train(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
                                              randomize_noise=False)['image']
             scores = self.property_scores(generated).float()
             gender = self.gender_scores(generated).float()
-        terms = {'property_loss': F.mse_loss(scores[:, SUPERVISED], labels[:, SUPERVISED]),
+        terms = {'property_loss': F.mse_loss(scores.index_select(1, self.supervised),
+                                             labels.index_select(1, self.supervised)),
                  'gender_loss': F.mse_loss(gender, torch.ones_like(gender)),
                  'mu_loss': mu.square().mean(),
                  'logvar_loss': logvar.square().mean()}
@@ -249,10 +255,16 @@ class CVAETrainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         terms, mu, logvar = self.losses(images, labels) if eps is None else self.losses(images, labels, eps)
-        means = dict(zip(terms, mean_over_ranks(self.ctx, *terms.values())))
+        # Every value the step needs on the host (the five losses, the history's first mu and logvar rows) in one
+        # device-to-host copy: each float() of a CUDA tensor would wait for the GPU on its own.
+        # (float64 holds every float32 value exactly: the same numbers as float() of each)
+        host = torch.cat([torch.stack([t.detach().double() for t in terms.values()]), mu[0].detach().double(),
+                          logvar[0].detach().double()]).cpu()
+        means = dict(zip(terms, mean_over_ranks(self.ctx, *host[:len(terms)].tolist())))
         check_finite(self.where, self.last_checkpoint, loss=means['total_loss'])
         self.amp.step(AMP_NAME, terms['total_loss'], self.optimizer)
-        self.history.add(mu, logvar)
+        mu_row, logvar_row = host[len(terms):].view(2, 1, -1)
+        self.history.add(mu_row, logvar_row)
         return StepLosses(**means)
 
     def epoch_test(self, epoch: int, settings: EpochTestSettings, outputs: V3Outputs | None,

@@ -6,12 +6,14 @@ run stopped by SIGTERM inside epoch 1 and resumed) are made once per module; eve
 run refused before training, or a run whose steps are replaced by known losses.
 """
 import hashlib
+from dataclasses import asdict
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -269,6 +271,34 @@ def test_the_loss_is_the_spec_formula_and_the_cnns_stay_frozen_in_eval_mode(trai
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
     assert all(torch.equal(v, trainer.generator.state_dict()[k]) for k, v in synthesis.items())
     assert len(trainer.history) == 1
+
+
+def test_a_step_reads_its_values_from_the_device_in_one_copy(trainer_parts, monkeypatch):
+    """float() / .item() of a CUDA tensor each wait for the GPU: a step reads its five losses and the history's
+    mu / logvar rows in one .cpu() copy, and they are the values float() gives."""
+    trainer, reference = make_trainer(trainer_parts), make_trainer(trainer_parts)
+    images, labels = batch()
+    eps = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    terms, mu, logvar = reference.losses(images, labels, eps)
+    reads = []
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            # not torch's own (AdamW reads its CPU step counters), nor the lod read once per value
+            if '/torch/' not in caller.co_filename and caller.co_name != 'scalar_buffer':
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ('item', '__float__', 'cpu', 'tolist', 'numpy'):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    losses = trainer.step(images, labels, eps)
+    monkeypatch.undo()
+    assert reads == ['cpu', 'tolist']  # before: five float() calls (and two .to('cpu') of the history rows)
+    assert asdict(losses) == {name: float(value) for name, value in terms.items()}
+    mus, logvars = trainer.history.tensors()
+    assert torch.equal(mus[0], mu[0].detach()) and torch.equal(logvars[0], logvar[0].detach())
 
 
 def test_compat_upstream_feeds_the_raw_image_in_train_mode_with_upstreams_lr_curve(trainer_parts):
