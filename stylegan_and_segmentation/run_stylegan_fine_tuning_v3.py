@@ -45,7 +45,7 @@ EXAMPLES = '''
   python stylegan_and_segmentation/run_fine_tuned_generator.py --root runs/v3 \\
       --weights runs/v3/stylegan_modified/stylegan_gen_fine_tuned_v3_ckpt_0012_gen.pth \\
       --z-csv runs/v3/stylegan_modified/test_z_vector_0012.csv
-(the repository root ships test_z_vector_0005.csv and _0007.csv: a run that could write them is refused, so
+(stylegan_modified/ ships test_z_vector_0005.csv and _0007.csv with the code: a run that could write them is refused, so
  give runs of 6 epochs or more their own --root or --outdir)
 '''
 

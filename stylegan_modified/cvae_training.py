@@ -38,6 +38,7 @@ broadcast, so every rank keeps the same summary. Rank 0 alone writes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -70,6 +71,8 @@ from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, Epoc
                                              run_epoch_test, z_csv_bytes)
 from stylegan_modified.v3_inputs import (build_v3_models, check_labels_cnn, fetch_input, load_gender_cnn,
                                          scores_csv_path, v3_models_from_state)
+
+logger = logging.getLogger(__name__)
 
 VERSION = 'v3'
 IMAGE_RESOLUTION = 256
@@ -148,7 +151,12 @@ class V3Settings:
         if self.test_z > self.hyper.history_size:
             raise PipelineError(f'--test-z {self.test_z}: the test draws its z from the last '
                                 f'{self.hyper.history_size} batches of an epoch; use at most that')
-        self.rule()
+        for attribute, threshold in self.rule().thresholds.items():
+            if len(set(self.test_grid.get(attribute, ()))) < 2 and threshold.min_r > 0:
+                # r of a constant request is 0 (attribute_metrics.pearson_r), so no z passes and no epoch is saved
+                logger.warning(f'--test-grid holds {attribute} constant, but the pass rule needs its r >= '
+                               f'{threshold.min_r:g}, and r of a constant request is 0: no z can pass; give '
+                               f'{attribute} two or more values, or --pass-min-r {attribute}=0')
 
     def options(self, rule: PassRule) -> dict:
         """The resolved options as plain JSON types (what training_options.json and the record hold)."""

@@ -288,8 +288,7 @@ class PropertyCnnTraining:
             trainer.load_record(record, self.files.resume_record)
         self.run.start(plan, provenance)
         if record is None:
-            self.val_log.rows = []
-            self.val_log.flush()
+            self.val_log.reset()
         elif self.ctx.is_main:
             self.val_log.load(keep=record.epoch * self.val_log_rows)
         describe(self.ctx, 'v2 property CNN', self.settings.batch_size)

@@ -787,3 +787,18 @@ def test_help_has_examples_and_the_options(capsys):
                    '--scores', '--test-z', '--test-grid', '--pass-min-r', '--pass-max-mae', '--test-random'):
         assert option in text
     assert 'examples:' in text and '--resume' in text
+
+
+def test_a_test_grid_holding_a_judged_attribute_constant_is_warned_about(caplog):
+    """r of a constant request is 0, so with eyes held at one value and the rule's r >= 0.77 no z can ever pass (no
+    epoch is saved as passing): said before the run starts; a grid that varies every judged attribute, or a rule
+    that does not need r > 0 for the constant one, says nothing."""
+    with caplog.at_level(logging.WARNING, logger='stylegan_modified.cvae_training'):
+        V3Settings(epochs=1, test_grid={'mouth': [-1.2, 1.6], 'eyes': [1.8], 'pose': [0.0, 1.2]}).check()
+        assert [r.getMessage().split(',')[0] for r in caplog.records] == [
+            '--test-grid holds eyes constant']
+        caplog.clear()
+        V3Settings(epochs=1).check()
+        V3Settings(epochs=1, test_grid={'mouth': [-1.2, 1.6], 'eyes': [1.8], 'pose': [0.0, 1.2]},
+                   pass_min_r={'eyes': 0.0}).check()
+        assert caplog.records == []
