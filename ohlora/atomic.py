@@ -1,6 +1,7 @@
 """Atomic writes: every file is written to a temporary name in the same folder, then renamed (R14).
 
-A crash therefore leaves either the old file or the new one, never a truncated image, CSV or checkpoint.
+A crash therefore leaves either the old file or the new one, never a truncated image, CSV or checkpoint. The one
+exception is :func:`append_text`, for logs that grow by rows and whose committed row count is known elsewhere.
 Temporary names are ``.tmp-<pid>h<host>-<random><suffix>``: folder scans ignore them, and a later run removes
 those of processes of this machine that no longer exist (a run killed with ``kill -9`` cannot clean up after
 itself). ``<host>`` (8 hex digits of the host name's SHA-256) keeps a job on one machine from removing the live
@@ -88,6 +89,19 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode('utf-8'))
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to the file ``path`` (a log that grows by whole rows, so that a long run does not rewrite it
+    at every flush). Not a replacement: a crash in the middle can leave a partial last line, so a reader must know
+    how many rows are committed (``stylegan_modified.training_run.TrainLog.load`` keeps the rows its resume record
+    counts and rewrites the file atomically without the rest). A failed write is one line naming the path."""
+    path = Path(path)
+    try:
+        with open(path, 'a', encoding='utf-8', newline='') as stream:
+            stream.write(text)
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def json_text(obj) -> str:

@@ -30,8 +30,8 @@ Typical use in a trainer::
 
 Only the options in :data:`RESUMABLE_OPTIONS` may change on resume (e.g. ``--epochs``, the total, to extend a
 finished run); every other difference is refused, because the continued run would no longer be the run it
-claims to continue. ``world_size`` (the number of torchrun processes) may change too: the run continues, but not
-bit-exactly as it would have with the recorded number.
+claims to continue. ``world_size`` (the number of torchrun processes) and ``tf32`` may change too: the run
+continues, but not bit-exactly as it would have with the recorded value.
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ from ohlora.records import flatten_settings
 
 FORMAT = 'ohlora-resume-record'
 VERSION = 1
-RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress', 'world_size')
+# tf32 may change like device: it changes float rounding on a GPU (a continued run is correct, not bit-exact) and
+# nothing on a CPU.
+RESUMABLE_OPTIONS = ('epochs', 'device', 'workers', 'no_progress', 'world_size', 'tf32')
 # How a refusal names an option that is not spelled ``--`` + its key.
 OPTION_NAMES = {'world_size': 'the number of processes'}
 RANK_SEED_STREAM, RANK_RESUME_STREAM = 52, 53  # item_generator streams: the seeds of ranks 1, 2, ...

@@ -46,6 +46,25 @@ def runtime_scale(fan_in: int, gain: float, lr_mul: float, use_wscale: bool) -> 
     return lr_mul, he_std / lr_mul
 
 
+def scalar_buffer(module: nn.Module, name: str) -> float:
+    """The one-element buffer ``module.<name>`` (the ``lod``) as a Python float, read from its device once per value.
+
+    The lod is read in every forward to pick the layers, and ``.item()`` on a CUDA tensor waits for all queued GPU
+    work: several stalls per training step for a value that never changes while training. The value is kept with
+    the tensor and its version counter, so an in-place change (``fill_``, ``load_state_dict``) or a new tensor
+    (``.to(device)``) is read again; the result is the same float ``.item()`` gives."""
+    tensor = getattr(module, name)
+    try:
+        version = tensor._version
+    except RuntimeError:  # a tensor made under inference_mode keeps no version: read it every time
+        return tensor.item()
+    cache = module.__dict__.setdefault('_scalar_buffer_cache', {})
+    entry = cache.get(name)
+    if entry is None or entry[0] is not tensor or entry[1] != version:
+        entry = cache[name] = (tensor, version, tensor.item())
+    return entry[2]
+
+
 def blur_kernel(channels: int) -> torch.Tensor:
     """[1,2,1]^T [1,2,1] / 16, one copy per channel, shaped for a depthwise conv."""
     taps = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float32)

@@ -15,7 +15,7 @@ from torch import nn
 
 from stylegan.genforce_layers import (INIT_RES, LRELU_SLOPE, WSCALE_GAIN, BlurLayer, DenseLayer, channels_at,
                                       check_resolution, downsample_average, resolve_fused_scale, runtime_scale,
-                                      shifted_window_sum)
+                                      scalar_buffer, shifted_window_sum)
 
 __all__ = ['StyleGANDiscriminator', 'MiniBatchSTDLayer']
 
@@ -146,7 +146,7 @@ class StyleGANDiscriminator(nn.Module):
         expected = (self.image_channels, self.resolution, self.resolution)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
             raise ValueError(f'image must have shape [N, {", ".join(map(str, expected))}], got {list(image.shape)}')
-        lod = self.lod.item() if lod is None else lod
+        lod = scalar_buffer(self, 'lod') if lod is None else lod
         max_lod = self.num_blocks - 1
         if not 0 <= lod <= max_lod:
             raise ValueError(f'lod must be in [0, {max_lod}], got {lod}')

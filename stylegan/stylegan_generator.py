@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stylegan.genforce_layers import (INIT_RES, LRELU_SLOPE, WSCALE_GAIN, BlurLayer, DenseLayer, channels_at,
-                                      check_resolution, resolve_fused_scale, runtime_scale, shifted_window_sum,
-                                      upsample_nearest)
+                                      check_resolution, resolve_fused_scale, runtime_scale, scalar_buffer,
+                                      shifted_window_sum, upsample_nearest)
 
 __all__ = ['StyleGANGenerator', 'MappingModule', 'TruncationModule', 'SynthesisModule']
 
@@ -258,7 +258,7 @@ class SynthesisModule(nn.Module):
     def forward(self, wp: torch.Tensor, lod: float | None = None, randomize_noise: bool = False) -> dict:
         if wp.ndim != 3 or tuple(wp.shape[1:]) != (self.num_layers, self.w_space_dim):
             raise ValueError(f'wp must have shape [N, {self.num_layers}, {self.w_space_dim}], got {list(wp.shape)}')
-        lod = self.lod.item() if lod is None else lod
+        lod = scalar_buffer(self, 'lod') if lod is None else lod
         max_lod = self.num_blocks - 1
         if not 0 <= lod <= max_lod:
             raise ValueError(f'lod must be in [0, {max_lod}], got {lod}')
@@ -345,7 +345,7 @@ class StyleGANGenerator(nn.Module):
         if self.training and style_mixing_prob is not None and style_mixing_prob > 0:
             new_z = torch.randn_like(z)
             new_w = self.mapping(new_z, label)['w']
-            current_lod = self.synthesis.lod.item() if lod is None else lod
+            current_lod = scalar_buffer(self.synthesis, 'lod') if lod is None else lod
             active_layers = self.num_layers - int(current_lod) * 2
             if np.random.uniform() < style_mixing_prob:
                 cutoff = np.random.randint(1, active_layers)

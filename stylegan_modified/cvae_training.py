@@ -38,6 +38,7 @@ broadcast, so every rank keeps the same summary. Rank 0 alone writes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ohlora.devices import tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, shipped_with_code
@@ -62,13 +64,15 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, m
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
-                                                ignore_sigint_in_worker)
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
+                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
                                              run_epoch_test, z_csv_bytes)
-from stylegan_modified.v3_inputs import (build_v3_models, fetch_input, load_gender_cnn, scores_csv_path,
-                                         v3_models_from_state)
+from stylegan_modified.v3_inputs import (build_v3_models, check_labels_cnn, fetch_input, load_gender_cnn,
+                                         scores_csv_path, v3_models_from_state)
+
+logger = logging.getLogger(__name__)
 
 VERSION = 'v3'
 IMAGE_RESOLUTION = 256
@@ -111,6 +115,7 @@ class V3Settings:
     pass_max_mae: dict = field(default_factory=dict)  # (None: no MAE bound for that attribute)
     test_random: int = 30
     amp: bool = False
+    tf32: bool = False
     v1_weights: str | None = None
     property_cnn: str | None = None
     gender_cnn: str | None = None
@@ -146,7 +151,12 @@ class V3Settings:
         if self.test_z > self.hyper.history_size:
             raise PipelineError(f'--test-z {self.test_z}: the test draws its z from the last '
                                 f'{self.hyper.history_size} batches of an epoch; use at most that')
-        self.rule()
+        for attribute, threshold in self.rule().thresholds.items():
+            if len(set(self.test_grid.get(attribute, ()))) < 2 and threshold.min_r > 0:
+                # r of a constant request is 0 (attribute_metrics.pearson_r), so no z passes and no epoch is saved
+                logger.warning(f'--test-grid holds {attribute} constant, but the pass rule needs its r >= '
+                               f'{threshold.min_r:g}, and r of a constant request is 0: no z can pass; give '
+                               f'{attribute} two or more values, or --pass-min-r {attribute}=0')
 
     def options(self, rule: PassRule) -> dict:
         """The resolved options as plain JSON types (what training_options.json and the record hold)."""
@@ -200,6 +210,9 @@ class CVAETrainer:
                                             {'params': list(self.encoder.parameters()), 'lr': self.base_lrs[1]}],
                                            betas=self.hyper.betas, weight_decay=self.hyper.weight_decay)
         self.amp = MixedPrecision(settings.amp, self.device, (AMP_NAME,))
+        # the supervised label columns as a device index (indexing with a Python tuple copies one to the GPU, and
+        # waits for it, at every step)
+        self.supervised = torch.tensor(SUPERVISED, device=self.device)
         self.history = MuLogvarHistory(self.hyper.history_size)
         self.lrs = list(self.base_lrs)
         self.where = ''
@@ -228,13 +241,16 @@ class CVAETrainer:
         mu, logvar = mu.float(), logvar.float()
         if eps is None:
             eps = torch.randn(mu.shape)  # the CPU RNG, whatever the device (as the v1 trainer's z)
-        z = reparameterize(mu, logvar, eps.to(self.device))
+            if self.device.type == 'cuda':  # a copy from pinned memory does not wait for the GPU
+                eps = eps.pin_memory()
+        z = reparameterize(mu, logvar, eps.to(self.device, non_blocking=True))
         with self.amp.autocast():
             generated = self.generator_train(z, labels, style_mixing_prob=0.0, trunc_psi=1.0, trunc_layers=0,
                                              randomize_noise=False)['image']
             scores = self.property_scores(generated).float()
             gender = self.gender_scores(generated).float()
-        terms = {'property_loss': F.mse_loss(scores[:, SUPERVISED], labels[:, SUPERVISED]),
+        terms = {'property_loss': F.mse_loss(scores.index_select(1, self.supervised),
+                                             labels.index_select(1, self.supervised)),
                  'gender_loss': F.mse_loss(gender, torch.ones_like(gender)),
                  'mu_loss': mu.square().mean(),
                  'logvar_loss': logvar.square().mean()}
@@ -247,10 +263,16 @@ class CVAETrainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         terms, mu, logvar = self.losses(images, labels) if eps is None else self.losses(images, labels, eps)
-        means = dict(zip(terms, mean_over_ranks(self.ctx, *terms.values())))
+        # Every value the step needs on the host (the five losses, the history's first mu and logvar rows) in one
+        # device-to-host copy: each float() of a CUDA tensor would wait for the GPU on its own.
+        # (float64 holds every float32 value exactly: the same numbers as float() of each)
+        host = torch.cat([torch.stack([t.detach().double() for t in terms.values()]), mu[0].detach().double(),
+                          logvar[0].detach().double()]).cpu()
+        means = dict(zip(terms, mean_over_ranks(self.ctx, *host[:len(terms)].tolist())))
         check_finite(self.where, self.last_checkpoint, loss=means['total_loss'])
         self.amp.step(AMP_NAME, terms['total_loss'], self.optimizer)
-        self.history.add(mu, logvar)
+        mu_row, logvar_row = host[len(terms):].view(2, 1, -1)
+        self.history.add(mu_row, logvar_row)
         return StepLosses(**means)
 
     def epoch_test(self, epoch: int, settings: EpochTestSettings, outputs: V3Outputs | None,
@@ -385,7 +407,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
     options = settings.options(rule)
     options['data'] = {'images': len(dataset), 'fingerprint': dataset.fingerprint()}
     # The frozen CNNs are read again on every resume: a different file would make it another run.
-    options['inputs'] = {'property_cnn_sha256': sha256_of(property_path), 'gender_cnn_sha256': sha256_of(gender_path)}
+    property_sha256 = sha256_of(property_path)
+    options['inputs'] = {'property_cnn_sha256': property_sha256, 'gender_cnn_sha256': sha256_of(gender_path)}
     options['world_size'] = ctx.world_size
     run = TrainingRun(files, options, {outputs.final_generator: G_NAME, outputs.final_encoder: E_NAME}, LOG_COLUMNS,
                       writer=ctx.is_main)
@@ -405,6 +428,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
         ctx.barrier()
         return V3Result('already finished', record.epoch, record.batch, record.step, finals, files.folder,
                         _summaries(record), restored=plan.restored)
+    if plan.record is None:  # a resumed run keeps its labels and CNN (both are part of its options)
+        check_labels_cnn(layout, scores_csv, scores_path is not None, property_path, property_sha256)
     epoch_outputs = EpochOutputs(outputs, run.owned)
     epoch_outputs.check(range(0 if plan.record is None else plan.record.epoch, settings.epochs), overwrite)
 
@@ -423,7 +448,8 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
         trainer.load_record(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
+    with tf32(settings.tf32):
+        result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
     ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
     return result
 
@@ -477,19 +503,20 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                 loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
                                     num_workers=settings.workers,
                                     pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
-                                    worker_init_fn=ignore_sigint_in_worker)
+                                    worker_init_fn=ignore_stop_signals_in_worker)
                 meter.restart()
-                for idx, items in enumerate(loader, start=batch):
+                done = batch  # batches of this epoch whose step is complete
+                for idx, items in enumerate(stop.batches(loader), start=batch):
                     trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                     losses = trainer.step(items['image'], items['label'])
                     step += 1
+                    done = idx + 1
                     extra['loss_sum'] += losses.total_loss
                     extra['loss_count'] += 1
                     images = len(items['index']) * ctx.world_size  # equal shares
                     row = {'epoch': epoch, 'idx': idx, **asdict(losses), 'lr_generator': lrs[0],
                            'lr_encoder': lrs[1], 'images_per_s': round(meter.tick(images), 2),
                            'peak_gpu_mem_mb': meter.peak_memory_mb()}
-                    stopping = agree_stop(ctx, stop)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f'{losses.total_loss:.3f}', img_s=f'{meter.smoothed:.1f}')
                     last = idx + 1 == len(batches)
@@ -499,6 +526,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                                                          extra, settings)
                         row.update(epoch_mean_loss=summary.mean_loss, passing_z=summary.passing_z,
                                    best_z=summary.best_z)
+                    stopping = agree_stop(ctx, stop)  # after the epoch's test: a signal during it stops here
                     run.log.append(row)
                     if last:
                         final = epoch + 1 == settings.epochs or stop_early
@@ -515,6 +543,13 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                     if last or settings.checkpoint_every:
                         meter.restart()
                 epoch, batch, order = epoch + 1, 0, None
+    except WorkersStopped:  # the stop signal killed a worker as it started: the stop, found between two steps
+        if ctx.distributed:
+            raise workers_stopped_error(stop, trainer.last_checkpoint) from None
+        if done < len(batches):  # (after an epoch's last step, its test and checkpoint are done already)
+            checkpoint(epoch, done, order)
+        position = (epoch + 1, 0) if done == len(batches) else (epoch, done)
+        return result('interrupted', *position, signal=stop.requested)
     except NonFiniteLoss:
         run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
         raise
@@ -536,7 +571,8 @@ def _end_epoch(epoch: int, trainer: CVAETrainer, test_settings: EpochTestSetting
     ctx = trainer.ctx
     outcome = None
     if ctx.is_main:
-        test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
+        with tf32(False):  # the test decides which z are saved: full float32 whatever --tf32 and --amp say
+            test = trainer.epoch_test(epoch, test_settings, outputs, progress=not settings.no_progress)
         written = epoch_outputs.write(epoch, test, cpu_state_dict(trainer.generator),
                                       cpu_state_dict(trainer.encoder))
         outcome = (test.num_passed, test.best, [p.name for p in written])

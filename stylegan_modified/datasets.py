@@ -43,6 +43,7 @@ from ohlora.devices import item_generator
 from ohlora.errors import PipelineError, first_line
 from ohlora.layout import Layout
 from ohlora.tables import float32_matrix, read_table
+from stylegan_modified.training_control import ignore_stop_signals_in_worker
 
 DATA_ORDER_STREAM = 50  # item_generator stream of the per-epoch permutation
 
@@ -100,7 +101,8 @@ class ScoredImageDataset(Dataset):
             more = f' and {len(missing) - 1} more' if len(missing) > 1 else ''
             raise PipelineError(f'{missing[0]} does not exist{more} (img_nos of {self.scores_csv} without an image); '
                                 'run stage 2 first or pass the --scores CSV that belongs to these images')
-        loader = DataLoader(_DecodeCheck(self), batch_size=32, num_workers=workers, collate_fn=_as_list)
+        loader = DataLoader(_DecodeCheck(self), batch_size=32, num_workers=workers, collate_fn=_as_list,
+                            worker_init_fn=ignore_stop_signals_in_worker)
         bar = tqdm(total=len(self), desc='checking images', unit='img', disable=not progress)
         try:
             for rows in loader:

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
@@ -73,8 +73,8 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, g
 from stylegan_modified.monitoring import MonitoringGrid
 from stylegan_modified.stylegan_discriminator import MINIBATCH_STD_GROUP_SIZE, StyleGANDiscriminator
 from stylegan_modified.stylegan_generator import StyleGANGenerator
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
-                                                ignore_sigint_in_worker)
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
+                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
 from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
 
 VERSION = 'v1'
@@ -117,6 +117,7 @@ class FineTuningSettings:
     snapshot_size: int = 128
     checkpoint_every: int = 0
     amp: bool = False
+    tf32: bool = False
     weights: str | None = None
     scores: str | None = None
     compat: str | None = None
@@ -465,7 +466,8 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
         trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    result = _train(run, plan, trainer, dataset, settings, group)
+    with tf32(settings.tf32):
+        result = _train(run, plan, trainer, dataset, settings, group)
     ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
     return result
 
@@ -500,12 +502,14 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                 loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
                                     num_workers=settings.workers,
                                     pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
-                                    worker_init_fn=ignore_sigint_in_worker)
+                                    worker_init_fn=ignore_stop_signals_in_worker)
                 meter.restart()
-                for idx, items in enumerate(loader, start=batch):
+                done = batch  # batches of this epoch whose step is complete
+                for idx, items in enumerate(stop.batches(loader), start=batch):
                     trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                     result = trainer.step(items['image'], items['label'])
                     step += 1
+                    done = idx + 1
                     rate = meter.tick(len(items['index']) * ctx.world_size)  # equal shares
                     stopping = agree_stop(ctx, stop)
                     run.log.append({'epoch': epoch, 'idx': idx, 'd_loss': result.d_loss, 'g_loss': result.g_loss,
@@ -529,12 +533,19 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                         checkpoint(epoch, idx + 1, order)
                         paused = True
                     if stopping:
-                        done = (epoch + 1, 0) if idx + 1 == len(batches) else (epoch, idx + 1)
-                        return FineTuningResult('interrupted', *done, step, outputs, run.files.folder,
+                        position = (epoch + 1, 0) if idx + 1 == len(batches) else (epoch, idx + 1)
+                        return FineTuningResult('interrupted', *position, step, outputs, run.files.folder,
                                                 signal=stopping)
                     if paused:
                         meter.restart()
                 epoch, batch, order = epoch + 1, 0, None
+    except WorkersStopped:  # the stop signal killed a worker as it started: the stop, found between two steps
+        if ctx.distributed:
+            raise workers_stopped_error(stop, trainer.last_checkpoint) from None
+        if done < len(batches):  # (after an epoch's last step, its checkpoint is written already)
+            checkpoint(epoch, done, order)
+        position = (epoch + 1, 0) if done == len(batches) else (epoch, done)
+        return FineTuningResult('interrupted', *position, step, outputs, run.files.folder, signal=stop.requested)
     except NonFiniteLoss:
         run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
         raise

@@ -109,10 +109,14 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         cnn_phase = PropertyCnnTraining(layout, cnn_settings, dataset, outdir, ctx)
         cnn_plan = cnn_phase.plan(resume=resume, overwrite=overwrite)
         cnn_file = cnn_phase.output
+    # where the scores' CNN comes from (recorded with the CSVs) and, when already known, its SHA-256
+    cnn_source = {'file': layout.path_from_root(cnn_file),
+                  'run': None if cnn_phase is None else layout.path_from_root(cnn_phase.files.folder)}
+    finished_sha256 = (state_sha256(cnn_plan.record.models[BEST]) if cnn_plan is not None and cnn_plan.finished
+                       else cnn_sha256 if given_cnn is not None else None)
     scoring = ScoringPass(layout, dataset, device=device, batch_size=cnn_settings.eval_batch_size,
                           workers=cnn_settings.workers, compat=cnn_settings.compat, seed=cnn_settings.seed,
                           progress=not cnn_settings.no_progress and ctx.is_main)
-    scoring.check(overwrite)
 
     v1_state = v1_file = None
     generator_resume = needs_v1 = False
@@ -127,10 +131,9 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         if needs_v1 and v1_weights_path is not None:
             v1_file = _given_file(v1_weights_path, '--v1-weights', V1_SOURCE)
             v1_state = cpu_state_dict(load_conditional_generator(v1_file, 'v1'))
+    scoring.check(overwrite, cnn_source, finished_sha256)  # after the generator run's own, more telling checks
     # Every image is decoded once before anything is written, unless no phase reads them: a rerun of a finished
     # CNN run whose CSVs are up to date skips the check (4,703 decodes).
-    finished_sha256 = (state_sha256(cnn_plan.record.models[BEST]) if cnn_plan is not None and cnn_plan.finished
-                       else cnn_sha256 if given_cnn is not None else None)
     if finished_sha256 is None or not scoring.up_to_date(finished_sha256):
         dataset.verify(workers=cnn_settings.workers, progress=not cnn_settings.no_progress and ctx.is_main)
     if needs_v1 and v1_file is None:  # the default file, downloaded if absent: only once every other check passed
@@ -152,7 +155,7 @@ def fine_tune_v2(layout: Layout, cnn_settings: PropertyCnnSettings,
         cnn_sha256 = state_sha256(cnn_result.best_state)
 
     # --- phase 2: the scores of every image (rank 0; the others wait) ---
-    scoring_result = scoring.run(cnn_model.eval(), cnn_sha256) if ctx.is_main else None
+    scoring_result = scoring.run(cnn_model.eval(), cnn_sha256, cnn_source) if ctx.is_main else None
     ctx.barrier()
 
     # --- phase 3: the generator ---

@@ -13,8 +13,14 @@
 
 Both CSVs are written atomically under the no-overwrite rule (a CSV this pass did not write, e.g. upstream's
 published ``all_scores_v2_cnn.csv``, is never replaced without ``--overwrite``), and ``scoring_record.json``
-says what produced them (the CNN's SHA-256, the scores' fingerprint, the mode): a rerun with the same inputs
-finds them up to date and writes nothing.
+says what produced them (the CNN's SHA-256, the scores' fingerprint, the mode, and where the CNN came from: its
+file and the v2 run that trained it): a rerun with the same inputs finds them up to date and writes nothing.
+
+The CSVs live in the root, whatever ``--outdir`` a v2 run has, so runs with different ``--outdir`` (or different
+``--property-cnn``) share them. A CSV made by another CNN than this run's is therefore refused without
+``--overwrite`` (:meth:`ScoringPass.check`): a v3 run trained on it would otherwise lose its labels without a
+word. The same run's CNN (a later best epoch after ``--resume``) replaces its own CSVs as before. v3 reads the
+record to check that its labels and its loss come from the same CNN (:func:`scores_record`).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora import atomic
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout, image_name
 from ohlora.owned_files import OwnedFiles
@@ -38,7 +44,7 @@ from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.datasets import ScoredImageDataset
 from stylegan_modified.property_cnn_training import DECIMALS, worker_error
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_control import ignore_sigint_in_worker
+from stylegan_modified.training_control import ignore_stop_signals_in_worker
 
 DROPOUT_STREAM = 73  # item_generator stream of an image's dropout in compat mode
 WAY_OUT = 'choose another --root, or pass --overwrite to replace it'
@@ -55,13 +61,13 @@ def score_dataset(model: PropertyScoreCNN, dataset: ScoredImageDataset, device: 
     model = model.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == 'cuda', generator=torch.Generator(),
-                        worker_init_fn=ignore_sigint_in_worker)
+                        worker_init_fn=ignore_stop_signals_in_worker)
     scores = []
     was_training = model.training
     model.train(dropout_seed is not None)
     bar = tqdm(total=len(dataset), desc='property CNN scores', unit='img', disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tf32(False):  # the labels of v3: full float32 whatever a trainer's --tf32 says
             for items in loader:
                 images = items['image'].to(device, non_blocking=True)
                 if dropout_seed is None:
@@ -115,6 +121,39 @@ class ScoringResult:
     agreement: dict             # per property {'r', 'mae'} between the v2 scores and the CNN's
 
 
+def read_scoring_record(layout: Layout) -> dict | None:
+    """``scoring_record.json`` of the root, or None (absent or unreadable)."""
+    try:
+        recorded = json.loads(layout.property_cnn_scoring_record.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get('inputs'), dict) else None
+
+
+def scores_record(layout: Layout, csv: Path) -> dict | None:
+    """The scoring record if it describes ``csv`` as it is on disk (the root's ``all_scores_v2_cnn.csv`` with the
+    bytes the record names), else None: e.g. upstream's published CSV, or a CSV from elsewhere."""
+    recorded = read_scoring_record(layout)
+    target = layout.property_cnn_scores_csv
+    if recorded is None or not Path(csv).is_file() or not target.is_file():
+        return None
+    if Path(csv).resolve() != target.resolve():
+        return None
+    return recorded if recorded.get('outputs', {}).get(target.name) == sha256_of(target) else None
+
+
+def describe_cnn(source: dict | None, cnn_sha256: str | None) -> str:
+    """'the CNN of the v2 run R (F), SHA-256 1234abcd5678…' from a record's ``property_cnn`` entry."""
+    source = source or {}
+    if source.get('run'):
+        where = f'the CNN of the v2 run {source["run"]} ({source.get("file")})'
+    elif source.get('file'):
+        where = f'--property-cnn {source["file"]}'
+    else:
+        where = 'an unrecorded CNN'
+    return where + (f', SHA-256 {cnn_sha256[:16]}…' if cnn_sha256 else '')
+
+
 class ScoringPass:
     """Writes the two CSVs of ``dataset`` (scores CSV + images) for one CNN, or finds them up to date."""
 
@@ -132,26 +171,40 @@ class ScoringPass:
             return {'mode': 'train (dropout on, compat upstream)', 'seed': self.seed}
         return {'mode': 'eval'}
 
-    def check(self, overwrite: bool = False) -> None:
-        """Before anything is written: a CSV of these names that this pass did not write is refused."""
+    def check(self, overwrite: bool = False, source: dict | None = None, cnn_sha256: str | None = None) -> None:
+        """Before anything is written: a CSV of these names that this pass did not write is refused, and so is one
+        that another property CNN made, unless ``overwrite``. ``source`` is where this run's CNN comes from
+        (``{'file': …, 'run': …}``, see :meth:`run`), ``cnn_sha256`` its SHA-256 when already known (a given file,
+        a finished CNN run); a CNN still to be trained is this run's if the CSVs came from the same v2 run."""
         self.owned.check(self.outputs, overwrite)
+        if overwrite or source is None:
+            return
+        recorded = scores_record(self.layout, self.outputs[0])
+        if recorded is None:
+            return
+        theirs = recorded['inputs'].get('property_cnn_sha256')
+        their_source = recorded.get('property_cnn') or {}
+        if theirs == cnn_sha256 or (source.get('run') and their_source.get('run') == source['run']):
+            return
+        raise PipelineError(f'{self.outputs[0]} holds the scores of another property CNN '
+                            f'({describe_cnn(their_source, theirs)}) than this run\'s '
+                            f'({describe_cnn(source, cnn_sha256)}); replacing them would change the labels of a '
+                            f'v3 run trained on them without a word: {WAY_OUT}')
 
     def _record(self, cnn_sha256: str) -> dict:
         return {'property_cnn_sha256': cnn_sha256, 'scores_fingerprint': self.dataset.fingerprint(),
                 'scores_csv': self.dataset.scores_csv.name, 'images': len(self.dataset), **self.mode}
 
     def up_to_date(self, cnn_sha256: str) -> bool:
-        path = self.layout.property_cnn_scoring_record
-        try:
-            recorded = json.loads(path.read_text(encoding='utf-8'))
-        except (OSError, ValueError):
-            return False
-        if not isinstance(recorded, dict) or recorded.get('inputs') != self._record(cnn_sha256):
+        recorded = read_scoring_record(self.layout)
+        if recorded is None or recorded.get('inputs') != self._record(cnn_sha256):
             return False
         written = recorded.get('outputs', {})
         return all(p.is_file() and written.get(p.name) == sha256_of(p) for p in self.outputs)
 
-    def run(self, model: PropertyScoreCNN, cnn_sha256: str) -> ScoringResult:
+    def run(self, model: PropertyScoreCNN, cnn_sha256: str, source: dict | None = None) -> ScoringResult:
+        """Score every image with ``model`` (SHA-256 ``cnn_sha256``); ``source`` (recorded) says where the CNN came
+        from: ``{'file': its path from the root, 'run': the v2 run folder that trained it, or None}``."""
         if self.up_to_date(cnn_sha256):
             return ScoringResult('up to date', self.outputs, len(self.dataset), self._agreement_from_csv())
         dropout_seed = self.seed if self.compat == 'upstream' else None
@@ -165,7 +218,8 @@ class ScoringPass:
             hashes[path.name] = sha256_of(path)
         # The record goes last: its presence (with these hashes) marks the CSVs as complete.
         atomic.write_json(self.layout.property_cnn_scoring_record,
-                          {'inputs': self._record(cnn_sha256), 'outputs': hashes, 'torch': torch.__version__})
+                          {'inputs': self._record(cnn_sha256), 'outputs': hashes, 'property_cnn': source or {},
+                           'torch': torch.__version__})
         return ScoringResult('written', self.outputs, len(self.dataset), agreement(frames[1]))
 
     def _agreement_from_csv(self) -> dict:

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_CNN_FILE, PROPERTY_NAMES, Layout
@@ -57,8 +57,8 @@ from stylegan_modified.attribute_metrics import mean_absolute_error, pearson_r
 from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
 from stylegan_modified.ddp import agree_stop, describe, mean_over_ranks, share, start_rngs, wrap
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite,
-                                                ignore_sigint_in_worker)
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
+                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
 from stylegan_modified.training_run import RunPlan, TrainingRun, TrainLog, cpu_state_dict
 
 VERSION = 'v2_cnn'
@@ -99,6 +99,7 @@ class PropertyCnnSettings:
     device: str = 'cpu'
     checkpoint_every: int = 0
     amp: bool = False
+    tf32: bool = False
     compat: str | None = None
     scores: str | None = None
     no_progress: bool = False
@@ -147,7 +148,7 @@ def epoch_train_order(seed: int, epoch: int, train_indices: torch.Tensor) -> tor
 def loader(dataset: ScoredImageDataset, batches: list[list[int]], workers: int, device: torch.device) -> DataLoader:
     # Its own torch.Generator: creating the iterator must not draw from the global RNG (exact resume).
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == 'cuda',
-                      generator=torch.Generator(), worker_init_fn=ignore_sigint_in_worker)
+                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals_in_worker)
 
 
 def worker_error(exc: PipelineError) -> PipelineError:
@@ -287,13 +288,13 @@ class PropertyCnnTraining:
             trainer.load_record(record, self.files.resume_record)
         self.run.start(plan, provenance)
         if record is None:
-            self.val_log.rows = []
-            self.val_log.flush()
+            self.val_log.reset()
         elif self.ctx.is_main:
             self.val_log.load(keep=record.epoch * self.val_log_rows)
         describe(self.ctx, 'v2 property CNN', self.settings.batch_size)
         try:
-            result = self._epochs(trainer, record)
+            with tf32(self.settings.tf32):
+                result = self._epochs(trainer, record)
             self.ctx.barrier()  # the other ranks go on once rank 0's last checkpoint is on disk
             return result
         except NonFiniteLoss:
@@ -337,10 +338,13 @@ class PropertyCnnTraining:
                     lr = trainer.set_lr(epoch)
                     trainer.restart_timer()
                     shares = [share(b, ctx) for b in batches[batch:]]
-                    for idx, items in enumerate(loader(dataset, shares, settings.workers, self.device), start=batch):
+                    done = batch  # batches of this epoch whose step is complete
+                    for idx, items in enumerate(stop.batches(loader(dataset, shares, settings.workers, self.device)),
+                                                start=batch):
                         trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
                         loss = trainer.step(items['image'], items['label'])
                         step += 1
+                        done = idx + 1
                         stopping = agree_stop(ctx, stop)
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, loss=f'{loss:.4f}',
@@ -357,7 +361,7 @@ class PropertyCnnTraining:
                     trainer.where = f'epoch {epoch} (validation)'
                     # each rank scores every world_size-th validation batch; validate() gathers them in order
                     mine = val_batches[ctx.rank::ctx.world_size]
-                    validation = trainer.validate(loader(dataset, mine, settings.workers, self.device))
+                    validation = trainer.validate(stop.batches(loader(dataset, mine, settings.workers, self.device)))
                     self._log_epoch(trainer, epoch, lr, validation)
                     stopped = trainer.stopping.should_stop(epoch)
                     if stopped:
@@ -368,6 +372,14 @@ class PropertyCnnTraining:
                         return result('stopped early', epoch, 0)
                     if stop.requested:  # agreed: set on every rank by agree_stop after the epoch's last step
                         return result('interrupted', epoch, 0, stop.requested)
+        except WorkersStopped:  # the stop signal killed a worker as it started: the stop, found between two steps
+            if ctx.distributed:
+                raise workers_stopped_error(stop, trainer.last_checkpoint) from None
+            if done < len(batches):
+                trainer.add_train_time()
+            # done == len(batches): the epoch's steps are complete and its validation is not; --resume validates
+            checkpoint(epoch, done, order)
+            return result('interrupted', epoch, done, stop.requested)
         finally:
             bar.close()
         return result('finished', epoch, 0)

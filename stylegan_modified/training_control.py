@@ -4,6 +4,12 @@ losses, opt-in mixed precision, and the speed/memory figures of the log. Shared 
 * :class:`GracefulStop`: the first SIGINT/SIGTERM only sets a flag; the loop finishes its step, writes a
   complete checkpoint and returns. A second signal interrupts at once (KeyboardInterrupt); the last
   checkpoint on disk is complete either way, because every file is written atomically.
+* DataLoader workers (:func:`ignore_stop_signals_in_worker`) ignore both signals: Ctrl-C, Slurm, ``timeout`` and
+  ``kill -- -PGID`` signal the whole process group, and a worker killed by it would crash the main process (PyTorch
+  raises "DataLoader worker ... is killed by signal" at any point of the step). Workers exit through PyTorch's
+  watchdog once the main process is gone. A worker that dies anyway after a stop was requested (the signal came
+  while it was starting, before it could ignore it) is the stop, not a failure: :meth:`GracefulStop.batches`
+  raises :class:`WorkersStopped` and the trainer writes the checkpoint of the steps done.
 * :func:`check_finite`: a NaN/inf loss stops the run with one line (:class:`NonFiniteLoss`) *before* the
   optimiser step, so the last checkpoint written is the last good state.
 * :class:`MixedPrecision`: ``--amp`` = autocast (float16 on CUDA, bfloat16 on CPU) and one GradScaler per
@@ -18,7 +24,7 @@ import math
 import signal
 import threading
 import time
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -27,17 +33,73 @@ from ohlora.errors import PipelineError
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class WorkersStopped(Exception):
+    """A DataLoader worker died after a stop was requested (the stop signal reached it too): the stop itself.
+    Raised by :meth:`GracefulStop.batches` between two batches, so no step is half done."""
+
+
+def is_worker_death(exc: BaseException) -> bool:
+    """PyTorch's error for a DataLoader worker that died ("DataLoader worker (pid ...) is killed by signal ..." or
+    "... exited unexpectedly")."""
+    return isinstance(exc, RuntimeError) and 'DataLoader worker' in str(exc)
+
+
 class GracefulStop:
-    """Context manager: turns the first SIGINT/SIGTERM into ``requested`` (the signal's name)."""
+    """Context manager: turns the first SIGINT/SIGTERM into ``requested`` (the signal's name).
+
+    Once a stop is requested, a DataLoader worker that dies no longer raises in the middle of the step that is
+    finishing (PyTorch's SIGCHLD handler would); iterate loaders through :meth:`batches`, which turns such a death
+    into :class:`WorkersStopped` at the next batch."""
 
     def __init__(self):
         self.requested: str | None = None
         self._previous = {}
+        self._fetching = False  # in batches(), waiting for the next batch
 
     def _handle(self, signum, frame):
         if self.requested is not None:
             raise KeyboardInterrupt  # a second signal: stop now, the last checkpoint is complete
         self.requested = signal.Signals(signum).name
+        self._tolerate_worker_deaths()
+
+    def _tolerate_worker_deaths(self) -> None:
+        """Wrap the SIGCHLD handler (PyTorch's, which raises when a worker died) so that a worker death after the
+        stop does not interrupt the step, the epoch test or the checkpoint under way. Signal handlers run in the
+        main thread, where this is called."""
+        if signal.SIGCHLD in self._previous:
+            return
+        previous = signal.getsignal(signal.SIGCHLD)
+        self._previous[signal.SIGCHLD] = previous
+
+        def handler(signum, frame):
+            if callable(previous):
+                try:
+                    previous(signum, frame)
+                except RuntimeError as exc:
+                    if not is_worker_death(exc):
+                        raise
+                    if self._fetching:  # waiting in batches() for a batch that may never come: stop now
+                        raise WorkersStopped(self.requested) from None
+
+        signal.signal(signal.SIGCHLD, handler)
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """The items of ``loader``; a worker death after a stop was requested ends them with
+        :class:`WorkersStopped` (while waiting for a batch, so the steps done are whole); other errors pass."""
+        iterator = iter(loader)
+        while True:
+            self._fetching = True
+            try:
+                items = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if self.requested is not None and is_worker_death(exc):
+                    raise WorkersStopped(self.requested) from None
+                raise
+            finally:
+                self._fetching = False
+            yield items
 
     def __enter__(self) -> 'GracefulStop':
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -51,9 +113,19 @@ class GracefulStop:
         self._previous.clear()
 
 
-def ignore_sigint_in_worker(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; only the main process handles it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C and a SIGTERM to the process group (Slurm, ``timeout``,
+    ``kill -- -PGID``) reach the workers too; only the main process handles them. A worker exits when the main
+    process shuts the loader down, or through PyTorch's watchdog when the main process is gone."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def workers_stopped_error(stop: GracefulStop, last_checkpoint: str) -> PipelineError:
+    """With several processes a stop found by one rank's loader cannot be agreed on (the others are in a
+    collective), so the rank ends with one line; torchrun then ends the others and ``--resume`` continues."""
+    return PipelineError(f'a DataLoader worker was killed by the {stop.requested} that stopped the run; '
+                         f'{last_checkpoint}')
 
 
 class NonFiniteLoss(PipelineError):

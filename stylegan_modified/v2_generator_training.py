@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
-from ohlora.devices import item_generator
+from ohlora.devices import item_generator, tf32
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import V2_GENERATOR_FILE, Layout
@@ -87,6 +87,7 @@ class V2GeneratorSettings:
     device: str = 'cpu'
     checkpoint_every: int = 0
     amp: bool = False
+    tf32: bool = False
     compat: str | None = None
     v1_weights: str | None = None
     property_cnn: str | None = None
@@ -230,7 +231,8 @@ class V2GeneratorTraining:
         self.run.start(plan, provenance)
         describe(self.ctx, 'v2 generator', self.settings.batch_size, 'z')
         try:
-            result = self._groups(trainer, record)
+            with tf32(self.settings.tf32):
+                result = self._groups(trainer, record)
             self.ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
             return result
         except NonFiniteLoss:

@@ -1,7 +1,10 @@
 """The inputs of stage 5 v3 and how the models start (PIPELINE.md §7.4).
 
 * labels: ``all_scores_v2_cnn.csv`` (the property CNN's predictions, written by stage 5 v2; 7 values, not
-  re-normalised), or ``--scores`` (e.g. the upstream's published CSV for a faithful rerun);
+  re-normalised), or ``--scores`` (e.g. the upstream's published CSV for a faithful rerun). The labels and the
+  loss / per-epoch test must come from the same property CNN: when v2's scoring record describes the CSV and
+  names another CNN than ``--property-cnn`` (or the root's / downloaded one), the run is refused
+  (:func:`check_labels_cnn`);
 * ``--v1-weights``: the v1 generator (stage 5 v1, or the published ``stylegan_gen_fine_tuned_v1.pth``);
 * ``--property-cnn``: the v2 property-score CNN (stage 5 v2, or the published ``…_v2_cnn.pth``);
 * ``--gender-cnn``: the stage-2 gender CNN of fold 0 (``cnn/models/gender_model_0.pt``).
@@ -16,6 +19,7 @@ unseeded). The encoder's z width follows the generator's (:meth:`CVAEEncoder.for
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from ohlora.devices import item_generator
 from ohlora.errors import PipelineError, WeightsUnavailable
 from ohlora.layout import Layout, cnn_model_name
 from ohlora.weights import SOURCES, cnn_key, fetch
+from stylegan_modified.property_cnn_scoring import describe_cnn, scores_record
 from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_generator_kwargs,
                                           infer_cvae_encoder_kwargs, load_conditional_generator)
 from stylegan_modified.cvae_encoder import IMAGE_SIZE, CVAEEncoder
@@ -36,6 +41,8 @@ LABEL_CONVERT_DIM = StyleGANGeneratorForV3.LABEL_CONVERT_DIM  # 24
 FRESH_KEYS = ('mapping.dense0.weight', 'mapping.label_weight')  # not taken from v1 (their shapes change)
 INIT_STREAM = 52  # item_generator stream of the random init (dense0.weight, label_weight, the encoder)
 GENDER_CNN_EXPECTED = f'Oh-LoRA gender CNN of fold 0 ({cnn_model_name("gender", 0)})'
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,33 @@ def scores_csv_path(layout: Layout, override: str | Path | None) -> Path:
         raise PipelineError(f'{path} does not exist: {SCORES_MADE_BY}, or pass --scores CSV (e.g. the upstream\'s '
                             f'published {path.name})')
     return path
+
+
+def check_labels_cnn(layout: Layout, scores_csv: Path, explicit: bool, property_cnn: Path,
+                     property_sha256: str) -> None:
+    """Refuse labels scored by another property CNN than the one the loss and the test use.
+
+    v2's ``scoring_record.json`` names the CNN (SHA-256, file, run) that wrote the root's ``all_scores_v2_cnn.csv``.
+    If it describes ``scores_csv`` and names another CNN than ``property_cnn``: the default CSV is refused in one
+    line; an explicit ``--scores`` is the user's choice (a warning). A CSV the record does not describe (upstream's
+    published one, a CSV from elsewhere) cannot be checked: a note."""
+    recorded = scores_record(layout, scores_csv)
+    if recorded is None:
+        logger.info('%s has no scoring record of stage 5 v2 (e.g. upstream\'s published CSV): which property CNN '
+                    'made its labels is not checked against %s', scores_csv, property_cnn)
+        return
+    theirs = recorded['inputs'].get('property_cnn_sha256')
+    if theirs == property_sha256:
+        return
+    scored_by = describe_cnn(recorded.get('property_cnn'), theirs)
+    uses = f'{property_cnn}, SHA-256 {property_sha256[:16]}…'
+    if explicit:
+        logger.warning('--scores %s was scored by another property CNN (%s) than the one this run trains and tests '
+                       'with (%s); training on these labels as asked', scores_csv, scored_by, uses)
+        return
+    raise PipelineError(f'{scores_csv} was scored by another property CNN ({scored_by}) than the one this run trains '
+                        f'and tests with ({uses}): pass --property-cnn with the CNN that scored it, or --scores CSV '
+                        'to choose the labels yourself')
 
 
 def load_gender_cnn(path: str | Path, device='cpu') -> torch.nn.Module:

@@ -123,3 +123,55 @@ def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
     while time.monotonic() < deadline and any(running(p) for p in pids):
         time.sleep(0.1)
     return [p for p in pids if running(p)]
+
+
+def sigterm_group_when(script: str, argv, ready, timeout: float = 300) -> tuple[int, str, list[int]]:
+    """Start ``script`` in its own session and, once ``ready()`` holds, send SIGTERM to its whole process group (as
+    Slurm, ``timeout`` or ``kill -- -PGID`` do: the DataLoader workers get it too). Returns its exit status, its
+    stderr and the pids of its descendants at the signal that are still running 20 s after it ended."""
+    process = subprocess.Popen(script_command(script, argv), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if process.poll() is not None:
+                raise AssertionError(f'{script} ended before the signal: {process.stderr.read()[-2000:]}')
+            if time.monotonic() > deadline:
+                raise AssertionError(f'{script} never reached the point to signal it')
+            time.sleep(0.02)
+        group = descendants(process.pid)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, err, wait_gone(group)
+
+
+def kill_a_worker_after_the_stop(monkeypatch, trainer_class, armed_after: str, fatal_index: int, marker: Path):
+    """The race a process-group SIGTERM can hit: a DataLoader worker gets it while starting, before it ignores it.
+
+    Once ``trainer_class.step`` has run the step whose ``where`` ends with ``armed_after`` (e.g. ``'(step 2)'``),
+    the worker that next reads dataset item ``fatal_index`` waits 0.5 s, sends SIGTERM to the main process and
+    dies (SIGKILL). In-process runs only (the workers are forked from the test process)."""
+    from stylegan_modified.datasets import ScoredImageDataset
+
+    read, step, main = ScoredImageDataset.__getitem__, trainer_class.step, os.getpid()
+
+    def getitem(self, index):
+        if index == fatal_index and os.getpid() != main and marker.exists():
+            marker.unlink()
+            time.sleep(0.5)
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, index)
+
+    def step_then_arm(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        if self.where.endswith(armed_after):
+            marker.touch()
+        return result
+
+    monkeypatch.setattr(ScoredImageDataset, '__getitem__', getitem)
+    monkeypatch.setattr(trainer_class, 'step', step_then_arm)

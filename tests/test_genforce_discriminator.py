@@ -121,3 +121,37 @@ def test_the_blur_gradients_are_the_depthwise_convs_to_second_order():
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12) and torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
     with torch.no_grad():
         assert torch.equal(layer(x), F.conv2d(x, layer.kernel, padding=1, groups=3))  # forward unchanged
+
+
+def test_the_lod_buffer_is_read_from_its_device_once_per_value(genforce, uint8_input, monkeypatch):
+    """A forward must not call .item() on the lod (a GPU sync per forward): the value is read once and again only
+    after the buffer changed (in place, by load_state_dict, or a new tensor); the outputs are those of an explicit
+    lod, bit for bit. The same for the generator's synthesis lod, read by the synthesis and by style mixing."""
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, 'item', lambda self: (reads.append(self.shape), item(self))[1])
+    discriminator = load_discriminator(genforce[0])
+    images = uint8_input[:4]
+    with torch.no_grad():
+        first = discriminator(images)
+        assert len(reads) == 1
+        second = discriminator(images)
+        assert len(reads) == 1 and torch.equal(first, second)
+        reads.clear()
+        assert torch.equal(first, discriminator(images, lod=0.0)) and reads == []
+        discriminator.load_state_dict({**discriminator.state_dict(), 'lod': torch.tensor(1.0)})
+        assert torch.equal(discriminator(images), discriminator(images, lod=1.0)) and len(reads) == 1
+        discriminator.lod.fill_(0.5)
+        assert torch.equal(discriminator(images), discriminator(images, lod=0.5)) and len(reads) == 2
+
+    generator = load_generator(genforce[0]).train()  # train mode: style mixing reads the synthesis lod too
+    z = torch.randn(2, generator.z_space_dim, generator=torch.Generator().manual_seed(0))
+    reads.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            generator(z, style_mixing_prob=1.0, w_moving_decay=None)
+    assert len(reads) == 1
+    generator.synthesis.lod.fill_(1.0)
+    with torch.no_grad():
+        generator.eval()
+        assert torch.equal(generator(z)['image'], generator(z, lod=1.0)['image']) and len(reads) == 2

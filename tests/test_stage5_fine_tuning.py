@@ -17,11 +17,13 @@ import torch
 from ohlora import atomic
 from ohlora.layout import Layout
 from ohlora.resume import load_resume_record
+from rerun_helpers import kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan.stylegan_discriminator import StyleGANDiscriminator as GenForceD
 from stylegan.stylegan_generator import StyleGANGenerator as GenForceG
 from stylegan_modified import fine_tuning
 from stylegan_modified.checkpoint import load_conditional_discriminator, load_conditional_generator
+from stylegan_modified.datasets import epoch_order
 from stylegan_modified.fine_tuning import (LOG_COLUMNS, FineTuningSettings, V1Trainer, alternate_g_steps,
                                            build_models, discriminator_trainable_layers, real_fake_auroc)
 from stylegan_modified.monitoring import MonitoringGrid
@@ -260,6 +262,68 @@ def test_sigterm_mid_epoch_leaves_a_resumable_checkpoint(template, zoo, fresh, t
     assert '(checkpoint_every: 0 -> 1); only --epochs, --device, --workers, --no-progress' in capsys.readouterr().err
     assert run_script(SCRIPT, *run_args, '--resume', '--workers', 1) == 0  # --workers may change
     assert_same_run(fresh, root)
+
+
+def test_a_sigterm_to_the_process_group_stops_cleanly_and_resumes_exactly(template, zoo, fresh, tmp_path):
+    """Slurm, `timeout` and `kill -- -PGID` signal every process of the group, DataLoader workers included: the run
+    still stops after its step with a complete checkpoint (status 130, one line), leaves no process behind, and
+    --resume finishes it exactly (before the fix: "DataLoader worker ... is killed by signal: Terminated")."""
+    root = new_root(template, tmp_path)
+    run_args = args(root, zoo, '--epochs', 2, '--workers', 2, '--checkpoint-every', 1)
+    status, err, left = sigterm_group_when(SCRIPT, run_args, run_files(root).resume_record.exists)  # after step 1
+    assert status == 130, err
+    assert re.fullmatch(r'stopped by SIGTERM at epoch \d, batch \d \(step [1-3]\); the checkpoint is complete '
+                        r'\(.*\); continue with --resume\n', err), err
+    assert left == []  # the workers ended with the main process
+    record = load_resume_record(run_files(root).resume_record)
+    assert 1 <= record.step < 4 and len(log_frame(root)) == record.step
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+@pytest.mark.parametrize('batch, position', [(0, (1, 0, 2)), (1, (1, 1, 3))])
+def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, zoo, fresh, tmp_path, monkeypatch, capsys,
+                                                       batch, position):
+    """A worker the group's SIGTERM kills before it could ignore it (it was starting): batch 0 of epoch 1, the
+    main process waits for that batch and stops there; batch 1, the worker dies during the step of batch 0,
+    which ends normally. Both stop with a checkpoint of the steps done; --resume equals the uninterrupted run."""
+    root = new_root(template, tmp_path)
+    fatal = int(epoch_order(0, 1, len(IMG_NOS))[2 * batch])  # the first image of that batch of epoch 1
+    kill_a_worker_after_the_stop(monkeypatch, V1Trainer, '(step 2)', fatal, tmp_path / 'armed')
+    run_args = args(root, zoo, '--epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch {}, batch {} (step {}); the checkpoint is complete'
+                          .format(*position)) and err.count('\n') == 1, err
+    record = load_resume_record(run_files(root).resume_record)
+    assert (record.epoch, record.batch, record.step) == position
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+def tf32_flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_is_an_option_of_the_run_on_for_its_steps_and_may_change_on_resume(template, zoo, fresh, tmp_path,
+                                                                              monkeypatch):
+    root = new_root(template, tmp_path)
+    seen, step = [], V1Trainer.step
+
+    def spy(self, reals, labels):
+        seen.append(tf32_flags())
+        return step(self, reals, labels)
+
+    monkeypatch.setattr(V1Trainer, 'step', spy)
+    assert run_script(SCRIPT, *args(root, zoo, '--epochs', 1, '--tf32')) == 0
+    assert seen == [(True, True)] * 2 and tf32_flags() == (False, False)  # off again after the run
+    assert json.loads(run_files(root).options_json.read_text())['options']['tf32'] is True
+    assert load_resume_record(run_files(root).resume_record).options['tf32'] is True
+    seen.clear()
+    assert run_script(SCRIPT, *args(root, zoo, '--epochs', 2, '--resume')) == 0  # without --tf32: allowed
+    assert seen == [(False, False)] * 2
+    assert_same_run(fresh, root)  # TF32 changes nothing on a CPU
 
 
 def test_a_plain_rerun_of_a_finished_run_writes_nothing(fresh, zoo, capsys):

@@ -5,6 +5,7 @@ The expensive runs (a fresh 2-epoch run, the same run split by --max-epochs 1 + 
 --resume) are made once per module. Early stopping, the cap and the LR curves are tested with the training step
 and the validation replaced by scripted stand-ins (the loop, the logs and the files stay real).
 """
+import hashlib
 import json
 import os
 import re
@@ -21,9 +22,13 @@ from ohlora import atomic
 from ohlora.layout import PROPERTY_NAMES, SCORE_COLUMNS, Layout
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
+from rerun_helpers import assert_refused, kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import property_cnn_training
 from stylegan_modified.checkpoint import load_property_cnn
+from ohlora.devices import tf32
+from stylegan_modified.datasets import ScoredImageDataset, epoch_order
+from stylegan_modified.property_cnn_scoring import score_dataset
 from stylegan_modified.property_cnn_training import (LOG_COLUMNS, VALIDATION_LOG_COLUMNS, EarlyStopping,
                                                      PropertyCnnSettings, _CnnTrainer, new_property_cnn,
                                                      train_validation_split, validation_metrics)
@@ -228,6 +233,41 @@ def test_extension_and_sigterm_mid_epoch_resume_equal_the_uninterrupted_run(temp
 
 
 # --- early stopping, the cap and the LR curves, with scripted losses ---
+@pytest.mark.parametrize('where', ['training', 'validation'])
+def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, fresh, tmp_path, monkeypatch, capsys, where):
+    """A worker that the group's SIGTERM kills before it could ignore it: in epoch 1's training (its second batch,
+    while the first trains) or in epoch 1's validation. Either way a checkpoint of what is done, status 130, and
+    --resume (which then validates) equals the uninterrupted run."""
+    root = new_root(template, tmp_path)
+    train, validation = train_validation_split(len(IMG_NOS), seed=0)
+    if where == 'training':
+        fatal, armed, position = int(train[epoch_order(0, 1, len(train))][2]), '(step 2)', (1, 1, 3)
+    else:
+        fatal, armed, position = int(validation[0]), '(step 4)', (1, 2, 4)
+    kill_a_worker_after_the_stop(monkeypatch, _CnnTrainer, armed, fatal, tmp_path / 'armed')
+    run_args = args(root, '--max-epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch {}, batch {} (step {})'.format(*position)), err
+    assert err.count('\n') == 1, err
+    record = load_resume_record(run_files(root).resume_record)
+    assert (record.epoch, record.batch, record.step) == position
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_stops_cleanly_and_resumes_exactly(template, fresh, tmp_path):
+    root = new_root(template, tmp_path)
+    run_args = args(root, '--max-epochs', 2, '--workers', 2, '--checkpoint-every', 1)
+    status, err, left = sigterm_group_when(SCRIPT, run_args, run_files(root).resume_record.exists)
+    assert status == 130 and re.match(r'stopped by SIGTERM at epoch \d, batch \d \(step [1-4]\)', err), err
+    assert err.count('\n') == 1 and left == [], err
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
 def scripted(monkeypatch, values):
     """The training step only nudges one bias (so each epoch's weights differ) and validation reports
     ``values[epoch]`` as the loss of every property."""
@@ -291,6 +331,32 @@ def test_the_cap_ends_a_run_that_resume_can_extend_and_compat_gives_upstreams_lr
     assert run_script(SCRIPT, *args(compat, '--max-epochs', 11, '--compat', 'upstream')) == 0
     lrs = pd.read_csv(run_files(compat).train_log)['lr'].tolist()
     assert lrs[:10] == log['lr'].tolist()[:10] and lrs[10] == 0.0  # CosineAnnealingLR(T_max=10) stepped past 10
+
+
+def test_tf32_is_on_for_the_cnn_steps_and_off_for_the_scores(template, tmp_path, monkeypatch, capsys):
+    root = new_root(template, tmp_path)
+    scripted(monkeypatch, [1.0, 0.5])
+    seen, step = [], _CnnTrainer.step
+
+    def spy(self, images, labels):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return step(self, images, labels)
+
+    monkeypatch.setattr(_CnnTrainer, 'step', spy)
+    assert run_script(SCRIPT, *args(root, '--max-epochs', 1, '--tf32')) == 0
+    assert seen == [(True, True)] * 2
+    assert json.loads(run_files(root).options_json.read_text())['options']['tf32'] is True
+    assert run_script(SCRIPT, *args(root, '--max-epochs', 2, '--resume')) == 0  # --tf32 may change
+    assert seen[2:] == [(False, False)] * 2
+
+    class Flags(torch.nn.Module):  # the scoring pass stays float32 even inside a --tf32 block
+        def forward(self, images):
+            flags = float(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+            return torch.full((len(images), 7), flags)
+
+    dataset = ScoredImageDataset.filtered(Layout(root), Layout(root).property_scores_csv(2))
+    with tf32(True):
+        assert not score_dataset(Flags(), dataset, torch.device('cpu')).any()
 
 
 def test_metrics_and_early_stopping_units():
@@ -405,6 +471,41 @@ def test_files_the_run_did_not_write_are_never_overwritten(template, cnn_file, r
     assert files_of(root) == before
     assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file, '--overwrite')) == 0
     assert csvs(root)[0].read_bytes() != upstream_csv.read_bytes()
+
+
+def test_a_scores_csv_another_cnn_made_is_not_replaced_without_overwrite(fresh, cnn_file, tmp_path, capsys):
+    """The CSVs live in the root whatever --outdir says, so v2 runs with other --outdir (or another --property-cnn)
+    share them: replacing the labels that a v3 run was trained on takes --overwrite, and the refusal names both
+    CNNs. The same run's CNN still updates its own CSVs (the extension test)."""
+    root = tmp_path / 'root'
+    shutil.copytree(fresh, root)  # the CSVs of the CNN of the run stylegan_modified/fine_tuning_v2_cnn
+    run_sha = hashlib.sha256(published(root).read_bytes()).hexdigest()
+    other = tmp_path / 'other_cnn.pth'
+    torch.save(new_property_cnn(5).state_dict(), other)
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    record = json.loads(Layout(root).property_cnn_scoring_record.read_text())
+    assert record['inputs']['property_cnn_sha256'] == run_sha
+    assert record['property_cnn'] == {'file': 'stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth',
+                                      'run': 'stylegan_modified/fine_tuning_v2_cnn'}
+    scored_by = (f'the CNN of the v2 run stylegan_modified/fine_tuning_v2_cnn '
+                 f'(stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth), SHA-256 {run_sha[:16]}')
+
+    # another run (its own --outdir) would train another CNN: refused before any training
+    err = assert_refused(capsys, root, SCRIPT, *args(root, '--max-epochs', 1, '--outdir', root / 'runs' / 'b'),
+                         match='all_scores_v2_cnn.csv holds the scores of another property CNN')
+    assert scored_by in err and 'the CNN of the v2 run runs/b/fine_tuning_v2_cnn' in err and '--overwrite' in err
+    # another given CNN
+    err = assert_refused(capsys, root, SCRIPT, *args(root, '--property-cnn', other), match=scored_by)
+    assert f'--property-cnn ../{other.name}, SHA-256 {other_sha[:16]}' in err  # recorded from the root
+    # the same CNN as a given file is no other CNN: up to date
+    assert run_script(SCRIPT, *args(root, '--property-cnn', cnn_file)) == 0
+    assert 'are up to date' in capsys.readouterr().out
+    # --overwrite: the user's choice; the record then names the new CNN
+    assert run_script(SCRIPT, *args(root, '--property-cnn', other, '--overwrite')) == 0
+    record = json.loads(Layout(root).property_cnn_scoring_record.read_text())
+    assert record['inputs']['property_cnn_sha256'] == other_sha
+    assert record['property_cnn'] == {'file': f'../{other.name}', 'run': None}
+    assert csvs(root)[0].read_bytes() != csvs(fresh)[0].read_bytes()
 
 
 def edit_scores(root, edit):

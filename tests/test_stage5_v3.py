@@ -5,11 +5,16 @@ At batch 2 an epoch is 2 steps. The two expensive runs (a fresh 2-epoch run with
 run stopped by SIGTERM inside epoch 1 and resumed) are made once per module; everything else is a unit test, a
 run refused before training, or a run whose steps are replaced by known losses.
 """
+import hashlib
+from dataclasses import asdict
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -23,16 +28,18 @@ from ohlora.layout import SCORE_COLUMNS, Layout, V3Outputs
 from ohlora.owned_files import OwnedFiles
 from ohlora.resume import load_resume_record
 from ohlora.schedules import cosine_lr
+from rerun_helpers import assert_refused, descendants, kill_a_worker_after_the_stop, sigterm_group_when
 from script_runner import files_of, run_script
 from stylegan_modified import cvae_training
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, grid_labels
 from stylegan_modified.checkpoint import load_conditional_generator, load_cvae_encoder
 from stylegan_modified.cvae_encoder import reparameterize
 from stylegan_modified.cvae_training import (LOG_COLUMNS, CVAETrainer, EpochOutputs, StepLosses, V3Settings)
+from stylegan_modified.datasets import epoch_order
 from stylegan_modified.generation import read_z_csv
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.v3_epoch_test import EpochTestResult, EpochTestSettings, MuLogvarHistory, run_epoch_test
-from stylegan_modified.v3_inputs import build_v3_models, load_gender_cnn
+from stylegan_modified.v3_inputs import build_v3_models, check_labels_cnn, load_gender_cnn
 from test_training_toolkit import write_images
 
 SCRIPT = 'run_stylegan_fine_tuning_v3.py'
@@ -266,6 +273,34 @@ def test_the_loss_is_the_spec_formula_and_the_cnns_stay_frozen_in_eval_mode(trai
     assert len(trainer.history) == 1
 
 
+def test_a_step_reads_its_values_from_the_device_in_one_copy(trainer_parts, monkeypatch):
+    """float() / .item() of a CUDA tensor each wait for the GPU: a step reads its five losses and the history's
+    mu / logvar rows in one .cpu() copy, and they are the values float() gives."""
+    trainer, reference = make_trainer(trainer_parts), make_trainer(trainer_parts)
+    images, labels = batch()
+    eps = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    terms, mu, logvar = reference.losses(images, labels, eps)
+    reads = []
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            # not torch's own (AdamW reads its CPU step counters), nor the lod read once per value
+            if '/torch/' not in caller.co_filename and caller.co_name != 'scalar_buffer':
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ('item', '__float__', 'cpu', 'tolist', 'numpy'):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    losses = trainer.step(images, labels, eps)
+    monkeypatch.undo()
+    assert reads == ['cpu', 'tolist']  # before: five float() calls (and two .to('cpu') of the history rows)
+    assert asdict(losses) == {name: float(value) for name, value in terms.items()}
+    mus, logvars = trainer.history.tensors()
+    assert torch.equal(mus[0], mu[0].detach()) and torch.equal(logvars[0], logvar[0].detach())
+
+
 def test_compat_upstream_feeds_the_raw_image_in_train_mode_with_upstreams_lr_curve(trainer_parts):
     trainer = make_trainer(trainer_parts, compat='upstream')
     assert trainer.property_cnn.training and trainer.gender_cnn.training  # dropout on, as upstream
@@ -419,12 +454,21 @@ def test_sigterm_inside_an_epoch_then_resume_equals_the_uninterrupted_run(templa
     assert run_script(SCRIPT, *args(root, inputs, '--epochs', 2)) == 2  # without --resume: refused
     assert 'pass --resume to continue it' in capsys.readouterr().err
     assert run_script(SCRIPT, *args(root, inputs, '--epochs', 2, '--resume')) == 0
+    assert_same_run(fresh, root)
 
+
+def assert_same_run(fresh, root):
     a, b = files_of(fresh / 'stylegan_modified'), files_of(root / 'stylegan_modified')
     assert sorted(a) == sorted(b)
-    skip = {'fine_tuning_v3/train_log_v3.csv', 'fine_tuning_v3/resume_record.pt'}
+    options = 'fine_tuning_v3/training_options.json'
+    skip = {'fine_tuning_v3/train_log_v3.csv', 'fine_tuning_v3/resume_record.pt', options}
     different = [name for name in a if name not in skip and a[name] != b[name]]
     assert different == []  # checkpoints, z CSVs, every test CSV and image, the final files: byte for byte
+    recorded = [json.loads(files[options]) for files in (a, b)]
+    for record in recorded:
+        for name in ('workers', 'checkpoint_every'):  # they do not change the results
+            record['options'].pop(name)
+    assert recorded[0] == recorded[1]
     pd.testing.assert_frame_equal(log_frame(fresh)[DETERMINISTIC_COLUMNS], log_frame(root)[DETERMINISTIC_COLUMNS])
     ra, rb = (load_resume_record(outputs(r).files.resume_record) for r in (fresh, root))
     assert torch.equal(ra.rng['torch_cpu'], rb.rng['torch_cpu'])
@@ -433,6 +477,59 @@ def test_sigterm_inside_an_epoch_then_resume_equals_the_uninterrupted_run(templa
     for index, values in ra.optimizers['cvae']['state'].items():
         for key, tensor in values.items():
             assert torch.equal(tensor, rb.optimizers['cvae']['state'][index][key])
+
+
+def test_a_worker_killed_by_the_stop_signal_is_the_stop(template, inputs, fresh, tmp_path, monkeypatch, capsys):
+    """The worker of epoch 1's second batch dies of the group's SIGTERM (it had not yet ignored it) while batch 0
+    trains: the step ends, the stop writes its checkpoint, and --resume equals the uninterrupted run."""
+    root = new_root(template, tmp_path)
+    fatal = int(epoch_order(0, 1, len(IMG_NOS))[2])
+    kill_a_worker_after_the_stop(monkeypatch, CVAETrainer, '(step 2)', fatal, tmp_path / 'armed')
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch 1, batch 1 (step 3)') and err.count('\n') == 1, err
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+def test_a_worker_killed_during_the_epoch_test_after_the_stop(template, inputs, fresh, tmp_path, monkeypatch,
+                                                             capsys):
+    """The group's SIGTERM during epoch 0's test, which runs while the epoch's loader (and its workers) still
+    lives, and one of those workers dies of it: the test and the epoch's checkpoint complete, then the stop."""
+    root = new_root(template, tmp_path)
+    original = cvae_training.run_epoch_test
+
+    def test_under_signal(*test_args, **kwargs):
+        if test_args[4] == 0:  # the epoch
+            workers = descendants(os.getpid())
+            assert workers, 'no DataLoader worker alive during the epoch test'
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(0.5)  # its SIGCHLD arrives during the test (before the fix: a RuntimeError right here)
+        return original(*test_args, **kwargs)
+
+    monkeypatch.setattr(cvae_training, 'run_epoch_test', test_under_signal)
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2)
+    assert run_script(SCRIPT, *run_args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('stopped by SIGTERM at epoch 1, batch 0 (step 2)') and err.count('\n') == 1, err
+    monkeypatch.undo()
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_stops_cleanly_and_resumes_exactly(template, inputs, fresh, tmp_path):
+    root = new_root(template, tmp_path)
+    run_args = args(root, inputs, '--epochs', 2, '--workers', 2, '--checkpoint-every', 1)
+    status, err, left = sigterm_group_when(SCRIPT, run_args, outputs(root).files.resume_record.exists)
+    assert status == 130 and re.fullmatch(r'stopped by SIGTERM at epoch \d, batch \d \(step [1-3]\); the '
+                                          r'checkpoint is complete; continue with --resume\n', err), err
+    assert left == []
+    assert run_script(SCRIPT, *run_args, '--resume') == 0
+    assert_same_run(fresh, root)
 
 
 def test_a_plain_rerun_of_a_finished_run_writes_nothing(fresh, inputs, capsys):
@@ -468,6 +565,21 @@ def test_patience_stops_when_the_epoch_loss_stops_improving(template, inputs, tm
     assert run_script(SCRIPT, *run_args, '--resume') == 0  # nothing left to do, with or without --resume
     assert 'stopped early by --patience' in capsys.readouterr().out
     assert files_of(root) == before
+
+
+def test_tf32_is_on_for_the_steps_and_off_for_the_epoch_test(template, inputs, tmp_path, monkeypatch):
+    root = new_root(template, tmp_path)
+    fake_steps(monkeypatch, [1.0, 1.0])
+    seen, step, test = [], CVAETrainer.step, cvae_training.run_epoch_test
+
+    def flags(what):
+        seen.append((what, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    monkeypatch.setattr(CVAETrainer, 'step', lambda *a: (flags('step'), step(*a))[1])
+    monkeypatch.setattr(cvae_training, 'run_epoch_test', lambda *a, **k: (flags('test'), test(*a, **k))[1])
+    assert run_script(SCRIPT, *args(root, inputs, '--epochs', 1, '--tf32')) == 0
+    assert seen == [('step', True, True), ('step', True, True), ('test', False, False)]
+    assert json.loads(outputs(root).files.options_json.read_text())['options']['tf32'] is True
 
 
 def test_a_nan_loss_stops_in_one_line_before_the_optimiser_step(template, inputs, tmp_path, monkeypatch, capsys):
@@ -534,6 +646,61 @@ def test_a_published_checkpoint_is_never_overwritten_without_overwrite(template,
     epoch_outputs = EpochOutputs(outs, OwnedFiles(outs.files.written_files, outs.files.outdir))
     epoch_outputs.check(range(0, 5), overwrite=False)  # epochs 0-4 do not touch it
     epoch_outputs.check(range(0, 6), overwrite=True)   # --overwrite lets the run replace it
+
+
+class MeanScores(torch.nn.Module):
+    """A stand-in property CNN for the scoring pass: 7 values per image."""
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3)).repeat(1, 3)[:, :7]
+
+
+def scored_by(template, tmp_path, cnn_sha256):
+    """A root whose all_scores_v2_cnn.csv was written by v2's scoring pass, its record naming ``cnn_sha256`` (the
+    CNN of the v2 run stylegan_modified/fine_tuning_v2_cnn)."""
+    from stylegan_modified.datasets import ScoredImageDataset
+    from stylegan_modified.property_cnn_scoring import ScoringPass
+    from test_training_toolkit import upstream_scores_csv
+
+    root = new_root(template, tmp_path)
+    layout = Layout(root)
+    layout.property_cnn_scores_csv.unlink()
+    upstream_scores_csv(layout.property_scores_csv(2), IMG_NOS)
+    scoring = ScoringPass(layout, ScoredImageDataset.filtered(layout, layout.property_scores_csv(2)),
+                          device=torch.device('cpu'))
+    source = {'file': 'stylegan_modified/stylegan_gen_fine_tuned_v2_cnn.pth',
+              'run': 'stylegan_modified/fine_tuning_v2_cnn'}
+    scoring.run(MeanScores(), cnn_sha256, source)
+    return root
+
+
+def test_labels_of_another_property_cnn_are_refused(template, inputs, tmp_path, capsys, caplog):
+    """v2's scoring record names the CNN that scored all_scores_v2_cnn.csv: a run that would train on its labels
+    but compute its loss and test with another CNN is refused in one line naming both and the ways out."""
+    other = 'ab' * 32
+    root = scored_by(template, tmp_path, other)
+    err = assert_refused(capsys, root, SCRIPT, *args(root, inputs, '--epochs', 1),
+                         match='all_scores_v2_cnn.csv was scored by another property CNN (the CNN of the v2 run '
+                               'stylegan_modified/fine_tuning_v2_cnn (stylegan_modified/'
+                               'stylegan_gen_fine_tuned_v2_cnn.pth), SHA-256 abababababababab…) than the one this '
+                               'run trains and tests with')
+    mine = hashlib.sha256(inputs['property'].read_bytes()).hexdigest()
+    assert f'{inputs["property"]}, SHA-256 {mine[:16]}…' in err
+    assert err.endswith('pass --property-cnn with the CNN that scored it, or --scores CSV to choose the labels '
+                        'yourself')
+    assert not outputs(root).files.folder.exists()
+
+    layout = Layout(root)
+    csv = layout.property_cnn_scores_csv
+    check_labels_cnn(layout, csv, False, inputs['property'], other)  # the CNN that scored them: no objection
+    with caplog.at_level(logging.INFO, logger='stylegan_modified.v3_inputs'):
+        check_labels_cnn(layout, csv, True, inputs['property'], mine)  # --scores given: the user's choice
+        assert [r.levelname for r in caplog.records] == ['WARNING']
+        assert 'training on these labels as asked' in caplog.records[0].getMessage()
+        caplog.clear()
+        csv.write_bytes(csv.read_bytes() + b'\n')  # no longer the CSV the record describes (e.g. upstream's)
+        check_labels_cnn(layout, csv, False, inputs['property'], mine)
+        assert [r.levelname for r in caplog.records] == ['INFO'] and 'has no scoring record' in caplog.text
 
 
 @pytest.fixture(scope='module')
@@ -620,3 +787,18 @@ def test_help_has_examples_and_the_options(capsys):
                    '--scores', '--test-z', '--test-grid', '--pass-min-r', '--pass-max-mae', '--test-random'):
         assert option in text
     assert 'examples:' in text and '--resume' in text
+
+
+def test_a_test_grid_holding_a_judged_attribute_constant_is_warned_about(caplog):
+    """r of a constant request is 0, so with eyes held at one value and the rule's r >= 0.77 no z can ever pass (no
+    epoch is saved as passing): said before the run starts; a grid that varies every judged attribute, or a rule
+    that does not need r > 0 for the constant one, says nothing."""
+    with caplog.at_level(logging.WARNING, logger='stylegan_modified.cvae_training'):
+        V3Settings(epochs=1, test_grid={'mouth': [-1.2, 1.6], 'eyes': [1.8], 'pose': [0.0, 1.2]}).check()
+        assert [r.getMessage().split(',')[0] for r in caplog.records] == [
+            '--test-grid holds eyes constant']
+        caplog.clear()
+        V3Settings(epochs=1).check()
+        V3Settings(epochs=1, test_grid={'mouth': [-1.2, 1.6], 'eyes': [1.8], 'pose': [0.0, 1.2]},
+                   pass_min_r={'eyes': 0.0}).check()
+        assert caplog.records == []

@@ -231,6 +231,36 @@ def test_train_log_keeps_the_rows_of_the_resume_point(tmp_path):
         again.append({'typo': 1})
 
 
+def test_train_log_appends_its_rows_instead_of_rewriting_the_file(tmp_path, monkeypatch):
+    """Rewriting the whole CSV at every flush costs ~3 GB of writes over a v3 run: rows are appended (the file
+    keeps its inode, nothing is rewritten); on resume the file is cut back once to the record's rows, a torn last
+    line included."""
+    path = tmp_path / 'log.csv'
+    log = TrainLog(path, ['step', 'loss'], flush_every=10)
+    log.reset()
+    inode = path.stat().st_ino
+    rewrites = []
+    write_bytes = atomic.write_bytes
+    monkeypatch.setattr(atomic, 'write_bytes', lambda p, data: (rewrites.append(p), write_bytes(p, data))[1])
+    for k in range(25):
+        log.append({'step': k, 'loss': k / 4})
+        assert path.read_text().count('\n') == 1 + 10 * ((k + 1) // 10)  # flushed every 10 rows
+    log.flush()
+    assert rewrites == [] and path.stat().st_ino == inode
+    rows = [f'{k},{k / 4!r}\n' for k in range(25)]
+    assert path.read_text() == 'step,loss\n' + ''.join(rows)
+
+    atomic.append_text(path, '25,6.2')  # an append interrupted by a crash after the record of step 20
+    again = TrainLog(path, ['step', 'loss'], flush_every=10)
+    again.load(keep=20)
+    assert path.read_text() == 'step,loss\n' + ''.join(rows[:20]) and rewrites == [path]
+    again.append({'step': 20, 'loss': 5.0})
+    again.flush()
+    assert path.read_text() == 'step,loss\n' + ''.join(rows[:21]) and len(rewrites) == 1
+    again.load(keep=21)  # nothing to cut: not rewritten
+    assert len(rewrites) == 1
+
+
 def test_graceful_stop_turns_the_first_signal_into_a_flag():
     before = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
