@@ -36,6 +36,7 @@ from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import GenerationFolder
 from stylegan.postprocess import to_uint8
 from stylegan_modified.checkpoint import load_conditional_generator
+from stylegan_modified.controllable import ConditionalControl
 from stylegan_modified.generation import GenerationSettings, generate_images, varied_latent
 from stylegan_modified.labels import UPSTREAM_LABEL, label_vector
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
@@ -77,14 +78,14 @@ def writes_waited_per_batch():
         BatchImageWriter.submit = submit
 
 
-def sweep_run(generator, folder: Path, base_z, num: int, batch_size: int) -> tuple[float, int]:
+def sweep_run(controllable, folder: Path, base_z, num: int, batch_size: int) -> tuple[float, int]:
     """(seconds, peak traced bytes) of one eyes sweep over -2..2 with ``num`` z's."""
     values = [-2.0, -1.0, 0.0, 1.0, 2.0]
     settings = GenerationSettings(model='v3', weights_sha256='bench', z_sha256='bench', seed=0, variation=0.3,
                                   label={**UPSTREAM_LABEL, 'eyes': None}, sweep='eyes')
     tracemalloc.start()
     start = time.perf_counter()
-    generate_images(generator, GenerationFolder(folder, 'eyes'), settings, base_z, UPSTREAM_LABEL, num, batch_size,
+    generate_images(controllable, GenerationFolder(folder, 'eyes'), settings, base_z, UPSTREAM_LABEL, num, batch_size,
                     values, progress=False)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
@@ -111,6 +112,7 @@ def main() -> None:
         generator = StyleGANGeneratorForV3(**CONFIGS[args.config]).to(device).eval()
         config = args.config
     base_z = np.random.default_rng(0).standard_normal(generator.z_space_dim)
+    controllable = ConditionalControl(generator, 'v3')  # what stage 6 hands generate_images
     settings = GenerationSettings(model='v3', weights_sha256='bench', z_sha256='bench',
                                   seed=0, variation=0.3, label=dict(UPSTREAM_LABEL))
     threads = f', {torch.get_num_threads()} threads' if device.type == 'cpu' else ''
@@ -121,7 +123,7 @@ def main() -> None:
         scratch = Path(scratch)
         per_image_loop(generator, scratch / 'warm', base_z, 2, 0, 0.3)  # warm-up: kernels, allocator
         for batch_size in args.batch_sizes:
-            generate_images(generator, GenerationFolder(scratch / f'warm{batch_size}'), settings, base_z,
+            generate_images(controllable, GenerationFolder(scratch / f'warm{batch_size}'), settings, base_z,
                             UPSTREAM_LABEL, min(args.images, 2 * batch_size), batch_size, progress=False)
         best = {}
         for attempt in range(args.repeat):  # paths timed in turns, so a load change hits them alike
@@ -134,7 +136,7 @@ def main() -> None:
                 else:
                     batch_size = args.batch_sizes[-1] if path == 'no overlap' else path
                     with writes_waited_per_batch() if path == 'no overlap' else contextlib.nullcontext():
-                        generate_images(generator, GenerationFolder(folder), settings, base_z, UPSTREAM_LABEL,
+                        generate_images(controllable, GenerationFolder(folder), settings, base_z, UPSTREAM_LABEL,
                                         args.images, batch_size, progress=False)
                 synchronize(device)
                 best[path] = min(best.get(path, float('inf')), time.perf_counter() - start)
@@ -145,7 +147,8 @@ def main() -> None:
                 b = cv2.imread(str(GenerationFolder(scratch / f'{batch_size}_0').image(n))).astype(int)
                 worst = max(worst, int(np.abs(a - b).max()))
         if args.sweep_z:
-            sweep_s, sweep_peak = sweep_run(generator, scratch / 'sweep', base_z, args.sweep_z, args.batch_sizes[-1])
+            sweep_s, sweep_peak = sweep_run(controllable, scratch / 'sweep', base_z, args.sweep_z,
+                                            args.batch_sizes[-1])
 
     baseline = args.images / best['loop']
     print(f'per-image loop : {baseline:8.2f} img/s  (baseline)')

@@ -60,3 +60,38 @@ def test_upstream_data_files_are_byte_for_byte_copies(reference_dir):
     assert len(present) == 6
     for relative in present:
         assert hashlib.sha256((folder / relative).read_bytes()).hexdigest() == manifest[relative], relative
+
+
+def marked_table(text: str) -> str:
+    """The benchmark table between the ``<!-- benchmark-table`` markers."""
+    found = re.search(r'<!-- benchmark-table[^\n]*-->\n(.*?)<!-- /benchmark-table -->', text, re.S)
+    assert found, 'no <!-- benchmark-table --> ... <!-- /benchmark-table --> block'
+    return found.group(1)
+
+
+def test_the_readme_and_docs_benchmark_tables_are_one_table_naming_every_bench():
+    readme = marked_table((CODE_ROOT / 'README.md').read_text())
+    docs = marked_table((CODE_ROOT / 'docs' / 'benchmarks.md').read_text())
+    assert readme == docs
+    scripts = sorted(p.name for p in (CODE_ROOT / 'bench').glob('bench_*.py') if p.name != 'bench_common.py')
+    named = sorted(set(re.findall(r'`bench/(bench_\w+\.py)`', readme)))
+    assert named == scripts
+    assert 'to be measured' not in readme
+
+
+def test_the_readme_links_every_docs_page_and_the_links_resolve():
+    readme = (CODE_ROOT / 'README.md').read_text()
+    links = set(re.findall(r'\]\((docs/[^)#]+)', readme))
+    pages = {f'docs/{p.name}' for p in (CODE_ROOT / 'docs').glob('*.md')}
+    assert pages <= links, sorted(pages - links)
+    assert all((CODE_ROOT / link).is_file() for link in links), sorted(links)
+    for page in (CODE_ROOT / 'docs').glob('*.md'):  # links between the pages resolve too
+        for link in re.findall(r'\]\(([\w.-]+\.md)', page.read_text()):
+            assert (page.parent / link).is_file(), f'{page.name} links {link}'
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (CODE_ROOT / 'README.md').read_text()
+    command = re.search(r'## Tests\n\n```bash\n(.*?)\n```', readme, re.S).group(1).strip()
+    ci = (CODE_ROOT / '.ci' / 'run').read_text().strip().splitlines()
+    assert ci[-1] == command
