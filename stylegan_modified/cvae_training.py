@@ -53,7 +53,7 @@ from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, 
 from ohlora.owned_files import OwnedFiles
 from ohlora.records import sha256_of
 from ohlora.resume import ResumeRecord, load_resume_record, option_differences, save_resume_record
-from ohlora.schedules import DEFAULT_SCHEDULE, UPSTREAM_PERIOD, set_epoch_lr
+from ohlora.schedules import UPSTREAM_PERIOD, set_epoch_lr
 from stylegan_modified.attribute_metrics import CONTROLLED_ATTRIBUTES, UPSTREAM_V3_RULE, V3_TEST_GRID, PassRule
 from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize
 from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
@@ -62,11 +62,11 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, m
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
-from stylegan_modified.training_cli import check_at_least
+from stylegan_modified.training_cli import CompatSettings, check_at_least
 from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
                                                 epoch_loader, workers_stopped_error)
-from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, restore_optimizers,
-                                            resume_record, start_position)
+from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, describe_position,
+                                            restore_optimizers, resume_record, start_position)
 from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
                                              run_epoch_test, z_csv_bytes)
 from stylegan_modified.v3_inputs import (build_v3_models, check_labels_cnn, fetch_input, load_gender_cnn,
@@ -99,7 +99,7 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
-class V3Settings:
+class V3Settings(CompatSettings):
     """The options of a v3 run; the input paths are filled in by :func:`fine_tune_v3` (relative to the root, or
     a file name; None: the default file)."""
     epochs: int
@@ -123,14 +123,6 @@ class V3Settings:
     compat: str | None = None
     no_progress: bool = False
     hyper: Hyperparameters = field(default_factory=Hyperparameters)
-
-    @property
-    def upstream(self) -> bool:
-        return self.compat == 'upstream'
-
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.upstream else DEFAULT_SCHEDULE
 
     def rule(self) -> PassRule:
         try:
@@ -492,7 +484,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                 meter.restart()
                 done = batch  # batches of this epoch whose step is complete
                 for idx, items in enumerate(stop.batches(loader), start=batch):
-                    trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    trainer.where = describe_position(epoch, idx, step + 1)
                     losses = trainer.step(items['image'], items['label'])
                     step += 1
                     done = idx + 1

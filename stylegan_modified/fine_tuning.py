@@ -75,8 +75,8 @@ from stylegan_modified.stylegan_generator import StyleGANGenerator
 from stylegan_modified.training_cli import check_at_least
 from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
                                                 epoch_loader, workers_stopped_error)
-from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, restore_optimizers,
-                                            resume_record, start_position)
+from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, describe_position,
+                                            restore_optimizers, resume_record, start_position)
 
 VERSION = 'v1'
 LABEL_CONVERT_DIM = 16
@@ -488,7 +488,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                 meter.restart()
                 done = batch  # batches of this epoch whose step is complete
                 for idx, items in enumerate(stop.batches(loader), start=batch):
-                    trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    trainer.where = describe_position(epoch, idx, step + 1)
                     result = trainer.step(items['image'], items['label'])
                     step += 1
                     done = idx + 1

@@ -56,11 +56,11 @@ from stylegan_modified.attribute_metrics import mean_absolute_error, pearson_r
 from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
 from stylegan_modified.ddp import agree_stop, describe, mean_over_ranks, share, start_rngs, wrap
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_cli import check_at_least
+from stylegan_modified.training_cli import CompatSettings, check_at_least
 from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
                                                 epoch_loader, workers_stopped_error)
 from stylegan_modified.training_run import (RunPlan, TrainingRun, TrainLog, checkpoint_kept, cpu_state_dict,
-                                            restore_optimizers, resume_record, start_position)
+                                            describe_position, restore_optimizers, resume_record, start_position)
 
 VERSION = 'v2_cnn'
 MODEL, BEST = 'property_cnn', 'best_property_cnn'   # names in the resume record; BEST is the published output
@@ -88,7 +88,7 @@ class CnnHyperparameters:
 
 
 @dataclass(frozen=True)
-class PropertyCnnSettings:
+class PropertyCnnSettings(CompatSettings):
     """The options of the CNN phase; ``device`` is the resolved device, ``scores`` the scores CSV as recorded
     (relative to the root or its name; None: ``all_scores_v2.csv``)."""
     max_epochs: int = 200
@@ -105,10 +105,6 @@ class PropertyCnnSettings:
     scores: str | None = None
     no_progress: bool = False
     hyper: CnnHyperparameters = field(default_factory=CnnHyperparameters)
-
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.compat == 'upstream' else 'restarts'
 
     def check(self, world_size: int = 1) -> None:
         check_at_least((EPOCH_OPTION, self.max_epochs, 1), ('--patience', self.patience, 1),
@@ -231,7 +227,7 @@ class CnnResult:
 
     @property
     def position(self) -> str:
-        return f'epoch {self.epochs}, batch {self.batch} (step {self.step})'
+        return describe_position(self.epochs, self.batch, self.step)
 
 
 class PropertyCnnTraining:
@@ -314,11 +310,11 @@ class PropertyCnnTraining:
                     batches = epoch_batches(order, settings.batch_size, 1, ctx.world_size)
                     lr = trainer.set_lr(epoch)
                     trainer.restart_timer()
-                    shares = [share(b, ctx) for b in batches[batch:]]
+                    loader = epoch_loader(dataset, [share(b, ctx) for b in batches[batch:]], settings.workers,
+                                          self.device)
                     done = batch  # batches of this epoch whose step is complete
-                    for idx, items in enumerate(stop.batches(epoch_loader(dataset, shares, settings.workers, self.device)),
-                                                start=batch):
-                        trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    for idx, items in enumerate(stop.batches(loader), start=batch):
+                        trainer.where = describe_position(epoch, idx, step + 1)
                         loss = trainer.step(items['image'], items['label'])
                         step += 1
                         done = idx + 1
@@ -338,7 +334,8 @@ class PropertyCnnTraining:
                     trainer.where = f'epoch {epoch} (validation)'
                     # each rank scores every world_size-th validation batch; validate() gathers them in order
                     mine = val_batches[ctx.rank::ctx.world_size]
-                    validation = trainer.validate(stop.batches(epoch_loader(dataset, mine, settings.workers, self.device)))
+                    validation = trainer.validate(stop.batches(epoch_loader(dataset, mine, settings.workers,
+                                                                            self.device)))
                     self._log_epoch(trainer, epoch, lr, validation)
                     stopped = trainer.stopping.should_stop(epoch)
                     if stopped:

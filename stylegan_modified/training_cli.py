@@ -2,7 +2,8 @@
 
 * the options every trainer has (:func:`add_workers_option`, :func:`add_trainer_options`: ``--workers``,
   ``--checkpoint-every``, ``--amp``, ``--tf32``, ``--resume``, ``--overwrite``), with each script's own help where
-  its behaviour differs, and the checks of option values a trainer's settings make (:func:`check_at_least`);
+  its behaviour differs, the checks of option values a trainer's settings make (:func:`check_at_least`) and what
+  ``--compat upstream`` means to them (:class:`CompatSettings`);
 * the start of a run (:func:`start`: layout, device, TF32 off, torchrun's context) and its end on the terminal
   (:func:`second_signal_exits`, :func:`report`): like :func:`ohlora.cli.run`, script plumbing that writes to the
   terminal itself.
@@ -21,6 +22,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
+from ohlora.schedules import DEFAULT_SCHEDULE
 from stylegan_modified.ddp import training_context
 
 TF32_HELP = ('TF32 matmuls and convolutions on CUDA GPUs of the Ampere generation and newer: about twice as fast '
@@ -42,6 +44,20 @@ def check_at_least(*checks: tuple[str, int, int]) -> None:
     for option, value, low in checks:
         if value < low:
             raise PipelineError(f'{option} must be at least {low}, got {value}')
+
+
+class CompatSettings:
+    """Base of a trainer's settings dataclass with a ``compat`` field (not a dataclass itself: the fields, in the
+    order training_options.json shows them, stay with each trainer)."""
+
+    @property
+    def upstream(self) -> bool:
+        return self.compat == 'upstream'
+
+    @property
+    def schedule(self) -> str:
+        """The LR curve of :mod:`ohlora.schedules`: upstream's with ``--compat upstream``, else the default."""
+        return 'upstream' if self.upstream else DEFAULT_SCHEDULE
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:

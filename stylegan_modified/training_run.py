@@ -86,9 +86,14 @@ def start_position(record: ResumeRecord | None) -> tuple[int, int, int, torch.Te
     return record.epoch, record.batch, record.step, record.data_order if record.batch else None
 
 
+def describe_position(epoch: int, batch: int, step: int) -> str:
+    """A place in a run, for messages: 'epoch E, batch B (step S)'."""
+    return f'epoch {epoch}, batch {batch} (step {step})'
+
+
 def checkpoint_kept(epoch: int, batch: int, step: int) -> str:
     """What a stop on a non-finite loss keeps (a trainer's ``last_checkpoint``), for the checkpoint at a position."""
-    return f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
+    return f'the checkpoint of {describe_position(epoch, batch, step)} is kept'
 
 
 def resume_record(ctx: DistContext, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None,

@@ -55,7 +55,7 @@ from stylegan_modified.ddp import agree_stop, describe, distribute_generator, me
 from stylegan_modified.property_cnn_training import EarlyStopping
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV2
-from stylegan_modified.training_cli import check_at_least
+from stylegan_modified.training_cli import CompatSettings, check_at_least
 from stylegan_modified.training_control import GracefulStop, MixedPrecision, Throughput, check_finite
 from stylegan_modified.training_run import (RunPlan, TrainingRun, cpu_state_dict, restore_optimizers, resume_record,
                                             start_position)
@@ -78,7 +78,7 @@ class GeneratorHyperparameters:
 
 
 @dataclass(frozen=True)
-class V2GeneratorSettings:
+class V2GeneratorSettings(CompatSettings):
     """The options of the generator phase. ``v1_weights`` is the v1 file as given (relative to the root or its
     name; None: the default path); ``property_cnn`` the SHA-256 of the CNN it trains through (set by the caller)."""
     max_groups: int = 500
@@ -95,10 +95,6 @@ class V2GeneratorSettings:
     property_cnn: str | None = None
     no_progress: bool = False
     hyper: GeneratorHyperparameters = field(default_factory=GeneratorHyperparameters)
-
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.compat == 'upstream' else 'restarts'
 
     def check(self, world_size: int = 1) -> None:
         check_at_least((GROUP_OPTION, self.max_groups, 1), ('--gen-patience', self.patience, 1),
