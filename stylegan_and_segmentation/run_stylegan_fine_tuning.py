@@ -59,9 +59,9 @@ def build_parser():
     add_trainer_options(parser, workers=False, amp_detail='autocast + GradScaler; R1 stays float32',
                         checkpoint_every_help='checkpoint also every N steps (default: 0, at the end of each epoch '
                                               'only; a checkpoint writes about 0.5 GB at full size, and '
-                                              'Ctrl-C/SIGTERM always write one)',
-                        overwrite_help='replace published-name files that this run did not write (e.g. a downloaded '
-                                       'v1)')
+                                              'Ctrl-C/SIGTERM always write one)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace published-name files that this run did not write (e.g. a downloaded v1)')
     add_common_options(parser, batch_size=16, batch_size_help='images per step over all processes (each process\'s '
                                                               'share at most 16 or a multiple of 16)')
     return parser

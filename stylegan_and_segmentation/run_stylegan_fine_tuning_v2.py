@@ -76,9 +76,10 @@ def build_parser():
     add_trainer_options(parser, amp_detail='autocast + GradScaler',
                         checkpoint_every_help='checkpoint also every N steps (default: 0: at the end of each epoch / '
                                               'step group; Ctrl-C and SIGTERM always write one)',
-                        resume_help='continue (or extend) the interrupted phase',
-                        overwrite_help='replace files of the output names that this run did not write (e.g. a '
-                                       'downloaded CNN or upstream\'s all_scores_v2_cnn.csv)')
+                        resume_help='continue (or extend) the interrupted phase')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace files of the output names that this run did not write (e.g. a downloaded CNN '
+                             'or upstream\'s all_scores_v2_cnn.csv)')
     add_common_options(parser, batch_size=16, batch_size_help='images per CNN training step over all processes')
     return parser
 

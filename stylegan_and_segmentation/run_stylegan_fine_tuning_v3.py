@@ -79,10 +79,10 @@ def build_parser():
                       help=f'maximum MAE per attribute (none: no bound), overriding the defaults {defaults_mae}')
     test.add_argument('--test-random', type=non_negative_int, default=30,
                       help='images of random z and labels, with their gender and property scores (default: 30)')
-    add_trainer_options(parser, amp_detail='autocast; float16 + GradScaler on CUDA',
-                        overwrite_help='replace published-name files that this run did not write (e.g. the '
-                                       'downloaded stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth); never the files '
-                                       'shipped with the code')
+    add_trainer_options(parser, amp_detail='autocast; float16 + GradScaler on CUDA')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace published-name files that this run did not write (e.g. the downloaded '
+                             'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth); never the files shipped with the code')
     add_common_options(parser, batch_size=8, batch_size_help='images per step over all processes (upstream: 8)')
     return parser
 

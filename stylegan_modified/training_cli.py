@@ -1,8 +1,8 @@
 """The command line the three stage-5 training scripts share (``run_stylegan_fine_tuning.py``, ``_v2.py``, ``_v3.py``).
 
 * the options every trainer has (:func:`add_workers_option`, :func:`add_trainer_options`: ``--workers``,
-  ``--checkpoint-every``, ``--amp``, ``--tf32``, ``--resume``, ``--overwrite``), with each script's own help where
-  its behaviour differs, the checks of option values a trainer's settings make (:func:`check_at_least`) and what
+  ``--checkpoint-every``, ``--amp``, ``--tf32``, ``--resume``; each script adds its own ``--overwrite`` after them,
+  whose help names its own files), with each script's own help where its behaviour differs, the checks of option values a trainer's settings make (:func:`check_at_least`) and what
   ``--compat upstream`` means to them (:class:`CompatSettings`);
 * the start of a run (:func:`start`: layout, device, TF32 off, torchrun's context) and its end on the terminal
   (:func:`second_signal_exits`, :func:`report`): like :func:`ohlora.cli.run`, script plumbing that writes to the
@@ -64,11 +64,11 @@ def add_workers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
 
 
-def add_trainer_options(parser: argparse.ArgumentParser, *, amp_detail: str, overwrite_help: str,
+def add_trainer_options(parser: argparse.ArgumentParser, *, amp_detail: str,
                         checkpoint_every_help: str = CHECKPOINT_EVERY_HELP, resume_help: str = RESUME_HELP,
                         workers: bool = True) -> None:
     """``--workers`` (unless ``workers`` is False: a script that lists it earlier), ``--checkpoint-every``, ``--amp``
-    (``amp_detail``: what it does in this trainer), ``--tf32``, ``--resume``, ``--overwrite``, in this order."""
+    (``amp_detail``: what it does in this trainer), ``--tf32``, ``--resume``, in this order."""
     if workers:
         add_workers_option(parser)
     parser.add_argument('--checkpoint-every', type=non_negative_int, default=0, help=checkpoint_every_help)
@@ -76,7 +76,6 @@ def add_trainer_options(parser: argparse.ArgumentParser, *, amp_detail: str, ove
                         help=f'mixed precision ({amp_detail}); exact resume only without it')
     parser.add_argument('--tf32', action='store_true', help=TF32_HELP)
     parser.add_argument('--resume', action='store_true', help=resume_help)
-    parser.add_argument('--overwrite', action='store_true', help=overwrite_help)
 
 
 def start(args: argparse.Namespace) -> tuple[Layout, torch.device, DistContext]:
