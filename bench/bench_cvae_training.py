@@ -15,8 +15,6 @@ Upstream's figure to compare with: 588 steps of batch 8 per epoch; the README gi
 from __future__ import annotations
 
 import copy
-import resource
-import time
 
 import torch
 
@@ -26,16 +24,7 @@ from stylegan_modified.cvae_encoder import CVAEEncoder
 from stylegan_modified.cvae_training import CVAETrainer, V3Settings
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
-from bench_common import bench_parser, prepare_device, synchronize
-
-
-def timed_pass(trainer: CVAETrainer, images, labels, steps: int) -> float:
-    synchronize(trainer.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(images, labels)
-    synchronize(trainer.device)
-    return time.perf_counter() - start
+from bench_common import bench_parser, compare_precisions, prepare_device
 
 
 def main() -> None:
@@ -58,25 +47,8 @@ def main() -> None:
     print(f'v3 step, full-size G, encoder, property CNN, gender CNN ({sizes} parameters), batch {args.batch_size}, '
           f'device {device}{threads}, {args.steps} steps per pass, best of {args.repeat}')
 
-    best, peak = {}, {}
-    for trainer in trainers.values():
-        trainer.step(images, labels)  # warm-up: kernels, allocator, optimiser state
-    for _ in range(args.repeat):
-        for amp, trainer in trainers.items():
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            best[amp] = min(best.get(amp, float('inf')), timed_pass(trainer, images, labels, args.steps))
-            if device.type == 'cuda':
-                peak[amp] = max(peak.get(amp, 0), torch.cuda.max_memory_allocated(device) / 2**30)
-
-    for amp, name in ((False, 'float32'), (True, f'amp ({trainers[True].amp.dtype})'.replace('torch.', ''))):
-        steps_s = args.steps / best[amp]
-        memory = f', peak GPU memory {peak[amp]:.2f} GiB' if amp in peak else ''
-        print(f'{name:18s}: {steps_s:7.3f} steps/s, {steps_s * args.batch_size:7.2f} img/s{memory}')
-    print(f'amp / float32: x{best[False] / best[True]:.2f}')
-    if device.type == 'cpu':
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f'peak resident memory of the process: {peak_rss:.2f} GiB')
+    best = compare_precisions(trainers, lambda trainer: trainer.step(images, labels), args.steps, args.repeat,
+                              args.batch_size, device)
     seconds = 4703 / (args.steps * args.batch_size / best[False])
     print(f'an upstream epoch (4,703 images, 588 steps of 8) at the float32 rate: {seconds / 3600:.2f} h '
           '(plus the per-epoch test: 1,530 generator + CNN passes without gradients)')

@@ -14,27 +14,15 @@ Upstream's figure to compare with: 39 epochs of 4,703 images in 16 h on 2 x Quad
 """
 from __future__ import annotations
 
-import resource
-import time
-
 import torch
 
 from ohlora.cli import positive_int
 from stylegan_modified.fine_tuning import FineTuningSettings, Hyperparameters, V1Trainer
 from stylegan_modified.stylegan_discriminator import StyleGANDiscriminator
 from stylegan_modified.stylegan_generator import StyleGANGenerator
-from bench_common import bench_parser, prepare_device, synchronize
+from bench_common import bench_parser, compare_precisions, prepare_device
 
 UPSTREAM_IMAGES_PER_S = 4703 * 39 / (16 * 3600)
-
-
-def timed_pass(trainer: V1Trainer, reals, labels, steps: int) -> float:
-    synchronize(trainer.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(reals, labels)
-    synchronize(trainer.device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -62,24 +50,8 @@ def main() -> None:
     print(f'v1 step (D step + {args.g_steps} G step), full-size G and D (26.1 M + 23.1 M parameters), batch '
           f'{args.batch_size}, device {device}{threads}, {args.steps} steps per pass, best of {args.repeat}')
 
-    best, peak = {}, {}
-    for amp, trainer in trainers.items():
-        trainer.step(reals, labels)  # warm-up: kernels, allocator, optimiser state
-    for _ in range(args.repeat):
-        for amp, trainer in trainers.items():
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            best[amp] = min(best.get(amp, float('inf')), timed_pass(trainer, reals, labels, args.steps))
-            if device.type == 'cuda':
-                peak[amp] = max(peak.get(amp, 0), torch.cuda.max_memory_allocated(device) / 2**30)
-
-    for amp, name in ((False, 'float32'), (True, f'amp ({trainers[True].amp.dtype})'.replace('torch.', ''))):
-        steps_s = args.steps / best[amp]
-        memory = f', peak GPU memory {peak[amp]:.2f} GiB' if amp in peak else ''
-        print(f'{name:18s}: {steps_s:7.3f} steps/s, {steps_s * args.batch_size:7.2f} img/s{memory}')
-    print(f'amp / float32: x{best[False] / best[True]:.2f}')
-    if device.type == 'cpu':
-        print(f'peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+    compare_precisions(trainers, lambda trainer: trainer.step(reals, labels), args.steps, args.repeat, args.batch_size,
+                       device)
     print(f'upstream (2 x Quadro M6000, average G steps > 1): {UPSTREAM_IMAGES_PER_S:.2f} img/s')
 
 

@@ -75,6 +75,7 @@ class QualityCNN(nn.Module):
 
     def __init__(self):
         super().__init__()
+        # The same first layers as GenderCNN, written out: each class lists upstream's layers (state-dict names) whole.
         self.conv1 = conv_block(3, 32)
         self.conv2 = conv_block(32, 64)
         self.pool1 = pool()

@@ -13,14 +13,10 @@ all processes.
 """
 from __future__ import annotations
 
-import sys
-
 from ohlora.cli import add_common_options, make_parser, positive_int, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.distributed import close
-from ohlora.layout import Layout
-from stylegan_modified.ddp import training_context
 from stylegan_modified.fine_tuning import INITS, FineTuningSettings, fine_tune
+from stylegan_modified.training_cli import (add_trainer_options, add_workers_option, non_negative_int, report,
+                                            second_signal_exits, start)
 
 EXAMPLES = '''
   # 39 epochs as upstream's published v1 (the GenForce zoo file is downloaded to stylegan/ if absent)
@@ -35,10 +31,6 @@ EXAMPLES = '''
   # on the 4 GPUs of this machine, 16 images per step in all (4 per GPU); --resume the same way
   torchrun --standalone --nproc_per_node 4 stylegan_and_segmentation/run_stylegan_fine_tuning.py --epochs 39
 '''
-
-
-def non_negative_int(text: str) -> int:
-    return 0 if text.strip() == '0' else positive_int(text)
 
 
 def build_parser():
@@ -58,23 +50,16 @@ def build_parser():
                              'pretrained dense0 weight in the z columns, zeros for the label (default: upstream)')
     parser.add_argument('--style-mixing-prob', type=float, default=0.9,
                         help='style-mixing probability of the training G calls (default: 0.9, as upstream)')
-    parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
+    add_workers_option(parser)
     parser.add_argument('--snapshot-every', type=non_negative_int, default=10,
                         help='monitoring grid after every N-th batch of an epoch, 0: none (default: 10, as upstream)')
     parser.add_argument('--snapshot-z', type=positive_int, default=10, help='rows (seeded z) of the grid (default: 10)')
     parser.add_argument('--snapshot-size', type=positive_int, default=128,
                         help='pixel size of a grid cell (default: 128; the images are 256)')
-    parser.add_argument('--checkpoint-every', type=non_negative_int, default=0,
-                        help='checkpoint also every N steps (default: 0, at the end of each epoch only; a checkpoint '
-                             'writes about 0.5 GB at full size, and Ctrl-C/SIGTERM always write one)')
-    parser.add_argument('--amp', action='store_true',
-                        help='mixed precision (autocast + GradScaler; R1 stays float32); exact resume only without it')
-    parser.add_argument('--tf32', action='store_true',
-                        help='TF32 matmuls and convolutions on CUDA GPUs of the Ampere generation and newer: '
-                             'about twice as fast float32 training (a v1 step 5.5 s -> 2.5 s on an H200) at ~1e-3 '
-                             'precision; off by default so that runs compare exactly; may change on --resume; no '
-                             'effect on CPU')
-    parser.add_argument('--resume', action='store_true', help='continue (or extend) the run in the run folder')
+    add_trainer_options(parser, workers=False, amp_detail='autocast + GradScaler; R1 stays float32',
+                        checkpoint_every_help='checkpoint also every N steps (default: 0, at the end of each epoch '
+                                              'only; a checkpoint writes about 0.5 GB at full size, and '
+                                              'Ctrl-C/SIGTERM always write one)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace published-name files that this run did not write (e.g. a downloaded v1)')
     add_common_options(parser, batch_size=16, batch_size_help='images per step over all processes (each process\'s '
@@ -84,30 +69,20 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    layout = Layout(args.root)
-    device = resolve_device(args.device)
-    disable_tf32()
-    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
+    layout, device, ctx = start(args)
     settings = FineTuningSettings(
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
         init=args.init, style_mixing_prob=args.style_mixing_prob, snapshot_every=args.snapshot_every,
         snapshot_z=args.snapshot_z, snapshot_size=args.snapshot_size, checkpoint_every=args.checkpoint_every,
         amp=args.amp, tf32=args.tf32, compat=args.compat, no_progress=args.no_progress)
-    try:
+    with second_signal_exits():
         result = fine_tune(layout, settings, weights_path=args.weights, scores_path=args.scores, outdir=args.outdir,
                            resume=args.resume, overwrite=args.overwrite, ctx=ctx)
-    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
-        print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
-        sys.exit(130)
-    interrupted = result.status == 'interrupted'
-    for line in result.lines() if ctx.is_main else ():
-        print(line, file=sys.stderr if interrupted else sys.stdout)
-    if interrupted:
-        sys.exit(130)
+    if result.status == 'interrupted':
+        report(ctx, stopped=result.lines())
+    else:
+        report(ctx, result.lines())
 
 
 if __name__ == '__main__':
-    try:
-        run(main)
-    finally:
-        close()
+    run(main)

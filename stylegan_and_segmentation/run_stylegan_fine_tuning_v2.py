@@ -15,15 +15,10 @@ the CNN trained along in train mode and v1's dense0 re-randomised. Several GPUs 
 """
 from __future__ import annotations
 
-import sys
-
 from ohlora.cli import add_common_options, make_parser, positive_int, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.distributed import close
-from ohlora.layout import Layout
-from stylegan_modified.ddp import training_context
 from stylegan_modified.fine_tuning_v2 import fine_tune_v2
 from stylegan_modified.property_cnn_training import PropertyCnnSettings
+from stylegan_modified.training_cli import add_trainer_options, report, second_signal_exits, start
 from stylegan_modified.v2_generator_training import V2GeneratorSettings
 
 EXAMPLES = '''
@@ -42,10 +37,6 @@ EXAMPLES = '''
   # on the 2 GPUs of this machine (16 images per step in all, 8 per GPU)
   torchrun --standalone --nproc_per_node 2 stylegan_and_segmentation/run_stylegan_fine_tuning_v2.py
 '''
-
-
-def non_negative_int(text: str) -> int:
-    return 0 if text.strip() == '0' else positive_int(text)
 
 
 def build_parser():
@@ -82,18 +73,10 @@ def build_parser():
                            help='z per generator step over all processes (default: 16, as upstream)')
     parser.add_argument('--outdir', default=None, metavar='DIR',
                         help='where the checkpoints and run folders go (default: <root>/stylegan_modified)')
-    parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
-    parser.add_argument('--checkpoint-every', type=non_negative_int, default=0,
-                        help='checkpoint also every N steps (default: 0: at the end of each epoch / step group; '
-                             'Ctrl-C and SIGTERM always write one)')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (autocast + GradScaler); exact resume '
-                                                           'only without it')
-    parser.add_argument('--tf32', action='store_true',
-                        help='TF32 matmuls and convolutions on CUDA GPUs of the Ampere generation and newer: '
-                             'about twice as fast float32 training (a v1 step 5.5 s -> 2.5 s on an H200) at ~1e-3 '
-                             'precision; off by default so that runs compare exactly; may change on --resume; no '
-                             'effect on CPU')
-    parser.add_argument('--resume', action='store_true', help='continue (or extend) the interrupted phase')
+    add_trainer_options(parser, amp_detail='autocast + GradScaler',
+                        checkpoint_every_help='checkpoint also every N steps (default: 0: at the end of each epoch / '
+                                              'step group; Ctrl-C and SIGTERM always write one)',
+                        resume_help='continue (or extend) the interrupted phase')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace files of the output names that this run did not write (e.g. a downloaded CNN '
                              'or upstream\'s all_scores_v2_cnn.csv)')
@@ -103,10 +86,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    layout = Layout(args.root)
-    device = resolve_device(args.device)
-    disable_tf32()
-    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
+    layout, device, ctx = start(args)
     device = str(device)
     common = dict(seed=args.seed, device=device, checkpoint_every=args.checkpoint_every, amp=args.amp,
                   tf32=args.tf32, compat=args.compat, no_progress=args.no_progress)
@@ -118,22 +98,16 @@ def main(argv=None):
         generator_settings = V2GeneratorSettings(max_groups=args.max_groups, patience=args.gen_patience,
                                                  steps_per_group=args.steps_per_group,
                                                  batch_size=args.gen_batch_size, **common)
-    try:
+    with second_signal_exits():
         result = fine_tune_v2(layout, cnn_settings, generator_settings, scores_path=args.scores,
                               property_cnn_path=args.property_cnn, v1_weights_path=args.v1_weights,
                               outdir=args.outdir, resume=args.resume, overwrite=args.overwrite, ctx=ctx)
-    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
-        print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
-        sys.exit(130)
-    for line in summary(result) if ctx.is_main else ():  # rank 0 reports
-        print(line)
+    stopped = []
     if result.interrupted:
         phase = result.generator if result.generator is not None else result.cnn
-        if not ctx.is_main:
-            sys.exit(130)
-        print(f'stopped by {result.interrupted} at {phase.position}; the checkpoint in {phase.run_folder} is complete; '
-              'continue with --resume', file=sys.stderr)
-        sys.exit(130)
+        stopped.append(f'stopped by {result.interrupted} at {phase.position}; the checkpoint in {phase.run_folder} '
+                       'is complete; continue with --resume')
+    report(ctx, summary(result), stopped)
 
 
 def summary(result) -> list[str]:
@@ -165,7 +139,4 @@ def summary(result) -> list[str]:
 
 
 if __name__ == '__main__':
-    try:
-        run(main)
-    finally:
-        close()
+    run(main)

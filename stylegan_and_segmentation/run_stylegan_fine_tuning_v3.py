@@ -16,15 +16,10 @@ with torchrun (docs/scale-out.md); --batch-size is then the batch of a step over
 """
 from __future__ import annotations
 
-import sys
-
 from ohlora.cli import add_common_options, make_parser, positive_int, run
-from ohlora.devices import disable_tf32, resolve_device
-from ohlora.distributed import close
-from ohlora.layout import Layout
 from stylegan_modified.attribute_metrics import UPSTREAM_V3_RULE, V3_TEST_GRID
 from stylegan_modified.cvae_training import V3Settings, fine_tune_v3
-from stylegan_modified.ddp import training_context
+from stylegan_modified.training_cli import add_trainer_options, non_negative_int, report, second_signal_exits, start
 from stylegan_modified.v3_epoch_test import grid_text, parse_attribute_values, parse_grid
 
 EXAMPLES = '''
@@ -48,10 +43,6 @@ EXAMPLES = '''
 (stylegan_modified/ ships test_z_vector_0005.csv and _0007.csv with the code: a run that could write them is refused, so
  give runs of 6 epochs or more their own --root or --outdir)
 '''
-
-
-def non_negative_int(text: str) -> int:
-    return 0 if text.strip() == '0' else positive_int(text)
 
 
 def build_parser():
@@ -88,18 +79,7 @@ def build_parser():
                       help=f'maximum MAE per attribute (none: no bound), overriding the defaults {defaults_mae}')
     test.add_argument('--test-random', type=non_negative_int, default=30,
                       help='images of random z and labels, with their gender and property scores (default: 30)')
-    parser.add_argument('--workers', type=non_negative_int, default=2, help='image-decoding processes (default: 2)')
-    parser.add_argument('--checkpoint-every', type=non_negative_int, default=0,
-                        help='checkpoint also every N steps (default: 0, at the end of each epoch only; Ctrl-C and '
-                             'SIGTERM always write one)')
-    parser.add_argument('--amp', action='store_true',
-                        help='mixed precision (autocast; float16 + GradScaler on CUDA); exact resume only without it')
-    parser.add_argument('--tf32', action='store_true',
-                        help='TF32 matmuls and convolutions on CUDA GPUs of the Ampere generation and newer: '
-                             'about twice as fast float32 training (a v1 step 5.5 s -> 2.5 s on an H200) at ~1e-3 '
-                             'precision; off by default so that runs compare exactly; may change on --resume; no '
-                             'effect on CPU')
-    parser.add_argument('--resume', action='store_true', help='continue (or extend) the run in the run folder')
+    add_trainer_options(parser, amp_detail='autocast; float16 + GradScaler on CUDA')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace published-name files that this run did not write (e.g. the downloaded '
                              'stylegan_gen_fine_tuned_v3_ckpt_0005_gen.pth); never the files shipped with the code')
@@ -109,10 +89,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    layout = Layout(args.root)
-    device = resolve_device(args.device)
-    disable_tf32()
-    ctx = training_context(device)  # torchrun's rank and device, if started by torchrun
+    layout, device, ctx = start(args)
     settings = V3Settings(
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=str(device),
         patience=args.patience, checkpoint_every=args.checkpoint_every, test_z=args.test_z,
@@ -120,34 +97,25 @@ def main(argv=None):
         pass_max_mae=parse_attribute_values(args.pass_max_mae, '--pass-max-mae', allow_none=True),
         test_random=args.test_random, amp=args.amp, tf32=args.tf32, compat=args.compat,
         no_progress=args.no_progress)
-    try:
+    with second_signal_exits():
         result = fine_tune_v3(layout, settings, v1_weights=args.v1_weights, property_cnn=args.property_cnn,
                               gender_cnn=args.gender_cnn, scores_path=args.scores, outdir=args.outdir,
                               resume=args.resume, overwrite=args.overwrite, ctx=ctx)
-    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so the last checkpoint is whole
-        print('interrupted; the last checkpoint on disk is complete: continue with --resume', file=sys.stderr)
-        sys.exit(130)
-    if not ctx.is_main:  # rank 0 reports
-        sys.exit(130 if result.status == 'interrupted' else 0)
-    passing = ', '.join(f'{s.epoch} ({s.passing_z} z, best {s.best_z})' for s in result.epochs if s.passing_z)
-    finals = ', '.join(str(p) for p in result.outputs)
-    if result.status == 'already finished':
+    if result.status == 'interrupted':
+        report(ctx, stopped=[f'stopped by {result.signal} at epoch {result.epoch}, batch {result.batch} (step '
+                             f'{result.step}); the checkpoint is complete; continue with --resume'])
+    elif result.status == 'already finished':
         restored = f'; restored the missing {", ".join(p.name for p in result.restored)}' if result.restored else ''
         how = ' (stopped early by --patience)' if result.stopped_early else ' (--resume --epochs N to extend it)'
-        print(f'{result.run_folder} already holds a finished run of {result.epoch} epochs; nothing to do{restored}'
-              f'{how}')
-    elif result.status == 'interrupted':
-        print(f'stopped by {result.signal} at epoch {result.epoch}, batch {result.batch} (step {result.step}); the '
-              'checkpoint is complete; continue with --resume', file=sys.stderr)
-        sys.exit(130)
+        report(ctx, [f'{result.run_folder} already holds a finished run of {result.epoch} epochs; nothing to '
+                     f'do{restored}{how}'])
     else:
+        passing = ', '.join(f'{s.epoch} ({s.passing_z} z, best {s.best_z})' for s in result.epochs if s.passing_z)
+        finals = ', '.join(str(p) for p in result.outputs)
         early = ' (stopped early by --patience)' if result.stopped_early else ''
-        print(f'fine-tuned v3 for {result.epoch} epochs{early} ({result.step} steps): {finals}; passing epochs: '
-              f'{passing or "none"}; log and per-epoch tests in {result.run_folder}')
+        report(ctx, [f'fine-tuned v3 for {result.epoch} epochs{early} ({result.step} steps): {finals}; passing '
+                     f'epochs: {passing or "none"}; log and per-epoch tests in {result.run_folder}'])
 
 
 if __name__ == '__main__':
-    try:
-        run(main)
-    finally:
-        close()
+    run(main)

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.devices import tf32
@@ -53,9 +52,8 @@ from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_NAMES, Layout, TrainingRunFolder, V3Outputs, shipped_with_code
 from ohlora.owned_files import OwnedFiles
 from ohlora.records import sha256_of
-from ohlora.resume import (ResumeRecord, capture_rank_rng_states, load_resume_record, option_differences,
-                           save_resume_record)
-from ohlora.schedules import DEFAULT_SCHEDULE, UPSTREAM_PERIOD, set_epoch_lr
+from ohlora.resume import ResumeRecord, load_resume_record, option_differences, save_resume_record
+from ohlora.schedules import UPSTREAM_PERIOD, set_epoch_lr
 from stylegan_modified.attribute_metrics import CONTROLLED_ATTRIBUTES, UPSTREAM_V3_RULE, V3_TEST_GRID, PassRule
 from stylegan_modified.cvae_encoder import CVAEEncoder, reparameterize
 from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
@@ -64,9 +62,11 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, m
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.checkpoint import load_property_cnn
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV3
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
-                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
-from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
+from stylegan_modified.training_cli import CompatSettings, check_at_least
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
+                                                epoch_loader, workers_stopped_error)
+from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, describe_position,
+                                            restore_optimizers, resume_record, start_position)
 from stylegan_modified.v3_epoch_test import (HISTORY_SIZE, EpochTestResult, EpochTestSettings, MuLogvarHistory,
                                              run_epoch_test, z_csv_bytes)
 from stylegan_modified.v3_inputs import (build_v3_models, check_labels_cnn, fetch_input, load_gender_cnn,
@@ -99,7 +99,7 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
-class V3Settings:
+class V3Settings(CompatSettings):
     """The options of a v3 run; the input paths are filled in by :func:`fine_tune_v3` (relative to the root, or
     a file name; None: the default file)."""
     epochs: int
@@ -124,14 +124,6 @@ class V3Settings:
     no_progress: bool = False
     hyper: Hyperparameters = field(default_factory=Hyperparameters)
 
-    @property
-    def upstream(self) -> bool:
-        return self.compat == 'upstream'
-
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.upstream else DEFAULT_SCHEDULE
-
     def rule(self) -> PassRule:
         try:
             return UPSTREAM_V3_RULE.with_thresholds(self.pass_min_r, self.pass_max_mae)
@@ -141,13 +133,11 @@ class V3Settings:
     def check(self, world_size: int = 1) -> None:
         """One line per option a user can get wrong (before anything is read or written)."""
         check_batch_size(self.batch_size, 1, world_size=world_size)  # no minibatch-stddev: only the even split
-        for option, value, low in (('--epochs', self.epochs, 1), ('--batch-size', self.batch_size, 1),
-                                   ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0),
-                                   ('--test-z', self.test_z, 1), ('--test-random', self.test_random, 0)):
-            if value < low:
-                raise PipelineError(f'{option} must be at least {low}, got {value}')
-        if self.patience is not None and self.patience < 1:
-            raise PipelineError(f'--patience must be at least 1, got {self.patience}')
+        check_at_least(('--epochs', self.epochs, 1), ('--batch-size', self.batch_size, 1),
+                       ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0),
+                       ('--test-z', self.test_z, 1), ('--test-random', self.test_random, 0))
+        if self.patience is not None:
+            check_at_least(('--patience', self.patience, 1))
         if self.test_z > self.hyper.history_size:
             raise PipelineError(f'--test-z {self.test_z}: the test draws its z from the last '
                                 f'{self.hyper.history_size} batches of an epoch; use at most that')
@@ -284,21 +274,14 @@ class CVAETrainer:
     def record(self, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None,
                extra: dict) -> ResumeRecord | None:
         """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
-        rng = capture_rank_rng_states(self.ctx)
-        if not self.ctx.is_main:
-            return None
-        return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=rng,
-                            models={G_NAME: cpu_state_dict(self.generator), E_NAME: cpu_state_dict(self.encoder)},
-                            optimizers={AMP_NAME: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
-                            extra={**extra, 'history': self.history.state_dict()})
+        return resume_record(self.ctx, options, epoch, batch, step, order, lambda: dict(
+            models={G_NAME: cpu_state_dict(self.generator), E_NAME: cpu_state_dict(self.encoder)},
+            optimizers={AMP_NAME: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
+            extra={**extra, 'history': self.history.state_dict()}))
 
     def load_record(self, record: ResumeRecord) -> None:
-        try:
-            self.optimizer.load_state_dict(record.optimizers[AMP_NAME])
-        except (KeyError, ValueError) as exc:
-            raise PipelineError(f'the resume record\'s optimiser state does not fit the models: {exc}') from None
-        self.amp.load_state_dict(record.scalers)
+        restore_optimizers(record, {AMP_NAME: self.optimizer}, self.amp,
+                           'the resume record\'s optimiser state does not fit the models')
         if 'history' in record.extra:
             self.history.load_state_dict(record.extra['history'])
 
@@ -448,10 +431,7 @@ def fine_tune_v3(layout: Layout, settings: V3Settings, *, v1_weights: str | Path
         trainer.load_record(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    with tf32(settings.tf32):
-        result = _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs)
-    ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
-    return result
+    return run.train(lambda: _train(run, plan, trainer, dataset, settings, outputs, epoch_outputs), ctx, settings.tf32)
 
 
 def _summaries(record: ResumeRecord) -> list[EpochSummary]:
@@ -461,14 +441,13 @@ def _summaries(record: ResumeRecord) -> list[EpochSummary]:
 def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: ScoredImageDataset,
            settings: V3Settings, outputs: V3Outputs, epoch_outputs: EpochOutputs) -> V3Result:
     record, ctx = plan.record, trainer.ctx
-    epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
-    order = record.data_order if record is not None and record.batch else None
+    epoch, batch, step, order = start_position(record)
     extra = {'loss_sum': 0.0, 'loss_count': 0, 'best_loss': None, 'best_epoch': None, 'epochs': [],
              'checkpoints': []}
     start_rngs(ctx, settings.seed, record)
     if record is not None:
         extra.update({k: record.extra[k] for k in extra if k in record.extra})
-        trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
+        trainer.last_checkpoint = checkpoint_kept(epoch, batch, step)
     test_settings = EpochTestSettings(num_z=settings.test_z, grid={k: tuple(v) for k, v in settings.test_grid.items()},
                                       rule=settings.rule(), num_random=settings.test_random,
                                       batch_size=TEST_BATCH_FACTOR * settings.batch_size, seed=settings.seed)
@@ -490,7 +469,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
         elif ctx.is_main:
             run.log.flush()
             save_resume_record(run.files.resume_record, state)
-        trainer.last_checkpoint = f'the checkpoint of epoch {next_epoch}, batch {next_batch} (step {step}) is kept'
+        trainer.last_checkpoint = checkpoint_kept(next_epoch, next_batch, step)
 
     try:
         with GracefulStop() as stop:
@@ -500,14 +479,12 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
                 # no minibatch-stddev: every batch is kept (one process) or trimmed to equal shares
                 batches = epoch_batches(order, settings.batch_size, 1, ctx.world_size)
                 lrs = trainer.set_epoch(epoch)
-                loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
-                                    num_workers=settings.workers,
-                                    pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
-                                    worker_init_fn=ignore_stop_signals_in_worker)
+                loader = epoch_loader(dataset, [share(b, ctx) for b in batches[batch:]], settings.workers,
+                                      trainer.device)
                 meter.restart()
                 done = batch  # batches of this epoch whose step is complete
                 for idx, items in enumerate(stop.batches(loader), start=batch):
-                    trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    trainer.where = describe_position(epoch, idx, step + 1)
                     losses = trainer.step(items['image'], items['label'])
                     step += 1
                     done = idx + 1
@@ -550,15 +527,6 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: CVAETrainer, dataset: Score
             checkpoint(epoch, done, order)
         position = (epoch + 1, 0) if done == len(batches) else (epoch, done)
         return result('interrupted', *position, signal=stop.requested)
-    except NonFiniteLoss:
-        run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
-        raise
-    except PipelineError as exc:
-        # An image that broke after the check, raised in a DataLoader worker, arrives wrapped in several lines.
-        lines = str(exc).strip().splitlines()
-        if len(lines) > 1:
-            raise PipelineError(lines[-1].split('PipelineError: ', 1)[-1]) from None
-        raise
     finally:
         bar.close()
     return result('finished', epoch, 0)

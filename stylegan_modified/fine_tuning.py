@@ -51,17 +51,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict, read_checkpoint, state_dict_mismatch
 from ohlora.constants import IMAGE_SIZE, LABEL_SIZE
-from ohlora.devices import item_generator, tf32
+from ohlora.devices import item_generator
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import DISCRIMINATOR_FILES, GENERATOR_FILES, GENFORCE_ZOO_FILE, Layout
 from ohlora.records import sha256_of
-from ohlora.resume import ResumeRecord, capture_rank_rng_states
+from ohlora.resume import ResumeRecord
 from ohlora.weights import fetch
 from stylegan.checkpoint import infer_discriminator_kwargs, infer_generator_kwargs, unwrap_zoo_checkpoint
 from stylegan_modified.checkpoint import (describe_checkpoint, infer_conditional_discriminator_kwargs,
@@ -73,9 +72,11 @@ from stylegan_modified.ddp import (agree_stop, describe, distribute_generator, g
 from stylegan_modified.monitoring import MonitoringGrid
 from stylegan_modified.stylegan_discriminator import MINIBATCH_STD_GROUP_SIZE, StyleGANDiscriminator
 from stylegan_modified.stylegan_generator import StyleGANGenerator
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
-                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
-from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
+from stylegan_modified.training_cli import check_at_least
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
+                                                epoch_loader, workers_stopped_error)
+from stylegan_modified.training_run import (RunPlan, TrainingRun, checkpoint_kept, cpu_state_dict, describe_position,
+                                            restore_optimizers, resume_record, start_position)
 
 VERSION = 'v1'
 LABEL_CONVERT_DIM = 16
@@ -126,18 +127,14 @@ class FineTuningSettings:
 
     def check(self, world_size: int = 1) -> None:
         """One line per option a user can get wrong (before anything is read or written)."""
-        if self.epochs < 1:
-            raise PipelineError(f'--epochs must be at least 1, got {self.epochs}')
+        check_at_least(('--epochs', self.epochs, 1))
         if self.init not in INITS:
             raise PipelineError(f'--init must be one of {", ".join(INITS)}, got {self.init!r}')
         if not (math.isfinite(self.style_mixing_prob) and 0.0 <= self.style_mixing_prob <= 1.0):
             raise PipelineError(f'--style-mixing-prob must be in [0, 1], got {self.style_mixing_prob}')
-        for option, value, low in (('--snapshot-every', self.snapshot_every, 0), ('--checkpoint-every',
-                                   self.checkpoint_every, 0), ('--workers', self.workers, 0),
-                                   ('--snapshot-z', self.snapshot_z, 1), ('--snapshot-size', self.snapshot_size, 16),
-                                   ('--batch-size', self.batch_size, 1)):
-            if value < low:
-                raise PipelineError(f'{option} must be at least {low}, got {value}')
+        check_at_least(('--snapshot-every', self.snapshot_every, 0), ('--checkpoint-every', self.checkpoint_every, 0),
+                       ('--workers', self.workers, 0), ('--snapshot-z', self.snapshot_z, 1),
+                       ('--snapshot-size', self.snapshot_size, 16), ('--batch-size', self.batch_size, 1))
         # again with the D's own group, once built
         check_batch_size(self.batch_size, MINIBATCH_STD_GROUP_SIZE, world_size=world_size)
 
@@ -375,22 +372,14 @@ class V1Trainer:
     def record(self, options: dict, epoch: int, batch: int, step: int,
                order: torch.Tensor | None) -> ResumeRecord | None:
         """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
-        rng = capture_rank_rng_states(self.ctx)
-        if not self.ctx.is_main:
-            return None
-        return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=rng,
-                            models={G_NAME: cpu_state_dict(self.generator), D_NAME: cpu_state_dict(self.discriminator)},
-                            optimizers={G_NAME: self.g_optimizer.state_dict(), D_NAME: self.d_optimizer.state_dict()},
-                            scalers=self.amp.state_dict())
+        return resume_record(self.ctx, options, epoch, batch, step, order, lambda: dict(
+            models={G_NAME: cpu_state_dict(self.generator), D_NAME: cpu_state_dict(self.discriminator)},
+            optimizers={G_NAME: self.g_optimizer.state_dict(), D_NAME: self.d_optimizer.state_dict()},
+            scalers=self.amp.state_dict()))
 
     def restore_optimizers(self, record: ResumeRecord) -> None:
-        try:
-            self.g_optimizer.load_state_dict(record.optimizers[G_NAME])
-            self.d_optimizer.load_state_dict(record.optimizers[D_NAME])
-        except (KeyError, ValueError) as exc:
-            raise PipelineError(f'the resume record\'s optimiser states do not fit the models: {exc}') from None
-        self.amp.load_state_dict(record.scalers)
+        restore_optimizers(record, {G_NAME: self.g_optimizer, D_NAME: self.d_optimizer}, self.amp,
+                           'the resume record\'s optimiser states do not fit the models')
 
 
 # --- the run ---
@@ -466,20 +455,16 @@ def fine_tune(layout: Layout, settings: FineTuningSettings, *, weights_path: str
         trainer.restore_optimizers(plan.record)
     run.start(plan, provenance)
     describe(ctx, f'{VERSION} fine-tuning', settings.batch_size)
-    with tf32(settings.tf32):
-        result = _train(run, plan, trainer, dataset, settings, group)
-    ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
-    return result
+    return run.train(lambda: _train(run, plan, trainer, dataset, settings, group), ctx, settings.tf32)
 
 
 def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredImageDataset,
            settings: FineTuningSettings, group: int) -> FineTuningResult:
     record, ctx = plan.record, trainer.ctx
-    epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
-    order = record.data_order if record is not None and record.batch else None
+    epoch, batch, step, order = start_position(record)
     start_rngs(ctx, settings.seed, record)
     if record is not None:
-        trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
+        trainer.last_checkpoint = checkpoint_kept(epoch, batch, step)
     grid = MonitoringGrid(trainer.generator.z_space_dim, settings.seed, settings.snapshot_z,
                           cell_size=settings.snapshot_size) if settings.snapshot_every and ctx.is_main else None
     per_epoch = len(epoch_batches(range(len(dataset)), settings.batch_size, group, ctx.world_size))
@@ -490,8 +475,7 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
 
     def checkpoint(next_epoch, next_batch, current_order):
         run.checkpoint(trainer.record(run.options, next_epoch, next_batch, step, current_order))
-        trainer.last_checkpoint = (f'the checkpoint of epoch {next_epoch}, batch {next_batch} (step {step}) '
-                                   'is kept')
+        trainer.last_checkpoint = checkpoint_kept(next_epoch, next_batch, step)
 
     try:
         with GracefulStop() as stop:
@@ -499,14 +483,12 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
                 if order is None:
                     order = epoch_order(settings.seed, epoch, len(dataset))
                 batches = epoch_batches(order, settings.batch_size, group, ctx.world_size)
-                loader = DataLoader(dataset, batch_sampler=[share(b, ctx) for b in batches[batch:]],
-                                    num_workers=settings.workers,
-                                    pin_memory=trainer.device.type == 'cuda', generator=torch.Generator(),
-                                    worker_init_fn=ignore_stop_signals_in_worker)
+                loader = epoch_loader(dataset, [share(b, ctx) for b in batches[batch:]], settings.workers,
+                                      trainer.device)
                 meter.restart()
                 done = batch  # batches of this epoch whose step is complete
                 for idx, items in enumerate(stop.batches(loader), start=batch):
-                    trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    trainer.where = describe_position(epoch, idx, step + 1)
                     result = trainer.step(items['image'], items['label'])
                     step += 1
                     done = idx + 1
@@ -546,16 +528,6 @@ def _train(run: TrainingRun, plan: RunPlan, trainer: V1Trainer, dataset: ScoredI
             checkpoint(epoch, done, order)
         position = (epoch + 1, 0) if done == len(batches) else (epoch, done)
         return FineTuningResult('interrupted', *position, step, outputs, run.files.folder, signal=stop.requested)
-    except NonFiniteLoss:
-        run.log.flush()  # the rows up to the bad step, for the diagnosis; a resume keeps only its own rows
-        raise
-    except PipelineError as exc:
-        # An image that vanished or broke after the check, raised in a DataLoader worker, arrives wrapped in
-        # several lines ("Caught PipelineError in DataLoader worker ... Traceback ..."): keep the message.
-        lines = str(exc).strip().splitlines()
-        if len(lines) > 1:
-            raise PipelineError(lines[-1].split('PipelineError: ', 1)[-1]) from None
-        raise
     finally:
         bar.close()
     return FineTuningResult('finished', epoch, 0, step, outputs, run.files.folder)

@@ -42,9 +42,9 @@ from ohlora.owned_files import OwnedFiles
 from ohlora.records import sha256_of
 from stylegan_modified.attribute_metrics import pearson_r
 from stylegan_modified.datasets import ScoredImageDataset
-from stylegan_modified.property_cnn_training import DECIMALS, worker_error
+from stylegan_modified.property_cnn_training import DECIMALS
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_control import ignore_stop_signals_in_worker
+from stylegan_modified.training_control import ignore_stop_signals_in_worker, worker_error
 
 DROPOUT_STREAM = 73  # item_generator stream of an image's dropout in compat mode
 WAY_OUT = 'choose another --root, or pass --overwrite to replace it'

@@ -43,23 +43,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
-from ohlora.devices import item_generator, tf32
+from ohlora.devices import item_generator
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import PROPERTY_CNN_FILE, PROPERTY_NAMES, Layout
-from ohlora.resume import STOPPED_EARLY, ResumeRecord, capture_rank_rng_states
+from ohlora.resume import STOPPED_EARLY, ResumeRecord
 from ohlora.schedules import set_epoch_lr
 from stylegan_modified.attribute_metrics import mean_absolute_error, pearson_r
 from stylegan_modified.datasets import ScoredImageDataset, check_batch_size, epoch_batches, epoch_order
 from stylegan_modified.ddp import agree_stop, describe, mean_over_ranks, share, start_rngs, wrap
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
-from stylegan_modified.training_control import (GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, WorkersStopped,
-                                                check_finite, ignore_stop_signals_in_worker, workers_stopped_error)
-from stylegan_modified.training_run import RunPlan, TrainingRun, TrainLog, cpu_state_dict
+from stylegan_modified.training_cli import CompatSettings, check_at_least
+from stylegan_modified.training_control import (GracefulStop, MixedPrecision, Throughput, WorkersStopped, check_finite,
+                                                epoch_loader, workers_stopped_error)
+from stylegan_modified.training_run import (RunPlan, TrainingRun, TrainLog, checkpoint_kept, cpu_state_dict,
+                                            describe_position, restore_optimizers, resume_record, start_position)
 
 VERSION = 'v2_cnn'
 MODEL, BEST = 'property_cnn', 'best_property_cnn'   # names in the resume record; BEST is the published output
@@ -87,7 +88,7 @@ class CnnHyperparameters:
 
 
 @dataclass(frozen=True)
-class PropertyCnnSettings:
+class PropertyCnnSettings(CompatSettings):
     """The options of the CNN phase; ``device`` is the resolved device, ``scores`` the scores CSV as recorded
     (relative to the root or its name; None: ``all_scores_v2.csv``)."""
     max_epochs: int = 200
@@ -105,16 +106,10 @@ class PropertyCnnSettings:
     no_progress: bool = False
     hyper: CnnHyperparameters = field(default_factory=CnnHyperparameters)
 
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.compat == 'upstream' else 'restarts'
-
     def check(self, world_size: int = 1) -> None:
-        for option, value, low in ((EPOCH_OPTION, self.max_epochs, 1), ('--patience', self.patience, 1),
-                                   ('--batch-size', self.batch_size, 1), ('--eval-batch-size', self.eval_batch_size, 1),
-                                   ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0)):
-            if value < low:
-                raise PipelineError(f'{option} must be at least {low}, got {value}')
+        check_at_least((EPOCH_OPTION, self.max_epochs, 1), ('--patience', self.patience, 1),
+                       ('--batch-size', self.batch_size, 1), ('--eval-batch-size', self.eval_batch_size, 1),
+                       ('--workers', self.workers, 0), ('--checkpoint-every', self.checkpoint_every, 0))
         check_batch_size(self.batch_size, 1, world_size=world_size)  # an even split over the processes
 
     def options(self) -> dict:
@@ -143,20 +138,6 @@ def train_validation_split(size: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def epoch_train_order(seed: int, epoch: int, train_indices: torch.Tensor) -> torch.Tensor:
     """Dataset indices of the training part in epoch ``epoch``'s order (depends on (seed, epoch) only)."""
     return train_indices[epoch_order(seed, epoch, len(train_indices))]
-
-
-def loader(dataset: ScoredImageDataset, batches: list[list[int]], workers: int, device: torch.device) -> DataLoader:
-    # Its own torch.Generator: creating the iterator must not draw from the global RNG (exact resume).
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == 'cuda',
-                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals_in_worker)
-
-
-def worker_error(exc: PipelineError) -> PipelineError:
-    """A PipelineError raised in a DataLoader worker arrives wrapped in a traceback; keep its message."""
-    lines = str(exc).strip().splitlines()
-    if len(lines) > 1:
-        return PipelineError(lines[-1].split('PipelineError: ', 1)[-1])
-    return exc
 
 
 # --- metrics and early stopping ---
@@ -207,6 +188,10 @@ class EarlyStopping:
     def from_state(cls, patience: int, state: dict) -> 'EarlyStopping':
         return cls(patience, float(state.get('best_value', math.inf)), int(state.get('best_epoch', -1)))
 
+    @classmethod
+    def from_record(cls, patience: int, record: ResumeRecord) -> 'EarlyStopping':
+        return cls.from_state(patience, record.extra.get('early_stopping', {}))
+
 
 # --- the model ---
 def new_property_cnn(seed: int) -> PropertyScoreCNN:
@@ -242,7 +227,7 @@ class CnnResult:
 
     @property
     def position(self) -> str:
-        return f'epoch {self.epochs}, batch {self.batch} (step {self.step})'
+        return describe_position(self.epochs, self.batch, self.step)
 
 
 class PropertyCnnTraining:
@@ -271,7 +256,7 @@ class PropertyCnnTraining:
 
     def finished_result(self, plan: RunPlan) -> CnnResult:
         record = plan.record
-        stopping = EarlyStopping.from_state(self.settings.patience, record.extra.get('early_stopping', {}))
+        stopping = EarlyStopping.from_record(self.settings.patience, record)
         return CnnResult('already finished', record.epoch, record.batch, record.step, stopping.best_epoch,
                          stopping.best_value, record.extra.get('best_metrics', {}), record.models.get(BEST),
                          self.output, self.files.folder, plan.restored)
@@ -292,25 +277,14 @@ class PropertyCnnTraining:
         elif self.ctx.is_main:
             self.val_log.load(keep=record.epoch * self.val_log_rows)
         describe(self.ctx, 'v2 property CNN', self.settings.batch_size)
-        try:
-            with tf32(self.settings.tf32):
-                result = self._epochs(trainer, record)
-            self.ctx.barrier()  # the other ranks go on once rank 0's last checkpoint is on disk
-            return result
-        except NonFiniteLoss:
-            self.run.log.flush()
-            self.val_log.flush()
-            raise
-        except PipelineError as exc:
-            raise worker_error(exc) from None
+        return self.run.train(lambda: self._epochs(trainer, record), self.ctx, self.settings.tf32, (self.val_log,))
 
     def _epochs(self, trainer: '_CnnTrainer', record: ResumeRecord | None) -> CnnResult:
         settings, dataset, ctx = self.settings, self.dataset, self.ctx
-        epoch, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
-        order = record.data_order if record is not None and record.batch else None
+        epoch, batch, step, order = start_position(record)
         start_rngs(ctx, settings.seed, record)
         if record is not None:
-            trainer.last_checkpoint = f'the checkpoint of epoch {epoch}, batch {batch} (step {step}) is kept'
+            trainer.last_checkpoint = checkpoint_kept(epoch, batch, step)
         per_epoch = len(epoch_batches(range(len(self.train_indices)), settings.batch_size, 1, ctx.world_size))
         bar = tqdm(total=(settings.max_epochs - epoch) * per_epoch - batch, desc='v2 property CNN', unit='step',
                    disable=settings.no_progress or not ctx.is_main)
@@ -320,8 +294,7 @@ class PropertyCnnTraining:
         def checkpoint(next_epoch, next_batch, current_order):
             self.val_log.flush()
             self.run.checkpoint(trainer.record(self.run.options, next_epoch, next_batch, step, current_order))
-            trainer.last_checkpoint = (f'the checkpoint of epoch {next_epoch}, batch {next_batch} (step {step}) '
-                                       'is kept')
+            trainer.last_checkpoint = checkpoint_kept(next_epoch, next_batch, step)
 
         def result(status, done_epoch, done_batch, signal=None):
             stopping = trainer.stopping
@@ -337,11 +310,11 @@ class PropertyCnnTraining:
                     batches = epoch_batches(order, settings.batch_size, 1, ctx.world_size)
                     lr = trainer.set_lr(epoch)
                     trainer.restart_timer()
-                    shares = [share(b, ctx) for b in batches[batch:]]
+                    loader = epoch_loader(dataset, [share(b, ctx) for b in batches[batch:]], settings.workers,
+                                          self.device)
                     done = batch  # batches of this epoch whose step is complete
-                    for idx, items in enumerate(stop.batches(loader(dataset, shares, settings.workers, self.device)),
-                                                start=batch):
-                        trainer.where = f'epoch {epoch}, batch {idx} (step {step + 1})'
+                    for idx, items in enumerate(stop.batches(loader), start=batch):
+                        trainer.where = describe_position(epoch, idx, step + 1)
                         loss = trainer.step(items['image'], items['label'])
                         step += 1
                         done = idx + 1
@@ -361,7 +334,8 @@ class PropertyCnnTraining:
                     trainer.where = f'epoch {epoch} (validation)'
                     # each rank scores every world_size-th validation batch; validate() gathers them in order
                     mine = val_batches[ctx.rank::ctx.world_size]
-                    validation = trainer.validate(stop.batches(loader(dataset, mine, settings.workers, self.device)))
+                    validation = trainer.validate(stop.batches(epoch_loader(dataset, mine, settings.workers,
+                                                                            self.device)))
                     self._log_epoch(trainer, epoch, lr, validation)
                     stopped = trainer.stopping.should_stop(epoch)
                     if stopped:
@@ -493,25 +467,20 @@ class _CnnTrainer:
     def record(self, options: dict, epoch: int, batch: int, step: int,
                order: torch.Tensor | None) -> ResumeRecord | None:
         """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
-        rng = capture_rank_rng_states(self.ctx)
-        if not self.ctx.is_main:
-            return None
+        return resume_record(self.ctx, options, epoch, batch, step, order, self._record_contents)
+
+    def _record_contents(self) -> dict:
         models = {MODEL: cpu_state_dict(self.model)}
         if self.best_state is not None:
             models[BEST] = self.best_state
         extra = {**self.extra, 'early_stopping': self.stopping.state(), 'best_metrics': self.best_metrics}
-        return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step,
-                            data_order=order if batch else None, rng=rng, models=models,
-                            optimizers={MODEL: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
-                            extra=extra)
+        return dict(models=models, optimizers={MODEL: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
+                    extra=extra)
 
     def load_record(self, record: ResumeRecord, where: Path) -> None:
-        try:
-            self.optimizer.load_state_dict(record.optimizers[MODEL])
-        except (KeyError, ValueError) as exc:
-            raise PipelineError(f'{where}: its optimiser state does not fit the property CNN: {exc}') from None
-        self.amp.load_state_dict(record.scalers)
-        self.stopping = EarlyStopping.from_state(self.settings.patience, record.extra.get('early_stopping', {}))
+        restore_optimizers(record, {MODEL: self.optimizer}, self.amp,
+                           f'{where}: its optimiser state does not fit the property CNN')
+        self.stopping = EarlyStopping.from_record(self.settings.patience, record)
         self.best_metrics = dict(record.extra.get('best_metrics', {}))
         self.extra = {k: v for k, v in record.extra.items() if k not in ('early_stopping', 'best_metrics')}
         self.best_state = record.models.get(BEST)

@@ -16,6 +16,8 @@ losses, opt-in mixed precision, and the speed/memory figures of the log. Shared 
   optimiser; without it every call is a pass-through, so the fp32 path is unchanged. Exact resume is
   promised only without it.
 * :class:`Throughput`: images/s of each step and the peak GPU memory.
+* :func:`epoch_loader` (an epoch's batches through workers that ignore the stop signals) and :func:`worker_error`
+  (a PipelineError from a worker, back to its one line).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ohlora.errors import PipelineError
 
@@ -119,6 +122,22 @@ def ignore_stop_signals_in_worker(_worker_id: int) -> None:
     process shuts the loader down, or through PyTorch's watchdog when the main process is gone."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def epoch_loader(dataset: Dataset, batches: list[list[int]], workers: int, device: torch.device) -> DataLoader:
+    """A loader of ``batches`` (dataset indices: this process's shares of the batches still to do)."""
+    # Its own torch.Generator: creating the iterator must not draw from the global RNG (exact resume).
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == 'cuda',
+                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals_in_worker)
+
+
+def worker_error(exc: PipelineError) -> PipelineError:
+    """A PipelineError raised in a DataLoader worker (e.g. an image that vanished or broke after the check) arrives
+    wrapped in several lines ("Caught PipelineError in DataLoader worker ... Traceback ..."); keep its message."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1:
+        return PipelineError(lines[-1].split('PipelineError: ', 1)[-1])
+    return exc
 
 
 def workers_stopped_error(stop: GracefulStop, last_checkpoint: str) -> PipelineError:

@@ -14,11 +14,13 @@ Lifecycle of a trainer::
         return
     ... load models, check the data (still nothing written) ...
     run.start(plan, provenance={...})      # creates the folder, writes the options, loads the log on resume
-    for each step:
-        ... train ...
-        run.log.append({...})
-        if checkpoint due:
-            run.checkpoint(ResumeRecord(...))  # published files -> log -> resume record (the commit point)
+    result = run.train(loop, ctx, settings.tf32)   # --tf32, log flush on a NaN loss, then a barrier
+    loop():  # from start_position(plan.record)
+        for each step:
+            ... train ...
+            run.log.append({...})
+            if checkpoint due:
+                run.checkpoint(ResumeRecord(...))  # published files -> log -> resume record (the commit point)
 
 (*) except, for a finished run, a published file the user deleted, which is written again from the record.
 
@@ -53,23 +55,70 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from ohlora import atomic
+from ohlora.devices import tf32
+from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import TrainingRunFolder
 from ohlora.owned_files import OwnedFiles
-from ohlora.resume import (RESUMABLE_OPTIONS, ResumeRecord, check_resume_options, load_resume_record,
-                           option_differences, save_resume_record)
+from ohlora.resume import (RESUMABLE_OPTIONS, ResumeRecord, capture_rank_rng_states, check_resume_options,
+                           load_resume_record, option_differences, save_resume_record)
+from stylegan_modified.training_control import MixedPrecision, NonFiniteLoss, worker_error
 
 WAY_OUT = 'choose another --root or --outdir'
+T = TypeVar('T')
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:
     """A plain ``{name: tensor}`` copy on the CPU (the published files are CPU state_dicts, MODELS.md §6.1)."""
     return {name: tensor.detach().to('cpu', copy=True) for name, tensor in module.state_dict().items()}
+
+
+def start_position(record: ResumeRecord | None) -> tuple[int, int, int, torch.Tensor | None]:
+    """(epoch, batch, step, order) a training loop starts from: the start for a fresh run, else the record's
+    position, with its epoch's data order when the record is inside an epoch (None: draw the epoch's order)."""
+    if record is None:
+        return 0, 0, 0, None
+    return record.epoch, record.batch, record.step, record.data_order if record.batch else None
+
+
+def describe_position(epoch: int, batch: int, step: int) -> str:
+    """A place in a run, for messages: 'epoch E, batch B (step S)'."""
+    return f'epoch {epoch}, batch {batch} (step {step})'
+
+
+def checkpoint_kept(epoch: int, batch: int, step: int) -> str:
+    """What a stop on a non-finite loss keeps (a trainer's ``last_checkpoint``), for the checkpoint at a position."""
+    return f'the checkpoint of {describe_position(epoch, batch, step)} is kept'
+
+
+def resume_record(ctx: DistContext, options: dict, epoch: int, batch: int, step: int, order: torch.Tensor | None,
+                  contents: Callable[[], dict]) -> ResumeRecord | None:
+    """The resume record of a checkpoint at (epoch, batch) after ``step`` steps. Every rank calls it (the RNG states
+    are gathered); rank 0 gets it, the others None. ``contents()``, called on rank 0 alone (it makes the CPU copies of
+    the models), gives the record's ``models``, ``optimizers``, ``scalers`` and ``extra``; the data ``order`` is kept
+    inside an epoch only."""
+    rng = capture_rank_rng_states(ctx)
+    if not ctx.is_main:
+        return None
+    return ResumeRecord(options=options, epoch=epoch, batch=batch, step=step, data_order=order if batch else None,
+                        rng=rng, **contents())
+
+
+def restore_optimizers(record: ResumeRecord, optimizers: dict[str, torch.optim.Optimizer], amp: MixedPrecision,
+                       problem: str) -> None:
+    """The optimisers' states (by their names in the record) and the AMP scalers of a resume record; a state that
+    does not fit is one line, ``problem: <why>``."""
+    try:
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(record.optimizers[name])
+    except (KeyError, ValueError) as exc:
+        raise PipelineError(f'{problem}: {exc}') from None
+    amp.load_state_dict(record.scalers)
 
 
 class TrainLog:
@@ -283,6 +332,24 @@ class TrainingRun:
             self.log.reset()
         else:
             self.log.load(keep=self.log_rows(plan.record))
+
+    def train(self, loop: Callable[[], T], ctx: DistContext, tf32_enabled: bool, logs: Sequence[TrainLog] = ()) -> T:
+        """``loop()`` (the trainer's epochs, after :meth:`start`) under ``--tf32``; then the other ranks go on once rank
+        0's last checkpoint is on disk. On a non-finite loss the log (and ``logs``) get the rows up to the bad step
+        first, for the diagnosis (a resume keeps only its own rows); a PipelineError from a DataLoader worker is
+        reduced to its one line."""
+        try:
+            with tf32(tf32_enabled):
+                result = loop()
+        except NonFiniteLoss:
+            self.log.flush()
+            for log in logs:
+                log.flush()
+            raise
+        except PipelineError as exc:
+            raise worker_error(exc) from None
+        ctx.barrier()
+        return result
 
     def checkpoint(self, record: ResumeRecord) -> None:
         """The published files (owned writes), the log, then the resume record (the commit point)."""

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ohlora.checkpoints import load_strict
-from ohlora.devices import item_generator, tf32
+from ohlora.devices import item_generator
 from ohlora.distributed import DistContext
 from ohlora.errors import PipelineError
 from ohlora.layout import V2_GENERATOR_FILE, Layout
-from ohlora.resume import RESUMABLE_OPTIONS, STOPPED_EARLY, ResumeRecord, capture_rank_rng_states
+from ohlora.resume import RESUMABLE_OPTIONS, STOPPED_EARLY, ResumeRecord
 from ohlora.schedules import set_epoch_lr
 from stylegan_modified.checkpoint import infer_conditional_generator_kwargs
 from stylegan_modified.datasets import check_batch_size
@@ -55,8 +55,10 @@ from stylegan_modified.ddp import agree_stop, describe, distribute_generator, me
 from stylegan_modified.property_cnn_training import EarlyStopping
 from stylegan_modified.property_score_cnn import PropertyScoreCNN
 from stylegan_modified.stylegan_generator import StyleGANGeneratorForV2
-from stylegan_modified.training_control import GracefulStop, MixedPrecision, NonFiniteLoss, Throughput, check_finite
-from stylegan_modified.training_run import RunPlan, TrainingRun, cpu_state_dict
+from stylegan_modified.training_cli import CompatSettings, check_at_least
+from stylegan_modified.training_control import GracefulStop, MixedPrecision, Throughput, check_finite
+from stylegan_modified.training_run import (RunPlan, TrainingRun, cpu_state_dict, restore_optimizers, resume_record,
+                                            start_position)
 
 VERSION = 'v2'
 GENERATOR, BEST_GENERATOR, CNN = 'generator', 'best_generator', 'property_cnn'  # names in the resume record
@@ -76,7 +78,7 @@ class GeneratorHyperparameters:
 
 
 @dataclass(frozen=True)
-class V2GeneratorSettings:
+class V2GeneratorSettings(CompatSettings):
     """The options of the generator phase. ``v1_weights`` is the v1 file as given (relative to the root or its
     name; None: the default path); ``property_cnn`` the SHA-256 of the CNN it trains through (set by the caller)."""
     max_groups: int = 500
@@ -94,17 +96,10 @@ class V2GeneratorSettings:
     no_progress: bool = False
     hyper: GeneratorHyperparameters = field(default_factory=GeneratorHyperparameters)
 
-    @property
-    def schedule(self) -> str:
-        return 'upstream' if self.compat == 'upstream' else 'restarts'
-
     def check(self, world_size: int = 1) -> None:
-        for option, value in ((GROUP_OPTION, self.max_groups), ('--gen-patience', self.patience),
-                              ('--steps-per-group', self.steps_per_group), ('--gen-batch-size', self.batch_size)):
-            if value < 1:
-                raise PipelineError(f'{option} must be at least 1, got {value}')
-        if self.checkpoint_every < 0:
-            raise PipelineError(f'--checkpoint-every must be at least 0, got {self.checkpoint_every}')
+        check_at_least((GROUP_OPTION, self.max_groups, 1), ('--gen-patience', self.patience, 1),
+                       ('--steps-per-group', self.steps_per_group, 1), ('--gen-batch-size', self.batch_size, 1),
+                       ('--checkpoint-every', self.checkpoint_every, 0))
         check_batch_size(self.batch_size, 1, '--gen-batch-size', world_size)  # an even split over the processes
 
     def options(self) -> dict:
@@ -202,7 +197,7 @@ class V2GeneratorTraining:
 
     def finished_result(self, plan: RunPlan) -> GeneratorResult:
         record = plan.record
-        stopping = EarlyStopping.from_state(self.settings.patience, record.extra.get('early_stopping', {}))
+        stopping = EarlyStopping.from_record(self.settings.patience, record)
         return GeneratorResult('already finished', record.epoch, record.batch, record.step, stopping.best_epoch,
                                stopping.best_value, self.output, self.files.folder, plan.restored)
 
@@ -230,18 +225,11 @@ class V2GeneratorTraining:
             trainer.load_record(record, where)
         self.run.start(plan, provenance)
         describe(self.ctx, 'v2 generator', self.settings.batch_size, 'z')
-        try:
-            with tf32(self.settings.tf32):
-                result = self._groups(trainer, record)
-            self.ctx.barrier()  # the other ranks return once rank 0's last checkpoint is on disk
-            return result
-        except NonFiniteLoss:
-            self.run.log.flush()
-            raise
+        return self.run.train(lambda: self._groups(trainer, record), self.ctx, self.settings.tf32)
 
     def _groups(self, trainer: '_GeneratorTrainer', record: ResumeRecord | None) -> GeneratorResult:
         settings, ctx = self.settings, self.ctx
-        group, batch, step = (0, 0, 0) if record is None else (record.epoch, record.batch, record.step)
+        group, batch, step, _ = start_position(record)  # a step group's "order" is its steps
         start_rngs(ctx, settings.seed, record)
         if record is not None:
             trainer.last_checkpoint = (f'the checkpoint of step group {group}, step {batch} (step {step} in all) '
@@ -356,27 +344,22 @@ class _GeneratorTrainer:
 
     def record(self, options: dict, group: int, batch: int, step: int) -> ResumeRecord | None:
         """The resume record (every rank calls it: the RNG states are gathered); None on ranks other than 0."""
-        rng = capture_rank_rng_states(self.ctx)
-        if not self.ctx.is_main:
-            return None
+        # load_resume_record wants an order inside an epoch; a step group's "order" is its steps.
+        return resume_record(self.ctx, options, group, batch, step, torch.arange(self.settings.steps_per_group),
+                             self._record_contents)
+
+    def _record_contents(self) -> dict:
         models = {GENERATOR: cpu_state_dict(self.generator)}
         if self.best_state is not None:
             models[BEST_GENERATOR] = self.best_state
         if self.train_cnn:
             models[CNN] = cpu_state_dict(self.cnn)
-        # load_resume_record wants an order inside an epoch; a step group's "order" is its steps.
-        order = torch.arange(self.settings.steps_per_group) if batch else None
-        return ResumeRecord(options=options, epoch=group, batch=batch, step=step, data_order=order,
-                            rng=rng, models=models,
-                            optimizers={GENERATOR: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
-                            extra={**self.extra, 'early_stopping': self.stopping.state()})
+        return dict(models=models, optimizers={GENERATOR: self.optimizer.state_dict()}, scalers=self.amp.state_dict(),
+                    extra={**self.extra, 'early_stopping': self.stopping.state()})
 
     def load_record(self, record: ResumeRecord, where: Path) -> None:
-        try:
-            self.optimizer.load_state_dict(record.optimizers[GENERATOR])
-        except (KeyError, ValueError) as exc:
-            raise PipelineError(f'{where}: its optimiser state does not fit the models: {exc}') from None
-        self.amp.load_state_dict(record.scalers)
-        self.stopping = EarlyStopping.from_state(self.settings.patience, record.extra.get('early_stopping', {}))
+        restore_optimizers(record, {GENERATOR: self.optimizer}, self.amp,
+                           f'{where}: its optimiser state does not fit the models')
+        self.stopping = EarlyStopping.from_record(self.settings.patience, record)
         self.extra = {k: v for k, v in record.extra.items() if k != 'early_stopping'}
         self.best_state = record.models.get(BEST_GENERATOR)
