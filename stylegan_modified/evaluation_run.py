@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ohlora import atomic
 from ohlora.errors import PipelineError
 from ohlora.layout import PLOT_SUFFIX, PROPERTY_NAMES, AttributeControlFolder
-from ohlora.records import sha256_of
+from ohlora.records import differences, sha256_of
 from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified import evaluation_plots as plots
 from stylegan_modified.attribute_metrics import grid_labels
@@ -80,10 +80,7 @@ class EvaluationResult:
                 f'{self.reused_z} z already measured; folder {self.folder.folder}', *self.lines]
 
 
-# --- the settings record -------------------------------------------------------------------------------------
-# TODO(issue 10): move the record handling (write, compare, name the difference) to ohlora/records.py once it
-# is on main; this is a minimal local version with the same behaviour as stage 6's settings check.
-
+# --- the settings record (compared as every stage's: ohlora.records.differences) ----------------------------------
 def settings_record(inputs: EvaluationInputs, image_size: tuple[int, int]) -> dict:
     generator = inputs.generator
     return {
@@ -98,20 +95,6 @@ def settings_record(inputs: EvaluationInputs, image_size: tuple[int, int]) -> di
         'identity': inputs.embedder.settings() if inputs.embedder is not None else None,
         'shares': inputs.judge.settings() if inputs.judge is not None else None,
     }
-
-
-def _flat(value, prefix: str = '') -> dict:
-    if isinstance(value, dict):
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flat(item, f'{prefix}.{key}' if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + '...'
 
 
 def _has_run_files(folder: AttributeControlFolder) -> bool:
@@ -136,11 +119,9 @@ def check_resumable(folder: AttributeControlFolder, record: dict, z_digests: dic
             or not isinstance(recorded['z'].get('digests'), dict):
         raise PipelineError(f'{path} is not a settings record of this evaluation; delete the folder or choose '
                             'another --outdir')
-    before = _flat({k: v for k, v in recorded.items() if k != 'z'})
-    after = _flat(record)
-    changed = [k for k in after if before.get(k) != after[k]] + [k for k in before if k not in after]
+    changed = differences({k: v for k, v in recorded.items() if k != 'z'}, record)
     if changed:
-        detail = ', '.join(f'{k} {_short(before.get(k))} -> {_short(after.get(k))}' for k in changed[:3])
+        detail = ', '.join(changed[:3])
         raise PipelineError(f'{folder.folder} holds an evaluation made with other settings ({detail}); rerun with '
                             'the same settings, or choose another --outdir')
     old = recorded['z']['digests']

@@ -2,8 +2,9 @@
 
 * the options every trainer has (:func:`add_workers_option`, :func:`add_trainer_options`: ``--workers``,
   ``--checkpoint-every``, ``--amp``, ``--tf32``, ``--resume``; each script adds its own ``--overwrite`` after them,
-  whose help names its own files), with each script's own help where its behaviour differs, the checks of option values a trainer's settings make (:func:`check_at_least`) and what
-  ``--compat upstream`` means to them (:class:`CompatSettings`);
+  whose help names its own files), with each script's own help where its behaviour differs;
+* the checks of option values a trainer's settings make (:func:`check_at_least`) and what ``--compat upstream``
+  means to them (:class:`CompatSettings`);
 * the start of a run (:func:`start`: layout, device, TF32 off, torchrun's context) and its end on the terminal
   (:func:`second_signal_exits`, :func:`report`): like :func:`ohlora.cli.run`, script plumbing that writes to the
   terminal itself.
