@@ -46,6 +46,18 @@ def facexformer_dir(reference_dir) -> Path:
 
 
 @pytest.fixture(scope='session')
+def synthetic_facexformer(tmp_path_factory) -> Path:
+    """A FaceXFormer checkpoint of the official layout with synthetic weights (369 MB, written once per session;
+    tests only read it)."""
+    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
+
+    path = tmp_path_factory.mktemp('facexformer') / 'model.pt'
+    write_synthetic_checkpoint(path)
+    yield path
+    path.unlink()
+
+
+@pytest.fixture(scope='session')
 def facexformer_ref(facexformer_dir):
     """ref_outputs.pt plus what the trimmed file stores in a derived form:
 

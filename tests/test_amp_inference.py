@@ -78,10 +78,9 @@ def test_directions_sampling_amp_is_recorded_and_never_mixed(tmp_path, reference
     assert_refused(capsys, tmp_path, *args, match="extra.amp 'bfloat16' -> None")
 
 
-def test_stage3_amp_is_recorded_and_parses_everything_again(tmp_path, facexformer_dir, capsys):
-    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
-
-    weights = write_synthetic_checkpoint(tmp_path / 'model.pt')
+def test_stage3_amp_is_recorded_and_parses_everything_again(tmp_path, facexformer_dir, synthetic_facexformer,
+                                                            capsys):
+    weights = synthetic_facexformer
     layout = Layout(tmp_path / 'root')
     stage3_inputs(layout.filtered_dir, facexformer_dir)
     args = ['run_segmentation.py', '--weights', weights, '--device', 'cpu', '--no-progress', '--batch-size', 4,
@@ -95,4 +94,3 @@ def test_stage3_amp_is_recorded_and_parses_everything_again(tmp_path, facexforme
     differing = np.mean([np.mean(cv2.imread(str(layout.parsing_map(n)), cv2.IMREAD_UNCHANGED) != plain[n])
                          for n in plain])
     assert differing <= 0.10  # measured 2-5 % on these faces with the synthetic weights (near-tie-rich logits)
-    weights.unlink()

@@ -220,16 +220,6 @@ def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_we
 STAGE3 = 'run_segmentation.py'
 
 
-@pytest.fixture(scope='module')
-def facexformer_weights(tmp_path_factory):
-    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
-
-    path = tmp_path_factory.mktemp('facexformer') / 'model.pt'
-    write_synthetic_checkpoint(path)
-    yield path
-    path.unlink()
-
-
 def stage3_inputs(folder, facexformer_dir):
     """Faces, a faceless image and a corrupt file (both skipped) in a filtered-images folder."""
     from test_stage3_segmentation import drawn_on_canvas, noise_image
@@ -259,9 +249,9 @@ def maps_equal_but_near_ties(split: dict, whole: dict) -> None:
         assert differs.sum() <= 3, name
 
 
-def test_stage3_split_and_merged_equals_one_process(tmp_path, facexformer_weights, facexformer_dir, capsys):
+def test_stage3_split_and_merged_equals_one_process(tmp_path, synthetic_facexformer, facexformer_dir, capsys):
     def args(root, *extra):
-        return ['--weights', facexformer_weights, '--device', 'cpu', '--no-progress', '--batch-size', 2,
+        return ['--weights', synthetic_facexformer, '--device', 'cpu', '--no-progress', '--batch-size', 2,
                 '--root', root, *extra]
 
     for name in ('whole', 'split'):

@@ -78,20 +78,10 @@ def test_stage1_under_two_gloo_ranks_equals_one_process(tmp_path, reference_dir)
     assert ranks[1]['stdout'] == ''
 
 
-@pytest.fixture(scope='module')
-def facexformer_weights(tmp_path_factory):
-    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
-
-    path = tmp_path_factory.mktemp('facexformer') / 'model.pt'
-    write_synthetic_checkpoint(path)
-    yield path
-    path.unlink()
-
-
-def test_stage3_under_two_gloo_ranks_equals_one_process(tmp_path, facexformer_weights, facexformer_dir):
+def test_stage3_under_two_gloo_ranks_equals_one_process(tmp_path, synthetic_facexformer, facexformer_dir):
     for name in ('whole', 'ranks'):
         stage3_inputs(Layout(tmp_path / name).filtered_dir, facexformer_dir)
-    args = ['--weights', facexformer_weights, '--device', 'cpu', '--no-progress', '--batch-size', 2]
+    args = ['--weights', synthetic_facexformer, '--device', 'cpu', '--no-progress', '--batch-size', 2]
     assert run_script('run_segmentation.py', *args, '--root', tmp_path / 'whole') == 0
     root = tmp_path / 'ranks'
     run_ranks(_run_rank, 'run_segmentation.py', [str(a) for a in args] + ['--root', str(root)], tmp_path)

@@ -19,7 +19,6 @@ from ohlora.layout import Layout
 from script_runner import files_of, run_script
 from segmentation.face_detection import FaceDetector, crop_box_of, grow_box
 from segmentation.face_input import face_png_pixels, normalize, resized_crop
-from segmentation.facexformer_synthetic import write_synthetic_checkpoint
 from segmentation.parsing import (
     CLASS_COLOURS, NO_FACE, StageRecord, _prefetched, list_input_images, plan_work, run_stage, visualization)
 
@@ -210,15 +209,7 @@ def test_input_listing_rejects_empty_and_ambiguous_folders(tmp_path):
 
 # --- the script with a checkpoint of the official layout (synthetic weights) ----------------------------
 
-@pytest.fixture(scope='module')
-def synthetic_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp('facexformer') / 'model.pt'
-    write_synthetic_checkpoint(path)
-    yield path
-    path.unlink()
-
-
-def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthetic_checkpoint, facexformer_ref,
+def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthetic_facexformer, facexformer_ref,
                                                                facexformer_dir, capsys):
     clear = facexformer_ref['parsing_clear'][1].numpy()  # away from near-ties the argmax must agree (README)
     layout = Layout(tmp_path / 'root')
@@ -229,7 +220,7 @@ def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthet
     Image.open(facexformer_dir / 'astronaut.png').convert('L').save(folder / '000004.jpg')
     drawn_on_canvas(facexformer_dir).save(folder / '000005.jpg', quality=95)
     noise_image().save(folder / '000009.jpg')
-    args = ['--weights', synthetic_checkpoint, '--device', 'cpu', '--no-progress', '--batch-size', 2]
+    args = ['--weights', synthetic_facexformer, '--device', 'cpu', '--no-progress', '--batch-size', 2]
     assert run_script(SCRIPT, *args, '--root', layout.root) == 0
     assert 'parsed 4 images' in capsys.readouterr().out
 
@@ -251,7 +242,7 @@ def test_script_end_to_end_with_the_official_checkpoint_layout(tmp_path, synthet
     assert 'nothing to do' in capsys.readouterr().out and files_of(layout.segmentation_dir) == before
     other = Layout(tmp_path / 'other')
     shutil.copytree(folder, other.filtered_dir)
-    assert run_script(SCRIPT, '--weights', synthetic_checkpoint, '--no-progress', '--batch-size', 1,
+    assert run_script(SCRIPT, '--weights', synthetic_facexformer, '--no-progress', '--batch-size', 1,
                       '--root', other.root) == 0
     for n in (1, 2, 4, 5):
         assert other.face_crop(n).read_bytes() == layout.face_crop(n).read_bytes()
