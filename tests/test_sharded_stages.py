@@ -322,6 +322,23 @@ def test_directions_sampling_split_merged_and_fitted_equals_one_process(tmp_path
         assert torch.equal(getattr(whole, key), getattr(parts, key))
 
 
+def test_directions_shards_refuse_another_batch_size(tmp_path, reference_dir, capsys):
+    """A chunk's numbers depend on the batches it is rendered in: a shard with another --batch-size than the shards
+    already there would make a merged folder that is not the one-process folder, so it is refused like stage 1's."""
+    from stylegan_modified.property_score_cnn import PropertyScoreCNN
+
+    torch.manual_seed(0)
+    torch.save(PropertyScoreCNN().state_dict(), tmp_path / 'cnn.pth')
+
+    def args(batch_size, shard):
+        return ['--weights', reference_dir / 'genforce' / 'tiny_ckpt.pth', '--property-cnn', tmp_path / 'cnn.pth',
+                '--num', 10, '--holdout', 0.25, '--chunk-size', 3, '--batch-size', batch_size, '--device', 'cpu', '--no-progress',
+                '--root', tmp_path / 'split', '--shard', shard]
+
+    assert run_script(DIRECTIONS, *args(3, '0/2')) == 0
+    assert_refused(capsys, tmp_path / 'split', DIRECTIONS, *args(1, '1/2'), match='batch_size 3 -> 1')
+
+
 def test_a_job_never_removes_the_temporaries_of_another_machine(tmp_path):
     """Jobs on several machines write into one shared folder: a job removes the temporaries of dead processes of
     its own machine only (another machine's process ids mean nothing here)."""
