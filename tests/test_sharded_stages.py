@@ -215,6 +215,27 @@ def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_we
     assert_refused(capsys, root, MERGE, '--stage', 2, '--root', root, match='shard 1/2 has no record')
 
 
+def test_stage2_retrain_over_an_unmerged_split_is_refused_before_training(tmp_path, cnn_weights, capsys,
+                                                                          monkeypatch):
+    """A plain run over an unmerged split is refused; with --retrain too, before the fold models are retrained
+    (hours of training, and the installed models replaced) rather than after."""
+    import cnn.stage2 as stage2
+
+    root = tmp_path / 'root'
+    draw_stage1(root)
+    assert run_script(STAGE2, '--root', root, '--weights', cnn_weights, '--device', 'cpu', '--workers', 0,
+                      '--no-progress', '--shard', '0/2') == 0
+    models = Layout(root).cnn_models_dir
+
+    def retrain(request, layout, labels, device):  # stands for the training, which installs new fold models
+        shutil.copytree(cnn_weights, models)
+        return {}
+
+    monkeypatch.setattr(stage2, 'retrain', retrain)
+    assert_refused(capsys, root, STAGE2, '--root', root, '--labels', root / 'labels.csv', '--retrain', '--device',
+                   'cpu', '--workers', 0, '--no-progress', match='was not merged')
+
+
 # --- stage 3 ------------------------------------------------------------------------------------------------
 
 STAGE3 = 'run_segmentation.py'
