@@ -201,8 +201,14 @@ def score_shard(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos: 
     whose bytes are unchanged. Nothing shared is written."""
     props = list(ensembles)
     own = records.check_start(shard, key)
-    mine = shard_images(img_nos, batch_size, shard)
-    frames, changed = _reusable_rows(layout, props, settings, set(mine),
+    # One process reuses the rows of the final CSVs and scores the other images in batches from the first of them
+    # (with --compat upstream the dropout draws depend on those batches): the shards split those batches, and carry
+    # the reused rows in turn. Only the merge writes the final CSVs, so every shard sees the same earlier rows.
+    earlier, _ = _reusable_rows(layout, props, settings, set(img_nos), [])
+    reused = set(earlier[props[0]]['img_no'].tolist()) if props else set()
+    mine = shard_images([n for n in img_nos if n not in reused], batch_size, shard)
+    carried = shard_images(sorted(reused), batch_size, shard)
+    frames, changed = _reusable_rows(layout, props, settings, set(mine) | set(carried),
                                      [_shard_rows(records, shard, prop) for prop in props] if own else [])
     done = set(frames[props[0]]['img_no'].tolist()) if props else set()
     remaining = [n for n in mine if n not in done]

@@ -204,6 +204,35 @@ def test_stage2_split_scoring_merged_equals_one_process(tmp_path, cnn_weights, c
     assert json.loads(Layout(split).cnn_scoring_record.read_text())['settings']['amp'] == 'bfloat16'
 
 
+def test_stage2_split_after_earlier_scores_equals_one_process_with_dropout(tmp_path, cnn_weights):
+    """Scores of an earlier run (over fewer stage-1 images) are reused and one process scores the rest in batches
+    from the first of them; with --compat upstream the dropout draws depend on those batches, so the shards must
+    split the same batches (not those of every image) for the merge to equal one process."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(8)]
+
+    def draw(root, img_nos):
+        layout = Layout(root)
+        for img_no in img_nos:
+            atomic.write_image(layout.synthesized_image(img_no), images[img_no])
+        atomic.write_json(layout.synthesized_meta, {'source': 'sampled', 'recipe': {'seed': 0}})
+
+    def args(root, *extra):
+        return ['--root', root, '--weights', cnn_weights, '--device', 'cpu', '--workers', 0, '--no-progress',
+                '--batch-size', 2, '--compat', 'upstream', '--seed', 3, *extra]
+
+    for name in ('one', 'split'):
+        draw(tmp_path / name, [0])
+        assert run_script(STAGE2, *args(tmp_path / name)) == 0  # image 0 scored
+        draw(tmp_path / name, range(1, 8))
+    assert run_script(STAGE2, *args(tmp_path / 'one')) == 0  # reuses 0, scores [1, 2], [3, 4], [5, 6], [7]
+    split = tmp_path / 'split'
+    for index in range(2):
+        assert run_script(STAGE2, *args(split, '--shard', f'{index}/2')) == 0
+    assert run_script(MERGE, '--stage', 2, '--root', split) == 0
+    assert snapshot(split) == snapshot(tmp_path / 'one')
+
+
 def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_weights, capsys):
     root = tmp_path / 'root'
     draw_stage1(root)
