@@ -280,6 +280,10 @@ def merge_shard_rows(records: ShardRecords, shards: list[dict], props: list[str]
             if rows is not None:
                 parts.append(rows)
         frame = pd.concat(parts, ignore_index=True) if parts else _empty(prop)
+        twice = frame['img_no'][frame['img_no'].duplicated()]
+        if len(twice):  # the shards saw other reusable scores: a stage-1 image changed between their runs
+            raise PipelineError(f'image {int(twice.iloc[0]):06d} was scored by two shards (a stage-1 image changed '
+                                'while the shards ran?); rerun every shard, then merge')
         frames[prop] = frame.sort_values('img_no', kind='stable').reset_index(drop=True)
     covered = set.intersection(*(set(frame['img_no'].tolist()) for frame in frames.values())) | {n for n, _ in skipped}
     lost = [n for n in img_nos if n not in covered]

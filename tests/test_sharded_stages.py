@@ -204,7 +204,7 @@ def test_stage2_split_scoring_merged_equals_one_process(tmp_path, cnn_weights, c
     assert json.loads(Layout(split).cnn_scoring_record.read_text())['settings']['amp'] == 'bfloat16'
 
 
-def test_stage2_split_after_earlier_scores_equals_one_process_with_dropout(tmp_path, cnn_weights):
+def test_stage2_split_after_earlier_scores_equals_one_process_with_dropout(tmp_path, cnn_weights, capsys):
     """Scores of an earlier run (over fewer stage-1 images) are reused and one process scores the rest in batches
     from the first of them; with --compat upstream the dropout draws depend on those batches, so the shards must
     split the same batches (not those of every image) for the merge to equal one process."""
@@ -231,6 +231,18 @@ def test_stage2_split_after_earlier_scores_equals_one_process_with_dropout(tmp_p
         assert run_script(STAGE2, *args(split, '--shard', f'{index}/2')) == 0
     assert run_script(MERGE, '--stage', 2, '--root', split) == 0
     assert snapshot(split) == snapshot(tmp_path / 'one')
+
+    # An image replaced between two shards' runs changes which images are reused, so the shards may split the
+    # rest differently: an image scored by two shards is refused by the merge (not written twice into the CSVs).
+    root = tmp_path / 'changed'
+    draw(root, [0])
+    assert run_script(STAGE2, *args(root)) == 0
+    draw(root, range(1, 4))
+    assert run_script(STAGE2, *args(root, '--shard', '0/2')) == 0  # reuses 0, scores [1, 2] (of [1, 2], [3])
+    images[0] = 255 - images[0]
+    draw(root, [0])
+    assert run_script(STAGE2, *args(root, '--shard', '1/2')) == 0  # 0 changed: scores [2, 3] (of [0, 1], [2, 3])
+    assert_refused(capsys, root, MERGE, '--stage', 2, '--root', root, match='was scored by two shards')
 
 
 def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_weights, capsys):
