@@ -203,7 +203,8 @@ def score_shard(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos: 
     own = records.check_start(shard, key)
     # One process reuses the rows of the final CSVs and scores the other images in batches from the first of them
     # (with --compat upstream the dropout draws depend on those batches): the shards split those batches, and carry
-    # the reused rows in turn. Only the merge writes the final CSVs, so every shard sees the same earlier rows.
+    # the reused rows in turn. Only the merge writes the final CSVs, so every shard sees the same earlier rows (unless
+    # a stage-1 image changes between their runs: merge_shard_rows refuses the overlap or gap that can follow).
     earlier, _ = _reusable_rows(layout, props, settings, set(img_nos), [])
     reused = set(earlier[props[0]]['img_no'].tolist()) if props else set()
     mine = shard_images([n for n in img_nos if n not in reused], batch_size, shard)
