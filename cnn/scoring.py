@@ -201,8 +201,15 @@ def score_shard(layout: Layout, ensembles: dict[str, list[nn.Module]], img_nos: 
     whose bytes are unchanged. Nothing shared is written."""
     props = list(ensembles)
     own = records.check_start(shard, key)
-    mine = shard_images(img_nos, batch_size, shard)
-    frames, changed = _reusable_rows(layout, props, settings, set(mine),
+    # One process reuses the rows of the final CSVs and scores the other images in batches from the first of them
+    # (with --compat upstream the dropout draws depend on those batches): the shards split those batches, and carry
+    # the reused rows in turn. Only the merge writes the final CSVs, so every shard sees the same earlier rows (unless
+    # a stage-1 image changes between their runs: merge_shard_rows refuses the overlap or gap that can follow).
+    earlier, _ = _reusable_rows(layout, props, settings, set(img_nos), [])
+    reused = set(earlier[props[0]]['img_no'].tolist()) if props else set()
+    mine = shard_images([n for n in img_nos if n not in reused], batch_size, shard)
+    carried = shard_images(sorted(reused), batch_size, shard)
+    frames, changed = _reusable_rows(layout, props, settings, set(mine) | set(carried),
                                      [_shard_rows(records, shard, prop) for prop in props] if own else [])
     done = set(frames[props[0]]['img_no'].tolist()) if props else set()
     remaining = [n for n in mine if n not in done]
@@ -274,6 +281,10 @@ def merge_shard_rows(records: ShardRecords, shards: list[dict], props: list[str]
             if rows is not None:
                 parts.append(rows)
         frame = pd.concat(parts, ignore_index=True) if parts else _empty(prop)
+        twice = frame['img_no'][frame['img_no'].duplicated()]
+        if len(twice):  # the shards saw other reusable scores: a stage-1 image changed between their runs
+            raise PipelineError(f'image {int(twice.iloc[0]):06d} was scored by two shards (a stage-1 image changed '
+                                'while the shards ran?); rerun every shard, then merge')
         frames[prop] = frame.sort_values('img_no', kind='stable').reset_index(drop=True)
     covered = set.intersection(*(set(frame['img_no'].tolist()) for frame in frames.values())) | {n for n, _ in skipped}
     lost = [n for n in img_nos if n not in covered]

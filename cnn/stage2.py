@@ -198,6 +198,9 @@ def run_stage2(request: Stage2Request) -> Stage2Report:
     device = sharding.ctx.device
     if sharding.active and request.retrain:
         raise PipelineError('--retrain trains in one process; retrain first, then score under torchrun')
+    records = shard_records(layout)
+    if not sharding.active:
+        records.refuse_unmerged()  # before --retrain replaces the models the shards scored with
     disable_tf32()
     trained = retrain(request, layout, labels, device) if request.retrain else {}
 
@@ -208,11 +211,9 @@ def run_stage2(request: Stage2Request) -> Stage2Report:
     settings = scoring_settings(weights, request.compat, request.seed, request.batch_size, request.amp)
     options = dict(device=device, batch_size=request.batch_size, workers=request.workers,
                    dropout_seed=request.seed if request.compat else None, progress=request.progress)
-    records = shard_records(layout)
     if sharding.active:
         return _score_share(request, layout, sharding, records, ensembles, labels, labelled, to_score, settings,
                             options)
-    records.refuse_unmerged()
     result = score_images(layout, ensembles, to_score, settings, **options)
     for img_no, reason in result.skipped:
         logger.warning('image %06d skipped: %s', img_no, reason)

@@ -225,7 +225,7 @@ def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: Directio
             (settings.z_dim, settings.w_dim, settings.num_layers):
         raise ValueError('the settings do not describe this generator (z, w widths or layers differ)')
     shard = shard or Shard()
-    records, key = shard_records(files, merge_command), _shard_key(settings, num, save_images)
+    records, key = shard_records(files, merge_command), _shard_key(settings, num, save_images, batch_size)
     if shard.whole:
         records.refuse_unmerged()
     else:
@@ -268,10 +268,10 @@ def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: Directio
                      settings=settings, computed=total - reused, reused=reused)
 
 
-def _shard_key(settings: SampleSettings, num: int, save_images: bool) -> dict:
-    """What every shard of a split sampling must share (the settings decide the numbers; num and --save-images
-    what the folder holds once merged)."""
-    return {'settings': settings.as_json(), 'num': num, 'save_images': save_images}
+def _shard_key(settings: SampleSettings, num: int, save_images: bool, batch_size: int) -> dict:
+    """What every shard of a split sampling must share (the settings and the batches a chunk is rendered in decide
+    the numbers; num and --save-images what the folder holds once merged)."""
+    return {'settings': settings.as_json(), 'num': num, 'save_images': save_images, 'batch_size': batch_size}
 
 
 def merge_shards(files: DirectionSamplesFolder, merge_command: str = 'merge_shards.py --stage directions') \

@@ -204,6 +204,47 @@ def test_stage2_split_scoring_merged_equals_one_process(tmp_path, cnn_weights, c
     assert json.loads(Layout(split).cnn_scoring_record.read_text())['settings']['amp'] == 'bfloat16'
 
 
+def test_stage2_split_after_earlier_scores_equals_one_process_with_dropout(tmp_path, cnn_weights, capsys):
+    """Scores of an earlier run (over fewer stage-1 images) are reused and one process scores the rest in batches
+    from the first of them; with --compat upstream the dropout draws depend on those batches, so the shards must
+    split the same batches (not those of every image) for the merge to equal one process."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(8)]
+
+    def draw(root, img_nos):
+        layout = Layout(root)
+        for img_no in img_nos:
+            atomic.write_image(layout.synthesized_image(img_no), images[img_no])
+        atomic.write_json(layout.synthesized_meta, {'source': 'sampled', 'recipe': {'seed': 0}})
+
+    def args(root, *extra):
+        return ['--root', root, '--weights', cnn_weights, '--device', 'cpu', '--workers', 0, '--no-progress',
+                '--batch-size', 2, '--compat', 'upstream', '--seed', 3, *extra]
+
+    for name in ('one', 'split'):
+        draw(tmp_path / name, [0])
+        assert run_script(STAGE2, *args(tmp_path / name)) == 0  # image 0 scored
+        draw(tmp_path / name, range(1, 8))
+    assert run_script(STAGE2, *args(tmp_path / 'one')) == 0  # reuses 0, scores [1, 2], [3, 4], [5, 6], [7]
+    split = tmp_path / 'split'
+    for index in range(2):
+        assert run_script(STAGE2, *args(split, '--shard', f'{index}/2')) == 0
+    assert run_script(MERGE, '--stage', 2, '--root', split) == 0
+    assert snapshot(split) == snapshot(tmp_path / 'one')
+
+    # An image replaced between two shards' runs changes which images are reused, so the shards may split the
+    # rest differently: an image scored by two shards is refused by the merge (not written twice into the CSVs).
+    root = tmp_path / 'changed'
+    draw(root, [0])
+    assert run_script(STAGE2, *args(root)) == 0
+    draw(root, range(1, 4))
+    assert run_script(STAGE2, *args(root, '--shard', '0/2')) == 0  # reuses 0, scores [1, 2] (of [1, 2], [3])
+    images[0] = 255 - images[0]
+    draw(root, [0])
+    assert run_script(STAGE2, *args(root, '--shard', '1/2')) == 0  # 0 changed: scores [2, 3] (of [0, 1], [2, 3])
+    assert_refused(capsys, root, MERGE, '--stage', 2, '--root', root, match='was scored by two shards')
+
+
 def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_weights, capsys):
     root = tmp_path / 'root'
     draw_stage1(root)
@@ -213,6 +254,27 @@ def test_stage2_refuses_retrain_with_shard_and_mixed_thresholds(tmp_path, cnn_we
     assert_refused(capsys, root, STAGE2, *base, '--shard', '1/2', '--quality-threshold', 0.5,
                    match='quality_threshold 0.9 -> 0.5')
     assert_refused(capsys, root, MERGE, '--stage', 2, '--root', root, match='shard 1/2 has no record')
+
+
+def test_stage2_retrain_over_an_unmerged_split_is_refused_before_training(tmp_path, cnn_weights, capsys,
+                                                                          monkeypatch):
+    """A plain run over an unmerged split is refused; with --retrain too, before the fold models are retrained
+    (hours of training, and the installed models replaced) rather than after."""
+    import cnn.stage2 as stage2
+
+    root = tmp_path / 'root'
+    draw_stage1(root)
+    assert run_script(STAGE2, '--root', root, '--weights', cnn_weights, '--device', 'cpu', '--workers', 0,
+                      '--no-progress', '--shard', '0/2') == 0
+    models = Layout(root).cnn_models_dir
+
+    def retrain(request, layout, labels, device):  # stands for the training, which installs new fold models
+        shutil.copytree(cnn_weights, models)
+        return {}
+
+    monkeypatch.setattr(stage2, 'retrain', retrain)
+    assert_refused(capsys, root, STAGE2, '--root', root, '--labels', root / 'labels.csv', '--retrain', '--device',
+                   'cpu', '--workers', 0, '--no-progress', match='was not merged')
 
 
 # --- stage 3 ------------------------------------------------------------------------------------------------
@@ -310,6 +372,23 @@ def test_directions_sampling_split_merged_and_fitted_equals_one_process(tmp_path
                     for root in (tmp_path / 'whole', split))
     for key in ('weights', 'intercepts', 'directions'):
         assert torch.equal(getattr(whole, key), getattr(parts, key))
+
+
+def test_directions_shards_refuse_another_batch_size(tmp_path, reference_dir, capsys):
+    """A chunk's numbers depend on the batches it is rendered in: a shard with another --batch-size than the shards
+    already there would make a merged folder that is not the one-process folder, so it is refused like stage 1's."""
+    from stylegan_modified.property_score_cnn import PropertyScoreCNN
+
+    torch.manual_seed(0)
+    torch.save(PropertyScoreCNN().state_dict(), tmp_path / 'cnn.pth')
+
+    def args(batch_size, shard):
+        return ['--weights', reference_dir / 'genforce' / 'tiny_ckpt.pth', '--property-cnn', tmp_path / 'cnn.pth',
+                '--num', 10, '--holdout', 0.25, '--chunk-size', 3, '--batch-size', batch_size, '--device', 'cpu', '--no-progress',
+                '--root', tmp_path / 'split', '--shard', shard]
+
+    assert run_script(DIRECTIONS, *args(3, '0/2')) == 0
+    assert_refused(capsys, tmp_path / 'split', DIRECTIONS, *args(1, '1/2'), match='batch_size 3 -> 1')
 
 
 def test_a_job_never_removes_the_temporaries_of_another_machine(tmp_path):
