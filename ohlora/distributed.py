@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -122,10 +123,11 @@ def _env_int(name: str, default: int) -> int:
         raise PipelineError(f'environment variable {name}={value!r} is not a whole number (set by torchrun?)') from None
 
 
-def context(device: torch.device) -> DistContext:
+def context(device: torch.device, timeout: timedelta | None = None) -> DistContext:
     """This process's :class:`DistContext`. Under torchrun (``WORLD_SIZE`` > 1) it starts the process group once:
     NCCL with one GPU per rank when ``device`` is CUDA, gloo on the CPU. ``device`` is the resolved ``--device``;
-    under torchrun a CUDA device becomes ``cuda:LOCAL_RANK``."""
+    under torchrun a CUDA device becomes ``cuda:LOCAL_RANK``. ``timeout``: how long a collective may wait for the
+    other ranks before the job is aborted (None: PyTorch's default, 10 minutes for NCCL)."""
     world_size = _env_int('WORLD_SIZE', 1)
     if world_size <= 1:
         return DistContext(device=device)
@@ -138,7 +140,7 @@ def context(device: torch.device) -> DistContext:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({} if timeout is None else {'timeout': timeout}))
         logger.info('distributed: rank %d of world size %d (local rank %d, %s, backend %s)', rank, world_size,
                     local_rank, device, backend)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

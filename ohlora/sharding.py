@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -33,6 +34,10 @@ from ohlora.records import differences
 logger = logging.getLogger(__name__)
 
 RECORD_FORMAT = 'ohlora-shard-record'
+# The ranks of a split run meet only at its end: a rank whose share finished first waits for the slowest one and
+# then for rank 0's merge (a million-image z record alone takes minutes), far beyond NCCL's default 10 minutes,
+# after which the whole job would be aborted. A rank that fails ends the job through torchrun, not this timeout.
+END_OF_RUN_TIMEOUT = timedelta(hours=24)
 T = TypeVar('T')
 
 __all__ = ['Sharding', 'ShardRecords', 'start', 'check_shard_option']
@@ -97,7 +102,7 @@ def start(device: torch.device, shard_text: str | None) -> Sharding:
     """This process's share: torchrun's rank (it starts the process group; ``--shard`` is then refused) or
     ``--shard i/n``. Under torchrun the device becomes the rank's own (``cuda:LOCAL_RANK``)."""
     shard = parse_shard(shard_text)
-    ctx = context(device)
+    ctx = context(device, timeout=END_OF_RUN_TIMEOUT)
     return Sharding(ctx, shard_of(ctx, shard))
 
 

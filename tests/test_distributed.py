@@ -29,6 +29,25 @@ def test_a_single_process_is_not_distributed(monkeypatch):
     assert torch.equal(ctx.all_reduce_mean(torch.tensor([1.0, 3.0])), torch.tensor([1.0, 3.0]))
 
 
+def test_a_split_inference_run_waits_for_its_slowest_rank_beyond_nccls_default(monkeypatch):
+    """The ranks of a split run meet only at the end (the slowest share, then rank 0's merge), so its process group
+    gets a long timeout; the trainers, which meet at every step, keep PyTorch's default."""
+    from datetime import timedelta
+
+    from ohlora import distributed, sharding
+    from stylegan_modified.ddp import training_context
+
+    started = []
+    monkeypatch.setattr(distributed.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(distributed.dist, 'init_process_group', lambda **kwargs: started.append(kwargs))
+    for name, value in (('WORLD_SIZE', '2'), ('RANK', '1'), ('LOCAL_RANK', '1')):
+        monkeypatch.setenv(name, value)
+    split = sharding.start(torch.device('cpu'), None)
+    assert (split.ctx.rank, split.ctx.world_size) == (1, 2)
+    training_context(torch.device('cpu'))
+    assert started == [{'backend': 'gloo', 'timeout': timedelta(hours=24)}, {'backend': 'gloo'}]
+
+
 def _collectives(rank, out_dir):
     ctx = context(torch.device('cpu'))
     mean = ctx.all_reduce_mean(torch.tensor([float(rank), 10.0 * rank]))
