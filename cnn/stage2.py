@@ -31,7 +31,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
 from ohlora.records import load_record, sha256_bytes
-from ohlora.sharding import ShardRecords, Sharding, check_shard_option, start
+from ohlora.sharding import ShardRecords, Sharding, check_shard_option, merge_command, start
 from stylegan.sampling import existing_images, image_source
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Stage2Report:
         if self.shard is not None:
             return [f'shard {self.shard}: scored {result.scored_now} images (reused {result.reused} scores'
                     + (f', {len(result.skipped)} unreadable' if result.skipped else '')
-                    + f'); once every shard has finished, merge them: {merge_command(layout)}']
+                    + f'); once every shard has finished, merge them: {stage2_merge_command(layout)}']
         out = []
         for prop, outcome in self.trained.items():
             if outcome.up_to_date:
@@ -130,12 +130,12 @@ def check_request(request: Stage2Request, layout: Layout) -> None:
         raise PipelineError('--retrain trains in one process; retrain first, then score with --shard')
 
 
-def merge_command(layout: Layout) -> str:
-    return f'merge_shards.py --stage 2 --root {layout.root}'
+def stage2_merge_command(layout: Layout) -> str:
+    return merge_command('2', layout.root)
 
 
 def shard_records(layout: Layout) -> ShardRecords:
-    return ShardRecords(layout.shard_records('2'), merge_command(layout))
+    return ShardRecords(layout.shard_records('2'), stage2_merge_command(layout))
 
 
 def images_digest(img_nos: list[int]) -> str:

@@ -38,6 +38,13 @@ RECORD_FORMAT = 'ohlora-shard-record'
 # then for rank 0's merge (a million-image z record alone takes minutes), far beyond NCCL's default 10 minutes,
 # after which the whole job would be aborted. A rank that fails ends the job through torchrun, not this timeout.
 END_OF_RUN_TIMEOUT = timedelta(hours=24)
+MERGE_SCRIPT = 'stylegan_and_segmentation/merge_shards.py'
+
+
+def merge_command(stage: str, root: Path, *options: str) -> str:
+    """The command line that merges a split run's shards, as the messages show it (runnable from the repository
+    root, where every script runs)."""
+    return ' '.join(['python', MERGE_SCRIPT, '--stage', str(stage), '--root', str(root), *options])
 T = TypeVar('T')
 
 __all__ = ['Sharding', 'ShardRecords', 'start', 'check_shard_option']

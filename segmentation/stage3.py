@@ -15,7 +15,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout, image_name, name_form
 from ohlora.records import sha256_bytes, weights_digest
-from ohlora.sharding import ShardRecords, Sharding, check_shard_option, start
+from ohlora.sharding import ShardRecords, Sharding, check_shard_option, merge_command, start
 from ohlora.weights import fetch
 from segmentation import facexformer
 from segmentation.face_detection import FaceDetector
@@ -57,7 +57,7 @@ class Stage3Report:
             skipped = len(self.summary.skipped) if self.summary else 0
             return [f'shard {self.shard}: parsed {parsed} images ({self.already_done} already there, {skipped} '
                     f'skipped) into {self.layout.segmentation_dir}; once every shard has finished, merge them: '
-                    f'{merge_command(self.layout)}']
+                    f'{stage3_merge_command(self.layout)}']
         out = []
         if self.ignored:
             out.append(f'ignoring {len(self.ignored)} files in {self.images_dir} that are not '
@@ -77,12 +77,12 @@ class Stage3Report:
         return out
 
 
-def merge_command(layout: Layout) -> str:
-    return f'merge_shards.py --stage 3 --root {layout.root}'
+def stage3_merge_command(layout: Layout) -> str:
+    return merge_command('3', layout.root)
 
 
 def shard_records(layout: Layout) -> ShardRecords:
-    return ShardRecords(layout.shard_records('3'), merge_command(layout))
+    return ShardRecords(layout.shard_records('3'), stage3_merge_command(layout))
 
 
 def listing_digest(inputs: InputImages) -> str:

@@ -31,7 +31,7 @@ from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import IMAGE_PATTERN, PUBLISHED_IMAGES_GLOB, Layout, image_name, parse_img_no
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_record,
                             write_z_record)
-from ohlora.sharding import ShardRecords
+from ohlora.sharding import ShardRecords, merge_command
 from stylegan.postprocess import require_finite, to_uint8
 
 # Streams of item_generator: one independent RNG per purpose and image.
@@ -142,7 +142,7 @@ def _check_meta(layout: Layout, settings: dict, done: set[int], vouched_by_shard
 
 
 def shard_records(layout: Layout) -> ShardRecords:
-    return ShardRecords(layout.shard_records('1'), f'merge_shards.py --stage 1 --root {layout.root}')
+    return ShardRecords(layout.shard_records('1'), merge_command('1', layout.root))
 
 
 def shard_key(recipe: SamplingRecipe, num: int, batch_size: int) -> dict:

@@ -16,7 +16,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import weights_digest
-from ohlora.sharding import check_shard_option, start
+from ohlora.sharding import check_shard_option, merge_command, start
 from ohlora.weights import fetch
 from stylegan.checkpoint import load_generator
 from stylegan.sampling import (SamplingRecipe, check_outputs, existing_images, import_published, merge_shards,
@@ -61,7 +61,7 @@ class Stage1Report:
             return [f'imported {self.written} published images into {layout.synthesized_dir}']
         if self.shard is not None:
             return [f'shard {self.shard}: wrote {self.written} images into {layout.synthesized_dir}; once every shard '
-                    f'has finished, merge them: merge_shards.py --stage 1 --root {layout.root}']
+                    f'has finished, merge them: {merge_command("1", layout.root)}']
         ranks = f' ({self.processes} processes)' if self.processes > 1 else ''
         return [f'wrote {self.written} images ({self.num - self.written} already there) into '
                 f'{layout.synthesized_dir}{ranks}; z record: {layout.synthesized_z_csv}']

@@ -16,7 +16,7 @@ from ohlora.amp import AMP_NAME
 from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import Layout
-from ohlora.sharding import check_shard_option, start
+from ohlora.sharding import check_shard_option, merge_command, start
 from ohlora.weights import fetch
 from stylegan_modified.attribute_directions import BASE_GENERATORS, load_base_generator
 from stylegan_modified.checkpoint import published_property_cnn
@@ -69,15 +69,15 @@ class ShardSamplingReport:
                 '(every sample is reused)']
 
 
-def merge_command(root, samples_dir) -> str:
-    return f'merge_shards.py --stage directions --root {Layout(root).root}' + \
-        (f' --samples-dir {samples_dir}' if samples_dir else '')
+def directions_merge_command(root, samples_dir) -> str:
+    return merge_command('directions', Layout(root).root,
+                                 *(['--samples-dir', str(samples_dir)] if samples_dir else []))
 
 
 def merge_direction_shards(root, samples_dir=None) -> list[str]:
     """``merge_shards.py --stage directions``: the samples record of a split sampling."""
     files = Layout(root).direction_samples(samples_dir)
-    num, shards = merge_shards(files, merge_command(root, samples_dir))
+    num, shards = merge_shards(files, directions_merge_command(root, samples_dir))
     return [f'merged {shards} shards: {num} samples in {files.folder}; now fit with find_attribute_directions.py '
             '(the same options, without --shard: every sample is reused)']
 
@@ -171,7 +171,7 @@ def find_attribute_directions(request: FindRequest) -> FindResult | ShardSamplin
     settings = SampleSettings(generator=generator_record, scorer=cnn_record, seed=request.seed,
                               z_dim=w_generator.z_dim, w_dim=w_generator.w_dim, num_layers=w_generator.num_layers,
                               chunk_size=request.chunk_size, extra={'amp': AMP_NAME} if request.amp else {})
-    command = merge_command(request.root, request.samples_dir)
+    command = directions_merge_command(request.root, request.samples_dir)
     if sharding.active:
         share = sample_w_and_scores(w_generator, scorer, files, settings, request.num, request.batch_size,
                                     request.save_images, request.progress, shard=sharding.shard, merge_command=command)

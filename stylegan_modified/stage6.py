@@ -17,7 +17,7 @@ from ohlora.devices import disable_tf32, resolve_device
 from ohlora.errors import PipelineError
 from ohlora.layout import MAX_IMAGES, Layout
 from ohlora.records import array_digest, weights_digest
-from ohlora.sharding import check_shard_option, start
+from ohlora.sharding import check_shard_option, merge_command, start
 from stylegan_modified.generator_registry import GENERATORS, load_generator
 from stylegan_modified.generation import (GenerationResult, GenerationSettings, check_outputs, generate_images,
                                           merge_shards, read_z_csv)
@@ -73,11 +73,10 @@ class Stage6Report:
                 + (f'; grid: {result.grid}' if result.grid else '')]
 
 
-def merge_command(root, model: str, outdir, sweep: str | None) -> str:
+def stage6_merge_command(root, model: str, outdir, sweep: str | None) -> str:
     """How the user merges the shards of this stage-6 folder (for the messages)."""
-    options = [f'--root {Layout(root).root}', f'--model {model}'] + ([f'--outdir {outdir}'] if outdir else []) \
-        + ([f'--sweep {sweep}'] if sweep else [])
-    return 'merge_shards.py --stage 6 ' + ' '.join(options)
+    options = ['--model', model] + (['--outdir', str(outdir)] if outdir else []) + (['--sweep', sweep] if sweep else [])
+    return merge_command('6', Layout(root).root, *options)
 
 
 def merge_stage6_shards(root, model: str = 'v3', outdir=None, sweep: str | None = None) -> list[str]:
@@ -87,7 +86,7 @@ def merge_stage6_shards(root, model: str = 'v3', outdir=None, sweep: str | None 
     if sweep is not None and sweep not in PROPERTY_NAMES:
         raise PipelineError(f'--sweep {sweep!r}: choose one of {", ".join(PROPERTY_NAMES)}')
     files = Layout(root).generation_folder(model, outdir, sweep)
-    result = merge_shards(files, merge_command(root, model, outdir, sweep))
+    result = merge_shards(files, stage6_merge_command(root, model, outdir, sweep))
     return [f'merged the shards: {result.skipped} images in {result.folder}'
             + (f'; grid: {result.grid}' if result.grid else '')]
 
@@ -159,7 +158,7 @@ def run_stage6(request: Stage6Request) -> Stage6Report:
                                   amp=amp_setting(request.amp))
     names = {'weights_file': weights.name, 'z_file': Path(z_csv).name,
              **({'directions_file': directions.name} if directions is not None else {})}
-    command = merge_command(request.root, request.model, request.outdir, request.sweep)
+    command = stage6_merge_command(request.root, request.model, request.outdir, request.sweep)
     result = generate_images(generator, files, settings, base_z, values, num, request.batch_size, columns,
                              progress=request.progress, names=names, shard=sharding.shard, merge_command=command)
     if sharding.torchrun:

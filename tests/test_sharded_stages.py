@@ -46,6 +46,8 @@ def test_stage1_split_and_merged_equals_one_process(tmp_path, reference_dir, cap
         assert snapshot(root) == whole, count  # images, meta, z record; no shard record left
     out = capsys.readouterr().out
     assert 'shard 2/3: wrote 2 images' in out and 'merged 3 shards: 7 images' in out
+    # the merge command a job prints runs as it stands, from the repository root
+    assert f'merge them: python stylegan_and_segmentation/merge_shards.py --stage 1 --root {tmp_path / "split3"}' in out
 
     # A finished root: the shards write nothing but their records, the merge nothing but removes them.
     root = tmp_path / 'split2'
