@@ -41,10 +41,11 @@ END_OF_RUN_TIMEOUT = timedelta(hours=24)
 MERGE_SCRIPT = 'stylegan_and_segmentation/merge_shards.py'
 
 
-def merge_command(stage: str, root: Path, *options: str) -> str:
+def merge_command(stage: str, root: Path | None = None, *options: str) -> str:
     """The command line that merges a split run's shards, as the messages show it (runnable from the repository
-    root, where every script runs)."""
-    return ' '.join(['python', MERGE_SCRIPT, '--stage', str(stage), '--root', str(root), *options])
+    root, where every script runs); without ``root`` the form a library default names."""
+    where = [] if root is None else ['--root', str(root)]
+    return ' '.join(['python', MERGE_SCRIPT, '--stage', str(stage), *where, *options])
 T = TypeVar('T')
 
 __all__ = ['Sharding', 'ShardRecords', 'start', 'check_shard_option']

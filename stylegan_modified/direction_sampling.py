@@ -39,7 +39,7 @@ from ohlora.errors import PipelineError
 from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import DirectionSamplesFolder
 from ohlora.records import differences, read_record, sha256_of
-from ohlora.sharding import ShardRecords
+from ohlora.sharding import ShardRecords, merge_command
 from stylegan.postprocess import to_uint8
 from stylegan.sampling import Z_STREAM, sampled_latent
 from stylegan_modified.delivered_images import CNN_INPUT, ENCODING, cnn_input, delivered
@@ -48,6 +48,7 @@ from stylegan_modified.w_space import WGenerator, broadcast_w
 logger = logging.getLogger(__name__)
 
 CHUNK_FORMAT = 'ohlora-direction-samples-chunk'
+DEFAULT_MERGE_COMMAND = merge_command('directions')  # the messages' merge command when a caller names none
 NUM_SCORES = len(PROPERTY_NAMES)  # the property CNN's outputs, in the standard order
 Z_RULE = f'z_i = randn(z_dim) from item_generator(seed, i, stream {Z_STREAM}) (stage 1\'s z of image i)'
 SCORE_INPUT = f'{ENCODING}; {CNN_INPUT}'  # what PropertyCNNScorer scores
@@ -204,7 +205,7 @@ def compute_chunk(w_generator: WGenerator, scorer: Scorer, seed: int, start: int
     return torch.cat(ws), torch.cat(scores)
 
 
-def shard_records(files: DirectionSamplesFolder, merge_command: str = 'merge_shards.py --stage directions') \
+def shard_records(files: DirectionSamplesFolder, merge_command: str = DEFAULT_MERGE_COMMAND) \
         -> ShardRecords:
     return ShardRecords(files.shard_records, merge_command)
 
@@ -212,7 +213,7 @@ def shard_records(files: DirectionSamplesFolder, merge_command: str = 'merge_sha
 def sample_w_and_scores(w_generator: WGenerator, scorer: Scorer, files: DirectionSamplesFolder,
                         settings: SampleSettings, num: int, batch_size: int, save_images: bool = False,
                         progress: bool = True, shard: Shard | None = None,
-                        merge_command: str = 'merge_shards.py --stage directions') -> SampleSet:
+                        merge_command: str = DEFAULT_MERGE_COMMAND) -> SampleSet:
     """w and scores of images 0..num-1: chunks already in ``files`` are reused, the others computed and written.
 
     With ``shard``, only its chunks (k mod n = i) and its shard record instead of ``samples_settings.json``; the
@@ -274,7 +275,7 @@ def _shard_key(settings: SampleSettings, num: int, save_images: bool, batch_size
     return {'settings': settings.as_json(), 'num': num, 'save_images': save_images, 'batch_size': batch_size}
 
 
-def merge_shards(files: DirectionSamplesFolder, merge_command: str = 'merge_shards.py --stage directions') \
+def merge_shards(files: DirectionSamplesFolder, merge_command: str = DEFAULT_MERGE_COMMAND) \
         -> tuple[int, int]:
     """``samples_settings.json`` of a split sampling, as one process writes it, once every chunk of its finished
     shards is there (their records are then removed); returns (samples, shards)."""

@@ -31,7 +31,7 @@ from ohlora.image_writer import BatchImageWriter
 from ohlora.layout import GenerationFolder
 from ohlora.records import (aligned_batches, read_record, refuse_other_settings, scan_outputs, write_if_changed,
                             write_record, write_z_record)
-from ohlora.sharding import ShardRecords
+from ohlora.sharding import ShardRecords, merge_command
 from ohlora.tables import read_table
 from stylegan.postprocess import require_finite, to_uint8
 from stylegan_modified.controllable import ControllableGenerator
@@ -39,6 +39,7 @@ from stylegan_modified.labels import label_vector
 from stylegan_modified.sweep_grid import sweep_grid
 
 Z_NOISE_STREAM = 0
+DEFAULT_MERGE_COMMAND = merge_command('6')  # the messages' merge command when a caller names none
 Z_RULE = 'z_i = float32(z_csv + variation * N(0, I) drawn in float64 from (seed, i)); z_0 = z_csv'
 
 
@@ -138,7 +139,7 @@ def resumable_images(files: GenerationFolder, settings: GenerationSettings | dic
     return existing
 
 
-def shard_records(files: GenerationFolder, merge_command: str = 'merge_shards.py --stage 6') -> ShardRecords:
+def shard_records(files: GenerationFolder, merge_command: str = DEFAULT_MERGE_COMMAND) -> ShardRecords:
     return ShardRecords(files.shard_records, merge_command)
 
 
@@ -166,7 +167,7 @@ def generate_images(generator: ControllableGenerator, files: GenerationFolder, s
                     base_z: np.ndarray, values: dict[str, float], num: int, batch_size: int,
                     sweep_values: list[float] | None = None, progress: bool = True,
                     names: dict | None = None, shard: Shard | None = None,
-                    merge_command: str = 'merge_shards.py --stage 6') -> GenerationResult:
+                    merge_command: str = DEFAULT_MERGE_COMMAND) -> GenerationResult:
     """Write images 0..num-1 (each sweep value, for a sweep) that are not there yet; for a sweep also the grid.
 
     ``names`` (e.g. the weights and z file names) go into the settings record for the reader; they decide nothing.
@@ -248,7 +249,7 @@ def write_grid(files: GenerationFolder, settings: dict, num: int, columns: list[
     return files.grid
 
 
-def merge_shards(files: GenerationFolder, merge_command: str = 'merge_shards.py --stage 6') -> GenerationResult:
+def merge_shards(files: GenerationFolder, merge_command: str = DEFAULT_MERGE_COMMAND) -> GenerationResult:
     """The settings record, the z record and (for a sweep) the grid of a split run, exactly as one process writes
     them, from the records of its finished shards (then removed)."""
     records = shard_records(files, merge_command)
