@@ -93,19 +93,24 @@ def running(pid: int) -> bool:
     return state not in ('Z', 'X')
 
 
+def wait_ready(process: subprocess.Popen, script: str, ready, timeout: float, action: str) -> None:
+    """Poll ``ready()`` until it holds; the script ending first, or ``timeout`` seconds passing, fails the test."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f'{script} ended before the test could {action}: {process.stderr.read()[-2000:]}')
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{script} never reached the point to {action}')
+        time.sleep(0.02)
+
+
 def kill_when(script: str, argv, ready, prelude: str = '', timeout: float = 300) -> list[int]:
     """Start ``script``, ``kill -9`` it as soon as ``ready()`` holds; returns the pids of its child processes,
     which were alive at that moment."""
     process = subprocess.Popen(script_command(script, argv, prelude), env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
     try:
-        while not ready():
-            if process.poll() is not None:
-                raise AssertionError(f'{script} ended before it could be killed: {process.stderr.read()[-2000:]}')
-            if time.monotonic() > deadline:
-                raise AssertionError(f'{script} never reached the point to kill it')
-            time.sleep(0.02)
+        wait_ready(process, script, ready, timeout, 'kill it')
         children = descendants(process.pid)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -132,13 +137,7 @@ def sigterm_group_when(script: str, argv, ready, timeout: float = 300) -> tuple[
     process = subprocess.Popen(script_command(script, argv), env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if process.poll() is not None:
-                raise AssertionError(f'{script} ended before the signal: {process.stderr.read()[-2000:]}')
-            if time.monotonic() > deadline:
-                raise AssertionError(f'{script} never reached the point to signal it')
-            time.sleep(0.02)
+        wait_ready(process, script, ready, timeout, 'signal it')
         group = descendants(process.pid)
         os.killpg(process.pid, signal.SIGTERM)
         _, err = process.communicate(timeout=timeout)

@@ -741,10 +741,9 @@ def test_script_measures_by_parsing_with_the_stage_4_statistics(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, capsys, monkeypatch):
+def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, capsys, monkeypatch,
+                                                   synthetic_facexformer):
     """MTCNN and a FaceXFormer of the official layout (synthetic weights): the reference drawn face, pasted."""
-    from segmentation.facexformer_synthetic import write_synthetic_checkpoint
-
     face = cv2.imread(str(reference_dir / 'facexformer' / 'drawn_face_A.png'))[:, :, ::-1]
 
     class Pasted(DrawnFaces):
@@ -760,7 +759,7 @@ def test_parsing_with_the_real_networks_end_to_end(tmp_path, reference_dir, caps
     layout = Layout(tmp_path / 'root')
     layout.property_scores_dir.mkdir(parents=True)
     write_stats(layout.property_scores_stats(1), {c: ColumnStats(0.0, 1.0, 2) for c in SCORE_COLUMNS}, algorithm=1)
-    checkpoint = write_synthetic_checkpoint(tmp_path / 'model.pt')
+    checkpoint = synthetic_facexformer
     assert run_script(SCRIPT, '--model', 'pasted', '--measure', 'parsing', '--algorithm', '1', '--root', layout.root,
                       '--facexformer', checkpoint, '--num', 1, '--grid', 'mouth=0,1', '--no-identity', '--no-shares',
                       '--no-progress', '--device', 'cpu') == 0
